@@ -1,0 +1,26 @@
+"""specdecode: lossless speculative decoding for Hugging Face causal LMs."""
+
+from specdecode.api import generate, prepare, stream
+from specdecode.drafters import BuildContext, DraftContext, Drafter, available, register
+from specdecode.types import (
+    Draft,
+    GenerationResult,
+    RunStats,
+    SamplingParams,
+    SpecDecodeError,
+    StepEvent,
+    StepStats,
+    Verdict,
+)
+
+__all__ = ["BuildContext", "Draft", "DraftContext", "Drafter", "GenerationResult", "RunStats",
+           "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "Verdict", "available",
+           "generate", "load_demo", "prepare", "register", "stream"]
+__version__ = "0.1.0"
+
+
+def load_demo(*args, **kwargs):
+    """The shipped demo pair (``.target``, ``.draft``, ``.tokenizer``); see ``specdecode.demo``."""
+    from specdecode.demo import load_demo as _load
+
+    return _load(*args, **kwargs)

@@ -1,0 +1,134 @@
+"""Public API: ``generate`` and ``stream``. Every argument is checked here, before decoding starts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdecode.drafters import BuildContext, Drafter, make_drafter
+from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
+from specdecode.models.hf import HFModel, load_causal_lm
+from specdecode.types import (
+    GenerationResult,
+    RunStats,
+    SamplingParams,
+    SpecDecodeError,
+    StepEvent,
+)
+
+
+@dataclass
+class Request:
+    """A fully checked request, ready for the engine."""
+
+    target: HFModel
+    prompt: list[int]
+    drafter: Drafter
+    params: SamplingParams
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    max_draft_nodes: int
+
+
+def _prompt_ids(input_ids: Any, vocab_size: int, max_length: int | None) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.size(0) == 1:
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1:
+            raise SpecDecodeError(f"input_ids must be 1-D (one request), got shape "
+                                  f"{tuple(input_ids.shape)}")
+        ids = input_ids.tolist()
+    elif isinstance(input_ids, (list, tuple)) and all(isinstance(t, int) for t in input_ids):
+        ids = list(input_ids)
+    else:
+        raise SpecDecodeError("input_ids must be a list of ints or a 1-D tensor of token ids")
+    if not ids:
+        raise SpecDecodeError("input_ids is empty: give at least one prompt token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise SpecDecodeError(f"token id {bad[0]} is outside the model's vocabulary "
+                              f"(size {vocab_size})")
+    if max_length is not None and len(ids) >= max_length:
+        raise SpecDecodeError(f"prompt has {len(ids)} tokens but the model's context is "
+                              f"{max_length} tokens; shorten the prompt")
+    return ids
+
+
+def _eos_ids(model, eos_token_id) -> frozenset[int]:
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(t) for t in eos_token_id)
+
+
+def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=None,
+            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+            top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
+            sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
+            trust_remote_code: bool = False, **drafter_options: Any) -> Request:
+    """Check every argument and build the engine's inputs; raises ``SpecDecodeError``."""
+    params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                            seed=seed, mode=sampling)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SpecDecodeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_draft_nodes < 0:
+        raise SpecDecodeError(f"max_draft_nodes must be >= 0, got {max_draft_nodes}")
+    hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code)
+    target = HFModel(hf)
+    prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
+    if isinstance(drafter, str):
+        drafter_obj = make_drafter(drafter, BuildContext(target=target, draft_model=draft_model),
+                                   **drafter_options)
+    elif hasattr(drafter, "propose") and hasattr(drafter, "observe"):
+        if drafter_options:
+            raise SpecDecodeError("drafter options apply to registered drafter names only")
+        drafter_obj = drafter
+    else:
+        raise SpecDecodeError(f"drafter must be a registered name or a Drafter, got "
+                              f"{type(drafter).__name__}")
+    return Request(target, prompt, drafter_obj, params, max_new_tokens, _eos_ids(hf, eos_token_id),
+                   max_draft_nodes)
+
+
+def stream_request(req: Request, stats: RunStats | None = None) -> Iterator[StepEvent]:
+    return run(req.target, req.prompt, req.drafter, req.params, max_new_tokens=req.max_new_tokens,
+               eos_token_ids=req.eos_token_ids, max_draft_nodes=req.max_draft_nodes, stats=stats)
+
+
+def stream(model, input_ids, **kwargs: Any) -> Iterator[StepEvent]:
+    """Like ``generate`` but yields one ``StepEvent`` (new tokens + step stats) per step. Arguments
+    are checked when this is called, before the first step."""
+    return stream_request(prepare(model, input_ids, **kwargs))
+
+
+def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
+    """Speculative decoding of one prompt; the output equals vanilla decoding's (greedy: the same
+    tokens; sampling: the same distribution, or the same tokens with ``sampling="coupled"``).
+
+    ``model``: a loaded transformers causal LM or a local directory. ``input_ids``: list of ints
+    or 1-D tensor. Keyword arguments: ``drafter`` (registered name or Drafter, default "ngram"),
+    ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
+    ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection" or "coupled"),
+    ``max_draft_nodes``, and the drafter's own options (e.g. ``num_draft_tokens``).
+    """
+    req = prepare(model, input_ids, **kwargs)
+    stats = RunStats()
+    tokens: list[int] = []
+    accept_lengths: list[int] = []
+    reason = None
+    for event in stream_request(req, stats):
+        tokens.extend(event.tokens)
+        if event.tokens:
+            accept_lengths.append(len(event.tokens))
+        reason = event.finish_reason or reason
+    return GenerationResult(token_ids=tokens, accept_lengths=accept_lengths, stats=stats,
+                            finish_reason=reason)

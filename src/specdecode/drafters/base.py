@@ -1,0 +1,81 @@
+"""The drafter extension point: one Protocol, one registry.
+
+A drafter instance serves one request (its state is never global). ``propose`` returns a ``Draft``
+of at most ``ctx.budget`` nodes; ``observe`` receives the verdict of that draft. The engine never
+looks at a drafter's type: anything with these two methods works, registered or not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
+
+
+@dataclass
+class DraftContext:
+    """What a drafter sees each step. ``tokens`` is the engine's list of committed tokens (prompt,
+    then output); it only grows and must not be modified. ``budget`` caps the draft's node count
+    and ``max_depth`` its depth (both already account for ``max_new_tokens`` and the context)."""
+
+    tokens: list[int]
+    num_prompt: int
+    budget: int
+    max_depth: int
+    params: SamplingParams
+    seed: int
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    def propose(self, ctx: DraftContext) -> Draft: ...
+
+    def observe(self, verdict: Verdict) -> None: ...
+
+
+@dataclass
+class BuildContext:
+    """What a drafter factory may use: the target's adapter and model, an optional draft model."""
+
+    target: Any  # HFModel
+    draft_model: Any | None = None
+
+
+Factory = Callable[..., Drafter]
+REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Register ``factory(build: BuildContext, **options) -> Drafter`` under ``name``."""
+
+    def wrap(factory: Factory) -> Factory:
+        REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def make_drafter(name: str, build: BuildContext, **options: Any) -> Drafter:
+    """A fresh drafter for one request; bad names and options raise ``SpecDecodeError``."""
+    if name not in REGISTRY:
+        raise SpecDecodeError(f"unknown drafter {name!r}; available: {', '.join(available())}")
+    factory = REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in options if k not in params or k == "build"]
+    if unknown and not accepts_any:
+        allowed = [p for p in params if p != "build"]
+        raise SpecDecodeError(f"drafter {name!r} has no option(s) {', '.join(unknown)}; "
+                              f"its options: {', '.join(allowed) or 'none'}")
+    return factory(build, **options)

@@ -1,0 +1,206 @@
+"""Core types shared by the engine, drafters, acceptance rules, CLI and benchmark (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SpecDecodeError(ValueError):
+    """Bad input detected before decoding starts; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. ``temperature == 0`` means greedy (argmax).
+
+    ``mode`` is ``"rejection"`` (Leviathan/Chen rejection sampling with an engine RNG) or
+    ``"coupled"`` (noise keyed by ``(seed, absolute position)``: output bit-identical to vanilla).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    mode: str = "rejection"
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise SpecDecodeError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise SpecDecodeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SpecDecodeError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.mode not in ("rejection", "coupled"):
+            raise SpecDecodeError(f"sampling must be 'rejection' or 'coupled', got {self.mode!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Draft:
+    """Candidate tokens as a tree. ``parents[i]`` is the index of node i's parent (-1: the last
+    committed token), always smaller than i; a chain is ``[-1, 0, 1, ...]``.
+
+    ``draft_probs`` [n, V] is the distribution node i was sampled from (processed like the
+    target's); ``None`` means a deterministic proposal (point mass). ``sources`` names the drafter
+    of each node in mixed trees.
+    """
+
+    tokens: torch.Tensor  # [n] long
+    parents: torch.Tensor  # [n] long
+    draft_probs: torch.Tensor | None = None
+    sources: list[str] | None = None
+
+    @classmethod
+    def chain(cls, tokens, draft_probs: torch.Tensor | None = None) -> Draft:
+        t = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens,
+                            dtype=torch.long).reshape(-1)
+        return cls(t, torch.arange(-1, t.numel() - 1, dtype=torch.long), draft_probs)
+
+    @classmethod
+    def empty(cls) -> Draft:
+        return cls.chain([])
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    def depths(self) -> torch.Tensor:
+        """Depth of each node (children of the root have depth 1)."""
+        depth = torch.zeros(len(self), dtype=torch.long)
+        parents = self.parents.tolist()
+        for i, p in enumerate(parents):
+            depth[i] = 1 if p < 0 else depth[p] + 1
+        return depth
+
+    def truncated(self, n: int) -> Draft:
+        """The first n nodes (valid because parents precede children)."""
+        probs = None if self.draft_probs is None else self.draft_probs[:n]
+        sources = None if self.sources is None else self.sources[:n]
+        return Draft(self.tokens[:n], self.parents[:n], probs, sources)
+
+    def limited(self, budget: int, max_depth: int) -> Draft:
+        """At most ``budget`` nodes and depth ``max_depth`` (parents are re-indexed)."""
+        draft = self.truncated(budget) if len(self) > budget else self
+        if len(draft) == 0 or max_depth >= len(draft):
+            return draft
+        keep = draft.depths() <= max_depth
+        if bool(keep.all()):
+            return draft
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        parents = torch.where(draft.parents >= 0, new_index[draft.parents.clamp(min=0)], -1)
+        probs = None if draft.draft_probs is None else draft.draft_probs[keep]
+        sources = None if draft.sources is None else [s for s, k in zip(draft.sources, keep) if k]
+        return Draft(draft.tokens[keep], parents[keep], probs, sources)
+
+    def validate(self, vocab_size: int) -> None:
+        n = len(self)
+        if self.parents.numel() != n:
+            raise ValueError("draft tokens and parents differ in length")
+        if n and (self.parents >= torch.arange(n)).any():
+            raise ValueError("draft parents must precede their children")
+        if n and (self.parents < -1).any():
+            raise ValueError("draft parent index below -1")
+        if n and ((self.tokens < 0) | (self.tokens >= vocab_size)).any():
+            raise ValueError("draft token outside the vocabulary")
+        if self.draft_probs is not None and tuple(self.draft_probs.shape) != (n, vocab_size):
+            raise ValueError(f"draft_probs must be [{n}, {vocab_size}]")
+
+
+@dataclass
+class Verdict:
+    """Outcome of verifying one draft: the accepted path (node indices, root to leaf) and the
+    tokens emitted this step (the accepted draft tokens, then one bonus/correction token)."""
+
+    path: list[int]
+    tokens: list[int]
+    num_drafted: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.path)
+
+
+@dataclass
+class StepStats:
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    fallback: bool = False  # the drafter raised; this was a plain step
+
+
+@dataclass
+class RunStats:
+    """Totals over a generation (DESIGN.md §5 metric names)."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    wall_s: float = 0.0
+    fallbacks: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def add(self, step: StepStats, path_len: int) -> None:
+        self.steps += 1
+        self.drafted += step.drafted
+        self.accepted += step.accepted
+        self.emitted += step.emitted
+        self.draft_s += step.draft_s
+        self.verify_s += step.verify_s
+        self.other_s += step.other_s
+        self.fallbacks += int(step.fallback)
+        while len(self.accepted_per_pos) < path_len:
+            self.accepted_per_pos.append(0)
+        for i in range(path_len):
+            self.accepted_per_pos[i] += 1
+
+    @property
+    def mat(self) -> float:
+        """Mean accepted tokens per step (accepted draft tokens + 1); vanilla = 1.0."""
+        return self.emitted / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.emitted / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+                "emitted": self.emitted, "mat": round(self.mat, 4),
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "tokens_per_s": round(self.tokens_per_s, 2), "wall_s": round(self.wall_s, 4),
+                "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
+                "verify_s": round(self.verify_s, 4), "other_s": round(self.other_s, 4),
+                "fallbacks": self.fallbacks, "accepted_per_pos": list(self.accepted_per_pos)}
+
+
+@dataclass
+class StepEvent:
+    """One verification step as seen by ``stream``: the tokens it emitted and its stats."""
+
+    tokens: list[int]
+    stats: StepStats
+    finished: bool = False
+    finish_reason: str | None = None  # "eos" or "length"
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    accept_lengths: list[int]
+    stats: RunStats
+    finish_reason: str | None = None
