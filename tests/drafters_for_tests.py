@@ -1,0 +1,74 @@
+"""Test-only drafters that exercise every acceptance pattern (TESTING.md L4). They are plain
+objects with ``propose``/``observe``: the engine needs no registration or subclassing."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from specdecode import Draft, DraftContext, Verdict
+
+
+class OraclePrefixTree:
+    """Proposes the reference continuation correctly for a random number of tokens, then a wrong
+    token; adds random wrong siblings (and sometimes puts the right child after them) so that tree
+    acceptance and out-of-order cache trimming are exercised."""
+
+    def __init__(self, reference: list[int], vocab: int, seed: int, depth: int = 6,
+                 siblings: int = 2) -> None:
+        self.ref, self.vocab, self.depth, self.siblings = reference, vocab, depth, siblings
+        self.rng = random.Random(seed)
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        start = ctx.num_generated
+        truth = self.ref[start:start + min(self.depth, ctx.max_depth)]
+        good = self.rng.randint(0, len(truth))
+        tokens, parents, prev = [], [], -1
+        for d, tok in enumerate(truth):
+            right = tok if d < good else (tok + 1) % self.vocab
+            wrong = [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(0, self.siblings))]
+            order = wrong + [right] if self.rng.random() < 0.5 else [right] + wrong
+            node_of_right = None
+            for t in order:
+                if t == right and node_of_right is None:
+                    node_of_right = len(tokens)
+                tokens.append(t)
+                parents.append(prev)
+            prev = node_of_right
+        return Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+    def observe(self, verdict: Verdict) -> None:
+        pass
+
+
+class AntiOracle:
+    """Always wrong: proposes tokens the reference does not have next."""
+
+    def __init__(self, reference: list[int], vocab: int, k: int = 4) -> None:
+        self.ref, self.vocab, self.k = reference, vocab, k
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        start = ctx.num_generated
+        if start >= len(self.ref):
+            return Draft.empty()
+        return Draft.chain([(self.ref[start] + 1) % self.vocab] * min(self.k, ctx.max_depth))
+
+    def observe(self, verdict: Verdict) -> None:
+        pass
+
+
+class Exploding:
+    """Raises on every other proposal and in observe: the engine must fall back to plain steps."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        self.calls += 1
+        if self.calls % 2:
+            raise RuntimeError("drafter bug")
+        return Draft.chain([10**9])  # outside the vocabulary: rejected by validation
+
+    def observe(self, verdict: Verdict) -> None:
+        raise RuntimeError("observe bug")

@@ -1,0 +1,112 @@
+"""L3/L4: greedy speculative output is token-identical to the vanilla decoder (the oracle) for every
+drafter, three architectures, 20 prompts, chains and trees, and to transformers' own generate."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import make_prompts, vanilla
+from drafters_for_tests import AntiOracle, Exploding, OraclePrefixTree
+
+import specdecode as sd
+
+PROMPTS = make_prompts(20)
+
+
+def drafter_matrix(target, other, reference, seed):
+    """(label, drafter, options) for every registered drafter plus the test-only patterns."""
+    return [
+        ("ngram", "ngram", {"num_draft_tokens": 4}),
+        ("ngram-unigram-k8", "ngram", {"num_draft_tokens": 8, "min_n": 1, "max_n": 1}),
+        ("draft-model", "draft-model", {"draft_model": other, "num_draft_tokens": 3}),
+        ("draft-model-self-tree", "draft-model",
+         {"draft_model": target, "num_draft_tokens": 4, "tree_width": 3}),
+        ("layer-skip", "layer-skip", {"num_layers": 1, "num_draft_tokens": 3}),
+        ("layer-skip-tree", "layer-skip", {"num_layers": 2, "num_draft_tokens": 3,
+                                           "tree_width": 2}),
+        ("oracle", "oracle", {"continuation": reference, "num_draft_tokens": 5}),
+        ("none", "none", {}),
+        ("oracle-prefix-tree", OraclePrefixTree(reference, 96, seed), {}),
+        ("anti-oracle", AntiOracle(reference, 96), {}),
+        ("exploding", Exploding(), {}),
+    ]
+
+
+def test_greedy_matches_vanilla_for_every_drafter(models):
+    target, other = models
+    rng = random.Random(1)
+    failures = []
+    for i, prompt in enumerate(PROMPTS):
+        max_new = rng.randint(1, 24)
+        reference = vanilla(target, prompt, max_new)
+        assert len(reference) == max_new
+        for label, drafter, options in drafter_matrix(target, other, reference, seed=i):
+            out = sd.generate(target, prompt, drafter=drafter, max_new_tokens=max_new,
+                              eos_token_id=[], **options)
+            if out.token_ids != reference:
+                failures.append((label, i))
+            assert sum(out.accept_lengths) == len(out.token_ids)
+    assert not failures, f"outputs differ from vanilla: {failures}"
+
+
+def test_registered_drafters_are_all_covered():
+    covered = {"ngram", "draft-model", "layer-skip", "oracle", "none"}
+    assert set(sd.available()) == covered, "a new drafter needs a row in drafter_matrix"
+
+
+def test_eos_and_max_new_tokens_inside_an_accepted_draft(models):
+    target, _ = models
+    prompt = PROMPTS[3]
+    full = vanilla(target, prompt, 30)
+    # EOS = a token first seen in the middle of an 8-token oracle draft
+    cut = next(i for i in range(3, 30) if full[i] not in full[:i])
+    eos = full[cut]
+    expected = vanilla(target, prompt, 30, eos_token_id=eos)
+    assert expected == full[:cut + 1]
+    out = sd.generate(target, prompt, drafter="oracle", continuation=full, num_draft_tokens=8,
+                      max_new_tokens=30, eos_token_id=eos)
+    assert out.token_ids == expected and out.finish_reason == "eos"
+    # max_new_tokens in the middle of a fully accepted draft
+    for max_new in (1, 2, 5, 7):
+        out = sd.generate(target, prompt, drafter="oracle", continuation=full,
+                          num_draft_tokens=8, max_new_tokens=max_new, eos_token_id=[])
+        assert out.token_ids == full[:max_new] and out.finish_reason == "length"
+    assert sd.generate(target, prompt, max_new_tokens=0).token_ids == []
+
+
+def test_matches_transformers_generate(models):
+    target, other = models
+    for prompt in PROMPTS[:6]:
+        ids = torch.tensor([prompt])
+        ref = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=16, pad_token_id=0)[0, len(prompt):].tolist()
+        assert vanilla(target, prompt, 16) == ref
+        out = sd.generate(target, prompt, drafter="draft-model", draft_model=other,
+                          max_new_tokens=16, eos_token_id=[], tree_width=2)
+        assert out.token_ids == ref
+
+
+def test_float32_model_matches_vanilla():
+    from conftest import tiny_model
+
+    target = tiny_model("llama", dtype=torch.float32)
+    for prompt in PROMPTS[:8]:
+        reference = vanilla(target, prompt, 20)
+        out = sd.generate(target, prompt, drafter="layer-skip", num_layers=2, tree_width=2,
+                          max_new_tokens=20, eos_token_id=[])
+        assert out.token_ids == reference
+
+
+@pytest.mark.parametrize("context", [24])
+def test_generation_stops_at_the_context_length(context):
+    from conftest import tiny_model
+
+    target = tiny_model("llama", context=context)
+    prompt = PROMPTS[5][:10]
+    reference = vanilla(target, prompt, 100)
+    assert len(prompt) + len(reference) == context
+    out = sd.generate(target, prompt, drafter="oracle", continuation=reference,
+                      num_draft_tokens=6, max_new_tokens=100, eos_token_id=[])
+    assert out.token_ids == reference and out.finish_reason == "length"
