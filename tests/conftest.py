@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 
 import specdecode as sd
 
+torch.set_num_threads(1)  # tiny models: threads only add synchronisation overhead
+
 ARCHS = ["llama", "qwen2", "gpt2"]
 
 

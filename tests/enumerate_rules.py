@@ -9,14 +9,14 @@ is reached, memoised on the context, so the distribution of the first L tokens i
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 VOCAB = 4
 
 
-@lru_cache(maxsize=None)
+@cache
 def _toy_probs(context: tuple[int, ...], salt: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(hash((context, salt)) % (2**31))
     weights = torch.rand(VOCAB, generator=gen, dtype=torch.float64) + 0.05
@@ -75,7 +75,7 @@ def enumerate_step(step: Callable[[Scripted], list[int]]) -> dict[tuple[int, ...
 def sequence_distribution(make_step, horizon: int) -> dict[tuple[int, ...], float]:
     """Exact distribution of the first ``horizon`` tokens when ``make_step(context)`` decodes."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def rest(context: tuple[int, ...], need: int) -> tuple:
         out: dict[tuple[int, ...], float] = {}
         for emitted, p in enumerate_step(make_step(context)).items():

@@ -88,7 +88,7 @@ def stdlib_documents(max_bytes: int = 200_000) -> Iterator[tuple[str, str]]:
 
 
 def is_validation(doc_id: str, fraction: float = 0.02) -> bool:
-    """Deterministic held-out split by a hash of the document id (ShareGPT parts `x_0`, `x_1` stay together)."""
+    """Held-out split by a hash of the document id (ShareGPT parts `x_0`, `x_1` stay together)."""
     base = doc_id.rsplit("_", 1)[0] if not doc_id.startswith("stdlib/") else doc_id
     digest = hashlib.sha256(base.encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction

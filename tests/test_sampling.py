@@ -1,0 +1,146 @@
+"""L2 and L5: sampled output follows the target's exact distribution (rejection sampling), and
+coupled sampling is bit-identical to vanilla coupled sampling for the same seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_prompts, tiny_model
+from scipy.stats import chi2
+
+import specdecode as sd
+import specdecode.engine as engine
+from specdecode.sampling import processed_probs
+from specdecode.types import SamplingParams
+from specdecode.verify import verify_rejection
+
+VOCAB, LENGTH, SAMPLES, ALPHA = 6, 4, 2000, 1e-4
+PARAMS = dict(temperature=1.0, top_k=4)
+PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return (tiny_model("llama", vocab=VOCAB, seed=3, scale=30.0),
+            tiny_model("llama", vocab=VOCAB, seed=4, scale=30.0, layers=1))
+
+
+@torch.no_grad()
+def exact_distribution(model) -> dict[tuple[int, ...], float]:
+    params = SamplingParams(**PARAMS)
+    dist = {(): 1.0}
+    for _ in range(LENGTH):
+        prefixes = list(dist)
+        ids = torch.tensor([PROMPT + list(p) for p in prefixes])
+        probs = processed_probs(model(input_ids=ids).logits[:, -1], params)
+        dist = {p + (t,): dist[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
+                for t in range(VOCAB) if probs[i, t] > 0}
+    return dist
+
+
+def chi_square_p(samples: list[tuple[int, ...]], exact: dict) -> float:
+    """Goodness of fit; bins with expected count < 5 are merged; a sample of probability 0 fails."""
+    counts: dict = {}
+    for s in samples:
+        assert s in exact, f"sampled a sequence of target probability 0: {s}"
+        counts[s] = counts.get(s, 0) + 1
+    stat, dof, merged_obs, merged_exp = 0.0, -1, 0, 0.0
+    for seq, p in exact.items():
+        expected = p * len(samples)
+        if expected < 5:
+            merged_obs, merged_exp = merged_obs + counts.get(seq, 0), merged_exp + expected
+            continue
+        stat += (counts.get(seq, 0) - expected) ** 2 / expected
+        dof += 1
+    if merged_exp > 0:
+        stat += (merged_obs - merged_exp) ** 2 / merged_exp
+        dof += 1
+    return float(chi2.sf(stat, dof))
+
+
+def sample(target, drafter, options) -> list[tuple[int, ...]]:
+    runs = [sd.generate(target, PROMPT, drafter=drafter, max_new_tokens=LENGTH, seed=i,
+                        eos_token_id=[], **PARAMS, **options) for i in range(SAMPLES)]
+    if drafter != "none":  # the drafts were really used, so the acceptance rule was exercised
+        assert sum(r.stats.accepted for r in runs) > SAMPLES // 10
+    return [tuple(r.token_ids) for r in runs]
+
+
+CASES = {
+    "vanilla": ("none", {}),
+    "draft-model-rejection": ("draft-model", {"num_draft_tokens": 2}),
+    "ngram-point-mass": ("ngram", {"num_draft_tokens": 3}),
+    "draft-model-tree-point-mass": ("draft-model", {"num_draft_tokens": 2, "tree_width": 2}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rejection_sampling_matches_target_distribution(pair, case):
+    target, draft = pair
+    drafter, options = CASES[case]
+    if drafter == "draft-model":
+        options = dict(options, draft_model=draft)
+    samples = sample(target, drafter, options)
+    assert chi_square_p(samples, exact_distribution(target)) > ALPHA
+
+
+def test_negative_control_accept_always_fails(pair, monkeypatch):
+    target, draft = pair
+
+    class Yes:
+        def __init__(self, rng):
+            self.rng = rng
+
+        def bernoulli(self, p):
+            return True
+
+        def categorical(self, probs):
+            return self.rng.categorical(probs)
+
+    def broken(d, logits, params, rng, seed, base_position):
+        return verify_rejection(d, processed_probs(logits, params), Yes(rng))
+
+    monkeypatch.setattr(engine, "verify", broken)
+    samples = sample(target, "draft-model", {"draft_model": draft, "num_draft_tokens": 2})
+    exact = exact_distribution(target)
+    try:
+        p = chi_square_p(samples, exact)
+    except AssertionError:
+        return  # it even produced a sequence of probability 0: failed, as it must
+    assert p < ALPHA
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)])
+def test_coupled_sampling_is_bit_identical_to_vanilla(settings):
+    target = tiny_model("qwen2", seed=5)
+    other = tiny_model("qwen2", seed=6, layers=1)
+    for seed, prompt in enumerate(make_prompts(6)):
+        common = dict(max_new_tokens=20, seed=seed, sampling="coupled", eos_token_id=[], **settings)
+        reference = sd.generate(target, prompt, drafter="none", **common).token_ids
+        runs = {
+            "ngram": sd.generate(target, prompt, drafter="ngram", **common),
+            "draft-model": sd.generate(target, prompt, drafter="draft-model", draft_model=other,
+                                       **common),
+            "self-draft-tree": sd.generate(target, prompt, drafter="draft-model",
+                                           draft_model=target, tree_width=2, **common),
+            "layer-skip": sd.generate(target, prompt, drafter="layer-skip", num_layers=2, **common),
+            "oracle": sd.generate(target, prompt, drafter="oracle", continuation=reference,
+                                  **common),
+        }
+        for name, out in runs.items():
+            assert out.token_ids == reference, name
+        assert runs["oracle"].stats.mat > 2.0  # the oracle really was accepted
+        assert runs["self-draft-tree"].stats.mat > 2.0  # same model, same keyed noise
+
+
+def test_coupled_differs_across_seeds_and_matches_across_runs():
+    target = tiny_model("llama", seed=5, scale=1.0)
+    prompt = make_prompts(3)[2]
+    a = sd.generate(target, prompt, drafter="none", max_new_tokens=30, seed=1, temperature=1.0,
+                    sampling="coupled", eos_token_id=[]).token_ids
+    b = sd.generate(target, prompt, drafter="none", max_new_tokens=30, seed=1, temperature=1.0,
+                    sampling="coupled", eos_token_id=[]).token_ids
+    c = sd.generate(target, prompt, drafter="none", max_new_tokens=30, seed=2, temperature=1.0,
+                    sampling="coupled", eos_token_id=[]).token_ids
+    assert a == b and a != c
