@@ -2,15 +2,173 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import click
 
 from specdecode.train.cli import train_demo
+from specdecode.types import SpecDecodeError
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict:
+    """``key=value`` drafter options; values parsed as JSON where they can be (ints, floats...)."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--option")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def load_models(target: str | None, draft_model: str | None, need_draft: bool):
+    """(target model, draft model or None, tokenizer); the demo pair when no target is given."""
+    from transformers import AutoTokenizer
+
+    from specdecode.models.hf import load_causal_lm
+
+    if target is None:
+        from specdecode.demo import load_demo
+
+        demo = load_demo()
+        draft = load_causal_lm(draft_model, what="draft model") if draft_model else demo.draft
+        return demo.target, draft if need_draft else None, demo.tokenizer
+    model = load_causal_lm(target, what="target model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as err:
+        raise SpecDecodeError(f"no tokenizer found in {target!r}: {err}") from err
+    draft = load_causal_lm(draft_model, what="draft model") if draft_model and need_draft else None
+    return model, draft, tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SpecDecodeError("--chat needs a tokenizer with a chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def quiet_transformers() -> None:
+    """No per-file "Loading weights" bars from transformers: our own output stays readable."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specdecode")
 def main() -> None:
-    """specdecode: lossless speculative decoding for Hugging Face causal LMs."""
+    """specdecode: lossless speculative decoding for Hugging Face causal LMs.
+
+    Without --target every command uses the demo model pair shipped in the package.
+    """
+
+
+@main.command()
+@click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
+@click.option("--drafter", default="ngram", show_default=True,
+              help="Drafter name: ngram, draft-model, layer-skip, none (see `specdecode drafters`).")
+@click.option("--draft-model", type=str, default=None,
+              help="Draft model directory for --drafter draft-model (default: demo draft).")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt with the tokenizer's chat template.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed.")
+@click.option("--sampling", type=click.Choice(["rejection", "coupled"]), default="rejection",
+              show_default=True, help="coupled: output bit-identical to vanilla with the same seed.")
+@click.option("--num-draft-tokens", "-k", type=int, default=None, help="Draft length per step.")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")
+@click.option("--compare", is_flag=True, help="Also run vanilla decoding; print the speedup.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, temperature, top_k, top_p,
+             seed, sampling, num_draft_tokens, options, compare, as_json, threads) -> None:
+    """Generate text with speculative decoding and print the step statistics."""
+    import torch
+
+    import specdecode as sd
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_transformers()
+    try:
+        sd.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, mode=sampling)
+        opts = parse_options(options)
+        if num_draft_tokens is not None:
+            opts["num_draft_tokens"] = num_draft_tokens
+        model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model")
+        ids = encode_prompt(tokenizer, prompt, chat)
+        common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, sampling=sampling)
+        sd.prepare(model, ids, drafter=drafter, draft_model=draft, **common, **opts)  # checks
+        sd.generate(model, ids[:8], drafter="none", max_new_tokens=2)  # warm-up
+        start = time.perf_counter()
+        result = sd.generate(model, ids, drafter=drafter, draft_model=draft, **common, **opts)
+        wall = time.perf_counter() - start
+        report = {"text": tokenizer.decode(result.token_ids, skip_special_tokens=False),
+                  "drafter": drafter, "new_tokens": len(result.token_ids),
+                  "finish_reason": result.finish_reason, "wall_s": round(wall, 4),
+                  "tokens_per_s": round(len(result.token_ids) / wall, 2), **{
+                      k: v for k, v in result.stats.as_dict().items() if k != "tokens_per_s"}}
+        if compare:
+            start = time.perf_counter()
+            base = sd.generate(model, ids, drafter="none", **common)
+            base_wall = time.perf_counter() - start
+            report["vanilla"] = {"new_tokens": len(base.token_ids), "wall_s": round(base_wall, 4),
+                                 "tokens_per_s": round(len(base.token_ids) / base_wall, 2)}
+            report["speedup"] = round(report["tokens_per_s"] / report["vanilla"]["tokens_per_s"], 3)
+            report["identical_to_vanilla"] = base.token_ids == result.token_ids
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(report["text"])
+    click.echo(f"\n[{drafter}] {report['new_tokens']} tokens in {report['steps']} steps, "
+               f"MAT {report['mat']:.2f}, acceptance {report['acceptance_rate']:.2f}, "
+               f"{report['tokens_per_s']:.1f} tokens/s", err=False)
+    if compare:
+        same = "identical" if report["identical_to_vanilla"] else "DIFFERENT"
+        if sampling == "rejection" and temperature > 0:
+            same += " (rejection sampling matches in distribution, not token by token)"
+        click.echo(f"[vanilla] {report['vanilla']['tokens_per_s']:.1f} tokens/s; speedup "
+                   f"{report['speedup']:.2f}x; output {same}")
+
+
+@main.command()
+def drafters() -> None:
+    """List the registered drafters."""
+    import specdecode as sd
+
+    for name in sd.available():
+        click.echo(name)
+
+
+@main.command("export-demo")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("work/demo"),
+              show_default=True)
+def export_demo_cmd(work_dir: Path) -> None:
+    """Copy the trained demo pair (fp16 safetensors) into the package's demo_models/."""
+    from specdecode.demo import export_demo
+
+    try:
+        click.echo(json.dumps(export_demo(work_dir)))
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
 
 
 main.add_command(train_demo)
