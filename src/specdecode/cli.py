@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from specdecode.bench.cli import bench
 from specdecode.train.cli import train_demo
 from specdecode.types import SpecDecodeError
 
@@ -172,3 +173,4 @@ def export_demo_cmd(work_dir: Path) -> None:
 
 
 main.add_command(train_demo)
+main.add_command(bench)

@@ -1,0 +1,140 @@
+"""`specdecode bench`: Spec-Bench speedup and MAT for every method against vanilla, in one run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from specdecode.types import SpecDecodeError
+
+DEFAULT_METHODS = "vanilla,ngram,draft-model,layer-skip,oracle,hf-pld,hf-assisted"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
+    import tokenizers
+    import torch
+    import transformers
+
+    import specdecode
+
+    return {"model_id": model_id, "draft_id": draft_id, "cpu": cpu_name(),
+            "threads": torch.get_num_threads(), "dtype": "float32",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "specdecode": specdecode.__version__,
+            "command": "specdecode " + shlex.join(sys.argv[1:]), **settings}
+
+
+@click.command("bench")
+@click.option("--target", default=None, help="Local target model directory (default: demo target).")
+@click.option("--draft-model", default=None, help="Draft model directory (default: demo draft).")
+@click.option("--methods", default=DEFAULT_METHODS, show_default=True,
+              help="Comma-separated methods: vanilla; our drafters, each optionally with options "
+                   "as name:key=value:key=value (e.g. ngram:max_n=4:num_draft_tokens=6); oracle "
+                   "(proposes vanilla's output: the physical bound); hf-pld and hf-assisted "
+                   "(transformers' prompt lookup and assisted generation).")
+@click.option("--questions", "questions_file", type=click.Path(path_type=Path), default=None,
+              help="Spec-Bench question.jsonl (default: the copy shipped in the package).")
+@click.option("--categories", default=None, help="Comma-separated categories (default: all 13).")
+@click.option("--limit-per-category", type=int, default=None, help="At most K questions each.")
+@click.option("--max-new-tokens", type=int, default=None, help="Per turn (default 128; quick: 64).")
+@click.option("--num-draft-tokens", type=int, default=4, show_default=True,
+              help="Draft budget of every method that takes one (oracle and hf-pld included).")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--sampling", type=click.Choice(["rejection", "coupled"]), default="coupled",
+              show_default=True, help="Our sampling rule when --temperature > 0.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Time each generation this many times and keep the median.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench_out"),
+              show_default=True, help="Output directory (rerun with the same one to resume).")
+@click.option("--quick", is_flag=True,
+              help="A few minutes on a laptop CPU: 1 question per category, 64 new tokens.")
+@click.option("--allow-lossy", is_flag=True, help="Rank methods whose outputs differ from vanilla.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+def bench(target, draft_model, methods, questions_file, categories, limit_per_category,
+          max_new_tokens, num_draft_tokens, temperature, sampling, seed, repeats, out_dir, quick,
+          allow_lossy, threads) -> None:
+    """Run Spec-Bench questions with every method, interleaved per question, and write answer
+    JSONL (Spec-Bench schema), report.json, report.md and plots to --out. The last line printed is a
+    one-line JSON summary."""
+    import torch
+
+    from specdecode.bench.methods import Settings, check_specs, is_lossless, parse_spec
+    from specdecode.bench.plots import plot_accept_lengths, plot_speedups
+    from specdecode.bench.questions import load_questions
+    from specdecode.bench.report import OVERALL, build_report, markdown
+    from specdecode.bench.runner import run_benchmark
+    from specdecode.cli import load_models, quiet_transformers
+    from specdecode.models.hf import context_length
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_transformers()
+    if quick:
+        limit_per_category = limit_per_category or 1
+        max_new_tokens = max_new_tokens or 64
+    max_new_tokens = max_new_tokens or 128
+    specs = [m.strip() for m in methods.split(",") if m.strip()]
+    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla", parse_spec(m)[0] == "oracle"))
+    if repeats < 1 or max_new_tokens < 1 or num_draft_tokens < 1:
+        raise click.UsageError("--repeats, --max-new-tokens and --num-draft-tokens must be >= 1")
+    try:
+        needs_draft = any(parse_spec(m)[0] in ("draft-model", "hf-assisted") for m in specs)
+        check_specs(specs, has_draft=draft_model is not None or target is None)
+        cats = [c.strip() for c in categories.split(",")] if categories else None
+        questions = load_questions(questions_file, cats, limit_per_category)
+        model, draft, tokenizer = load_models(target, draft_model, needs_draft)
+        model_id = Path(target).name if target else "specdecode-demo-target"
+        draft_id = (Path(draft_model).name if draft_model else
+                    ("specdecode-demo-draft" if target is None and needs_draft else None))
+        settings = {"methods": specs, "max_new_tokens": max_new_tokens,
+                    "num_draft_tokens": num_draft_tokens, "temperature": temperature,
+                    "sampling": sampling, "seed": seed, "repeats": repeats,
+                    "questions": [q.question_id for q in questions]}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_file = out_dir / "run.json"
+        if run_file.exists() and json.loads(run_file.read_text()) != settings:
+            raise SpecDecodeError(f"{out_dir} holds a run with other settings; use another --out "
+                                  "(or delete it) to start afresh")
+        run_file.write_text(json.dumps(settings))
+        s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
+                     num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
+                     sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0)
+        skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
+                                context_length(model.config), repeats, model_id)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
+    oracle = next((m for m in specs if parse_spec(m)[0] == "oracle"), None)
+    report = build_report(out_dir, specs, {m: is_lossless(m) for m in specs}, oracle, allow_lossy)
+    env = environment(model_id, draft_id, {"temperature": temperature, "seed": seed,
+                                           "skipped": len(skipped)})
+    report["environment"] = env
+    report["skipped"] = [sk.__dict__ for sk in skipped]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report, env)
+    (out_dir / "report.md").write_text(md)
+    plot_speedups(report, out_dir / "speedup_by_category.png")
+    plot_accept_lengths(out_dir, report, out_dir / "accept_lengths.png")
+    click.echo(md)
+    overall = {m: report["table"][m][OVERALL] for m in specs}
+    click.echo(json.dumps({"out": str(out_dir), "questions": report["questions"],
+                           "speedup": {m: c["speedup"] for m, c in overall.items()},
+                           "mat": {m: c["mat"] for m, c in overall.items()},
+                           "identical": {m: c["identical"] for m, c in overall.items()},
+                           "flagged": report["flagged"], "ranking": report["ranking"]}))

@@ -1,0 +1,123 @@
+"""Benchmark methods: ours (through the engine), the oracle bound, and transformers' own.
+
+A method spec is ``name`` or ``name:key=value:key=value`` (drafter options), e.g.
+``ngram:num_draft_tokens=3:max_n=4``. Every method is timed the same way: one call, prefill
+included, after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import specdecode as sd
+from specdecode.types import SpecDecodeError
+
+HF_METHODS = ("hf-pld", "hf-assisted")
+
+
+@dataclass
+class Outcome:
+    token_ids: list[int]
+    wall_s: float
+    accept_lengths: list[int] | None = None  # None where the method does not report steps
+    drafted: int | None = None
+
+
+@dataclass
+class Settings:
+    """What every method of one run shares."""
+
+    target: object
+    draft: object | None
+    max_new_tokens: int
+    num_draft_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    sampling: str = "rejection"
+    pad_token_id: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in filter(None, pairs):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise SpecDecodeError(f"method option {pair!r} in {spec!r} is not key=value")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip().replace("-", "_")] = value
+    return name.strip(), options
+
+
+def is_lossless(spec: str) -> bool:
+    """Ours are lossless by construction (and checked); transformers' are measured."""
+    return parse_spec(spec)[0] not in HF_METHODS
+
+
+def check_specs(specs: list[str], has_draft: bool) -> None:
+    known = set(sd.available()) | {"vanilla", *HF_METHODS}
+    for spec in specs:
+        name, _ = parse_spec(spec)
+        if name not in known:
+            raise SpecDecodeError(f"unknown method {name!r}; known: {', '.join(sorted(known))}")
+        if name in ("draft-model", "hf-assisted") and not has_draft:
+            raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH)")
+    if "vanilla" not in [parse_spec(s)[0] for s in specs]:
+        raise SpecDecodeError("--methods must include vanilla (the baseline every method is "
+                              "compared with)")
+
+
+def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
+    name, options = parse_spec(spec)
+    drafter = "none" if name == "vanilla" else name
+    if name != "vanilla" and "num_draft_tokens" not in options and name != "none":
+        options["num_draft_tokens"] = s.num_draft_tokens
+    if name == "oracle":
+        if reference is None:
+            raise SpecDecodeError("the oracle needs the vanilla output (run vanilla first)")
+        options["continuation"] = reference
+    if name == "draft-model":
+        options["draft_model"] = s.draft
+    start = time.perf_counter()
+    out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,
+                      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                      sampling=s.sampling, **options)
+    wall = time.perf_counter() - start
+    return Outcome(out.token_ids, wall, out.accept_lengths, out.stats.drafted)
+
+
+@torch.inference_mode()
+def run_hf(spec: str, s: Settings, prompt: list[int]) -> Outcome:
+    name, options = parse_spec(spec)
+    ids = torch.tensor([prompt])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
+                  pad_token_id=s.pad_token_id)
+    if s.temperature > 0:
+        kwargs.update(do_sample=True, temperature=s.temperature, top_k=s.top_k or None,
+                      top_p=s.top_p)
+        torch.manual_seed(s.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if name == "hf-pld":
+        kwargs["prompt_lookup_num_tokens"] = options.get("num_draft_tokens", s.num_draft_tokens)
+    else:
+        kwargs["assistant_model"] = s.draft
+    start = time.perf_counter()
+    out = s.target.generate(ids, **kwargs)
+    wall = time.perf_counter() - start
+    return Outcome(out[0, len(prompt):].tolist(), wall)
+
+
+def run_method(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
+    if parse_spec(spec)[0] in HF_METHODS:
+        return run_hf(spec, s, prompt)
+    return run_ours(spec, s, prompt, reference)

@@ -1,0 +1,123 @@
+"""Benchmark report from the answer JSONL files (DESIGN.md §5 definitions).
+
+- speedup (Spec-Bench): mean over questions of new_tokens_q / wall_time_q (turns summed), method
+  over vanilla, on the questions both answered.
+- MAT: mean accept length over all steps (accepted draft tokens + the bonus token); vanilla = 1.
+- acceptance rate: accepted draft tokens / drafted tokens.
+- identical: fraction of vanilla's questions whose every turn is token-identical to vanilla's (a
+  question the method did not answer counts as different).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from specdecode.bench.runner import method_file
+
+OVERALL = "overall"
+
+
+def load_answers(path: Path) -> dict[int, dict]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["question_id"]: row for row in rows}
+
+
+def speed(row: dict) -> float:
+    choice = row["choices"][0]
+    wall = sum(choice["wall_time"])
+    return sum(choice["new_tokens"]) / wall if wall > 0 else 0.0
+
+
+def identical(base: dict, row: dict | None) -> bool:
+    return row is not None and row["choices"][0]["token_ids"] == base["choices"][0]["token_ids"]
+
+
+def metrics(base: dict[int, dict], answers: dict[int, dict], qids: list[int]) -> dict:
+    """Metrics of one method over the questions ``qids`` of vanilla's answers."""
+    common = [q for q in qids if q in answers]
+    out = {"questions": len(common), "missing": len(qids) - len(common)}
+    if not common:
+        return {**out, "speedup": None, "tokens_per_s": None, "mat": None,
+                "acceptance_rate": None, "identical": 0.0 if qids else None}
+    method_speed = statistics.fmean(speed(answers[q]) for q in common)
+    base_speed = statistics.fmean(speed(base[q]) for q in common)
+    out["tokens_per_s"] = round(method_speed, 3)
+    out["speedup"] = round(method_speed / base_speed, 4) if base_speed > 0 else None
+    lengths = [a for q in common for a in answers[q]["choices"][0]["accept_lengths"]]
+    steps = [s for q in common for s in answers[q]["choices"][0]["decoding_steps"]]
+    drafted = [d for q in common for d in answers[q]["choices"][0].get("drafted", [])]
+    if lengths and None not in steps:
+        out["mat"] = round(statistics.fmean(lengths), 4)
+        n_drafted = sum(d or 0 for d in drafted)
+        accepted = sum(lengths) - len(lengths)
+        out["acceptance_rate"] = round(accepted / n_drafted, 4) if n_drafted else None
+    else:
+        out["mat"], out["acceptance_rate"] = None, None
+    out["identical"] = round(sum(identical(base[q], answers.get(q)) for q in qids) / len(qids), 4)
+    return out
+
+
+def build_report(out_dir: Path, specs: list[str], lossless: dict[str, bool], oracle: str | None,
+                 allow_lossy: bool = False) -> dict:
+    answers = {spec: load_answers(method_file(out_dir, spec)) for spec in specs}
+    base = answers["vanilla"]
+    categories = sorted({row["category"] for row in base.values()})
+    groups = {OVERALL: sorted(base)} | {
+        c: sorted(q for q, row in base.items() if row["category"] == c) for c in categories}
+    table = {spec: {g: metrics(base, answers[spec], qids) for g, qids in groups.items()}
+             for spec in specs}
+    for spec in specs:
+        for g in groups:
+            cell, bound = table[spec][g], table[oracle][g] if oracle else None
+            cell["pct_of_oracle"] = (round(100 * cell["speedup"] / bound["speedup"], 1)
+                                     if bound and cell["speedup"] and bound["speedup"] else None)
+    flagged = [s for s in specs if table[s][OVERALL]["identical"] != 1.0]
+    rankable = [s for s in specs if s != "vanilla" and table[s][OVERALL]["speedup"] is not None
+                and (allow_lossy or s not in flagged)]
+    ranking = sorted(rankable, key=lambda s: -table[s][OVERALL]["speedup"])
+    return {"methods": specs, "categories": categories, "table": table, "flagged": flagged,
+            "ranking": ranking, "lossless_by_design": lossless, "oracle": oracle,
+            "allow_lossy": allow_lossy, "questions": len(base)}
+
+
+def _fmt(value, suffix: str = "", digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown(report: dict, environment: dict) -> str:
+    table, flagged = report["table"], set(report["flagged"])
+    lines = ["# specdecode benchmark", "",
+             f"Model: `{environment['model_id']}` · draft: `{environment.get('draft_id')}` · "
+             f"{environment['cpu']} · torch threads {environment['threads']} · "
+             f"dtype {environment['dtype']} · temperature {environment['temperature']} · "
+             f"seed {environment['seed']}", "",
+             f"Command: `{environment['command']}`", "",
+             f"Questions: {report['questions']} answered by vanilla; skipped "
+             f"(do not fit the context): {environment.get('skipped', 0)}.", "",
+             "## Overall", "",
+             "| method | speedup | MAT | acceptance | tokens/s | % of oracle | identical to vanilla |",
+             "|---|---|---|---|---|---|---|"]
+    for spec in report["methods"]:
+        c = table[spec][OVERALL]
+        flag = " ⚠ differs from vanilla" if spec in flagged else ""
+        speedup = _fmt(c["speedup"], "x")
+        if spec in flagged and not report["allow_lossy"]:
+            speedup += " (not ranked)"
+        lines.append(f"| {spec}{flag} | {speedup} | {_fmt(c['mat'])} | "
+                     f"{_fmt(c['acceptance_rate'])} | {_fmt(c['tokens_per_s'], digits=1)} | "
+                     f"{_fmt(c['pct_of_oracle'], '%', 0)} | {_fmt(100 * c['identical'], '%', 0)} |")
+    lines += ["", "Ranking (lossless only unless --allow-lossy): " +
+              (" > ".join(f"{s} ({table[s][OVERALL]['speedup']:.2f}x)" for s in report["ranking"])
+               or "none"), ""]
+    for key, title in (("speedup", "Speedup per category"), ("mat", "MAT per category")):
+        lines += [f"## {title}", "", "| category | " + " | ".join(report["methods"]) + " |",
+                  "|---" * (len(report["methods"]) + 1) + "|"]
+        for cat in report["categories"]:
+            cells = [_fmt(table[s][cat][key]) for s in report["methods"]]
+            lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
