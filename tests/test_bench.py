@@ -1,0 +1,128 @@
+"""Benchmark: report arithmetic on hand-made answers, the equality check, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from specdecode.bench.report import OVERALL, build_report, metrics
+from specdecode.bench.runner import method_file
+from specdecode.cli import main
+
+
+def answer(qid, cat, tokens_per_turn, walls, accept_lengths=None, drafted=None):
+    return {"question_id": qid, "category": cat, "model_id": "m", "tstamp": 0.0,
+            "choices": [{"index": 0, "turns": ["x"] * len(tokens_per_turn),
+                         "new_tokens": [len(t) for t in tokens_per_turn], "wall_time": walls,
+                         "token_ids": tokens_per_turn,
+                         "decoding_steps": [None] * len(walls) if accept_lengths is None else
+                         [len(accept_lengths)] + [0] * (len(walls) - 1),
+                         "accept_lengths": accept_lengths or [], "drafted": drafted or []}]}
+
+
+def write(out, spec, rows):
+    path = method_file(out, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_arithmetic(tmp_path):
+    base = [answer(1, "a", [[1] * 10, [2] * 10], [1.0, 1.0], [1] * 20, [0]),
+            answer(2, "b", [[3] * 30], [1.0], [1] * 30, [0])]
+    # method: q1 20 tokens in 0.5 s (40 tok/s), q2 30 tokens in 0.5 s (60 tok/s)
+    fast = [answer(1, "a", [[1] * 10, [2] * 10], [0.25, 0.25], [3, 3, 4, 4, 2, 4], [12, 0]),
+            answer(2, "b", [[3] * 30], [0.5], [4] * 6 + [3, 3], [24])]
+    write(tmp_path, "vanilla", base)
+    write(tmp_path, "fast", fast)
+    report = build_report(tmp_path, ["vanilla", "fast"], {}, oracle="fast")
+    cell = report["table"]["fast"][OVERALL]
+    # Spec-Bench: mean of per-question speeds, over vanilla's mean (10 and 30 tok/s)
+    assert cell["speedup"] == pytest.approx((40 + 60) / 2 / ((10 + 30) / 2), abs=1e-4)
+    lengths = [3, 3, 4, 4, 2, 4] + [4] * 6 + [3, 3]
+    assert cell["mat"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)  # the bonus token counts
+    assert cell["acceptance_rate"] == pytest.approx((sum(lengths) - len(lengths)) / 36, abs=1e-4)
+    assert report["table"]["vanilla"][OVERALL]["mat"] == 1.0
+    assert report["table"]["fast"]["a"]["speedup"] == pytest.approx(4.0)
+    assert cell["identical"] == 1.0 and cell["pct_of_oracle"] == 100.0
+
+
+def test_equality_check_catches_one_token_and_a_missing_question(tmp_path):
+    base = [answer(q, "a", [[q, 5, 6, 7]], [1.0]) for q in (1, 2, 3, 4)]
+    changed = [answer(q, "a", [[q, 5, 6, 7 if q != 2 else 8]], [1.0]) for q in (1, 2, 3, 4)]
+    missing = [answer(q, "a", [[q, 5, 6, 7]], [1.0]) for q in (1, 2, 3)]
+    write(tmp_path, "vanilla", base)
+    write(tmp_path, "changed", changed)
+    write(tmp_path, "missing", missing)
+    report = build_report(tmp_path, ["vanilla", "changed", "missing"], {}, oracle=None)
+    assert report["table"]["changed"][OVERALL]["identical"] == 0.75
+    assert report["table"]["missing"][OVERALL]["identical"] == 0.75
+    assert report["table"]["missing"][OVERALL]["missing"] == 1
+    assert set(report["flagged"]) == {"changed", "missing"}
+    assert report["ranking"] == []  # differing methods are not ranked...
+    lossy = build_report(tmp_path, ["vanilla", "changed"], {}, oracle=None, allow_lossy=True)
+    assert lossy["ranking"] == ["changed"]  # ...unless asked
+
+
+def test_metrics_without_steps_reports_none():
+    base = {1: answer(1, "a", [[1, 2]], [1.0])}
+    cell = metrics(base, {1: answer(1, "a", [[1, 2]], [0.5])}, [1])
+    assert cell["mat"] is None and cell["speedup"] == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A tiny random target/draft with a real BPE tokenizer and chat template, saved to disk."""
+    from conftest import tiny_model
+
+    from specdecode.train.prepare import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    texts = ["Hello there, how are you today? I am fine, thank you."] * 50
+    tok = train_tokenizer(texts, 300, root / "tok")
+    for name, seed, layers in (("target", 0, 3), ("draft", 1, 1)):
+        model = tiny_model("llama", vocab=len(tok), seed=seed, layers=layers, dtype=__import__(
+            "torch").float32, context=256)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def test_bench_end_to_end_writes_every_file(tmp_path, tiny_pair):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        json.dumps({"question_id": 1, "category": "writing", "turns": ["Hi there", "And then?"]})
+        + "\n" + json.dumps({"question_id": 2, "category": "qa", "turns": ["How are you?"]})
+        + "\n" + json.dumps({"question_id": 3, "category": "qa", "turns": ["x " * 300]}) + "\n")
+    out = tmp_path / "out"
+    args = ["bench", "--target", str(tiny_pair / "target"), "--draft-model",
+            str(tiny_pair / "draft"), "--questions", str(questions), "--max-new-tokens", "12",
+            "--out", str(out), "--methods",
+            "vanilla,ngram,draft-model:tree_width=2,layer-skip,oracle,hf-pld,hf-assisted"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    for name in ("report.json", "report.md", "speedup_by_category.png", "accept_lengths.png"):
+        assert (out / name).exists(), name
+    for spec in ("vanilla", "ngram", "draft-model:tree_width=2", "oracle", "hf-pld"):
+        rows = [json.loads(line) for line in method_file(out, spec).read_text().splitlines()]
+        assert [r["question_id"] for r in rows] == [1, 2]
+        assert len(rows[0]["choices"][0]["turns"]) == 2
+    assert summary["questions"] == 2
+    for spec in ("ngram", "draft-model:tree_width=2", "layer-skip", "oracle"):
+        assert summary["identical"][spec] == 1.0  # ours are lossless
+    report = json.loads((out / "report.json").read_text())
+    assert [s["question_id"] for s in report["skipped"]] == [3]  # too long: reported, not cut
+    # resuming with the same settings redoes nothing; other settings are refused
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "resuming: 3 questions" in again.output
+    other = CliRunner().invoke(main, args[:-2] + ["--methods", "vanilla"])
+    assert other.exit_code != 0 and "other settings" in other.output
+
+
+def test_bench_rejects_unknown_methods(tmp_path, tiny_pair):
+    result = CliRunner().invoke(main, ["bench", "--target", str(tiny_pair / "target"),
+                                       "--methods", "vanilla,warp-drive", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown method 'warp-drive'" in result.output
