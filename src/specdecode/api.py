@@ -34,6 +34,8 @@ class Request:
 
 
 def _prompt_ids(input_ids: Any, vocab_size: int, max_length: int | None) -> list[int]:
+    if hasattr(input_ids, "keys") and "input_ids" in input_ids:  # a tokenizer's BatchEncoding
+        input_ids = input_ids["input_ids"]
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2 and input_ids.size(0) == 1:
             input_ids = input_ids[0]
@@ -75,7 +77,10 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
             sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
             trust_remote_code: bool = False, **drafter_options: Any) -> Request:
-    """Check every argument and build the engine's inputs; raises ``SpecDecodeError``."""
+    """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
+
+    ``input_ids``: a list of ints, a 1-D tensor (or [1, n]), or a tokenizer's output with
+    ``input_ids``."""
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             seed=seed, mode=sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

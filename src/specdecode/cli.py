@@ -27,8 +27,10 @@ def parse_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def load_models(target: str | None, draft_model: str | None, need_draft: bool):
-    """(target model, draft model or None, tokenizer); the demo pair when no target is given."""
+def load_models(target: str | None, draft_model: str | None, need_draft: bool,
+                trust_remote_code: bool = False):
+    """(target model, draft model or None, tokenizer); the demo pair when no target is given.
+    ``trust_remote_code`` stays off unless asked for."""
     from transformers import AutoTokenizer
 
     from specdecode.models.hf import load_causal_lm
@@ -39,12 +41,13 @@ def load_models(target: str | None, draft_model: str | None, need_draft: bool):
         demo = load_demo()
         draft = load_causal_lm(draft_model, what="draft model") if draft_model else demo.draft
         return demo.target, draft if need_draft else None, demo.tokenizer
-    model = load_causal_lm(target, what="target model")
+    model = load_causal_lm(target, what="target model", trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise SpecDecodeError(f"no tokenizer found in {target!r}: {err}") from err
-    draft = load_causal_lm(draft_model, what="draft model") if draft_model and need_draft else None
+    draft = (load_causal_lm(draft_model, what="draft model", trust_remote_code=trust_remote_code)
+             if draft_model and need_draft else None)
     return model, draft, tokenizer
 
 
@@ -52,9 +55,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SpecDecodeError("--chat needs a tokenizer with a chat template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        from specdecode.bench.questions import chat_prompt
+
+        return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
@@ -96,8 +99,10 @@ def main() -> None:
 @click.option("--compare", is_flag=True, help="Also run vanilla decoding; print the speedup.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, temperature, top_k, top_p,
-             seed, sampling, num_draft_tokens, options, compare, as_json, threads) -> None:
+             seed, sampling, num_draft_tokens, options, compare, as_json, threads,
+             trust_remote_code) -> None:
     """Generate text with speculative decoding and print the step statistics."""
     import torch
 
@@ -111,7 +116,8 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
         opts = parse_options(options)
         if num_draft_tokens is not None:
             opts["num_draft_tokens"] = num_draft_tokens
-        model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model")
+        model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model",
+                                              trust_remote_code)
         ids = encode_prompt(tokenizer, prompt, chat)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, sampling=sampling)
