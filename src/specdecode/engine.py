@@ -34,7 +34,7 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
     tokens = list(prompt)  # committed tokens; the cache holds all but the last (the pending one)
     target.reset()
     if len(tokens) > 1:
-        target.extend(tokens[:-1])
+        target.extend(tokens[:-1], last_only=True)
     stats.prefill_s = time.perf_counter() - start
     limit = target.max_length
     warned = False

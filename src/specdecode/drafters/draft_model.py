@@ -43,7 +43,7 @@ class DraftModelDrafter:
         sampled = not params.greedy and params.mode == "rejection" and width == 1
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
-        logits = self.model.extend(ctx.tokens[self.model.length:])[-1]
+        logits = self.model.extend(ctx.tokens[self.model.length:], last_only=True)[-1]
         tokens, parents, rows = [], [], []
         self.chain_nodes, self.base, prev = [], base, -1
         for depth in range(k):
@@ -68,7 +68,7 @@ class DraftModelDrafter:
                         parents.append(prev)
             prev = self.chain_nodes[-1]
             if depth < k - 1:
-                logits = self.model.extend([tok])[-1]
+                logits = self.model.extend([tok], last_only=True)[-1]
         draft_probs = torch.stack(rows) if sampled else None
         return Draft(torch.tensor(tokens), torch.tensor(parents), draft_probs)
 

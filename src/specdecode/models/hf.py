@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import inspect
+
 import torch
 
 from specdecode.types import Draft, SpecDecodeError
@@ -24,7 +26,7 @@ class TargetModel(Protocol):
 
     def reset(self) -> None: ...
 
-    def extend(self, ids: list[int]) -> torch.Tensor: ...
+    def extend(self, ids: list[int], last_only: bool = False) -> torch.Tensor: ...
 
     def forward_tree(self, root: int, draft: Draft) -> torch.Tensor: ...
 
@@ -101,6 +103,7 @@ class HFModel:
         self.dtype = next(model.parameters()).dtype
         self.cache = None
         self.length = 0  # tokens held in the cache
+        self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def reset(self) -> None:
         from transformers import DynamicCache
@@ -109,19 +112,22 @@ class HFModel:
         self.length = 0
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], positions: torch.Tensor, mask) -> torch.Tensor:
+    def _forward(self, ids: list[int], positions: torch.Tensor, mask,
+                 last_only: bool = False) -> torch.Tensor:
         if self.cache is None:
             self.reset()
+        extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         out = self.model(input_ids=torch.tensor([ids], device=self.device),
                          position_ids=positions[None].to(self.device), attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True)
+                         past_key_values=self.cache, use_cache=True, **extra)
         self.length += len(ids)
         return out.logits[0].float()
 
-    def extend(self, ids: list[int]) -> torch.Tensor:
-        """Causal forward of ``ids`` on top of the cache; logits [len(ids), V]."""
+    def extend(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Causal forward of ``ids`` on top of the cache; logits [len(ids), V] (with
+        ``last_only``, at least the last row: prefill skips the LM head where the model allows)."""
         positions = torch.arange(self.length, self.length + len(ids))
-        return self._forward(ids, positions, None)
+        return self._forward(ids, positions, None, last_only)
 
     def forward_tree(self, root: int, draft: Draft) -> torch.Tensor:
         """One forward over ``[root] + draft.tokens``; logits [n + 1, V]. A chain uses the plain
