@@ -120,6 +120,8 @@ def test_bench_end_to_end_writes_every_file(tmp_path, tiny_pair):
     assert again.exit_code == 0 and "resuming: 3 questions" in again.output
     other = CliRunner().invoke(main, args[:-2] + ["--methods", "vanilla"])
     assert other.exit_code != 0 and "other settings" in other.output
+    rebuilt = CliRunner().invoke(main, ["bench", "--report-only", "--out", str(out)])
+    assert rebuilt.exit_code == 0 and json.loads(rebuilt.output.strip().splitlines()[-1]) == summary
 
 
 def test_bench_rejects_unknown_methods(tmp_path, tiny_pair):

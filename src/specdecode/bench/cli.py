@@ -67,22 +67,29 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
               help="A few minutes on a laptop CPU: 1 question per category, 64 new tokens.")
 @click.option("--allow-lossy", is_flag=True, help="Rank methods whose outputs differ from vanilla.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--report-only", is_flag=True,
+              help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
+                   "a run still going or interrupted).")
 def bench(target, draft_model, methods, questions_file, categories, limit_per_category,
           max_new_tokens, num_draft_tokens, temperature, sampling, seed, repeats, out_dir, quick,
-          allow_lossy, threads) -> None:
+          allow_lossy, threads, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
     JSONL (Spec-Bench schema), report.json, report.md and plots to --out. The last line printed is a
     one-line JSON summary."""
     import torch
 
-    from specdecode.bench.methods import Settings, check_specs, is_lossless, parse_spec
-    from specdecode.bench.plots import plot_accept_lengths, plot_speedups
+    from specdecode.bench.methods import Settings, check_specs, parse_spec
     from specdecode.bench.questions import load_questions
-    from specdecode.bench.report import OVERALL, build_report, markdown
-    from specdecode.bench.runner import run_benchmark
+    from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.cli import load_models, quiet_transformers
     from specdecode.models.hf import context_length
 
+    if report_only:
+        run_file = out_dir / "run.json"
+        if not run_file.exists():
+            raise click.ClickException(f"{out_dir} holds no benchmark run (no run.json)")
+        write_report(out_dir, json.loads(run_file.read_text()), load_skipped(out_dir), allow_lossy)
+        return
     if threads:
         torch.set_num_threads(threads)
     quiet_transformers()
@@ -91,7 +98,8 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
         max_new_tokens = max_new_tokens or 64
     max_new_tokens = max_new_tokens or 128
     specs = [m.strip() for m in methods.split(",") if m.strip()]
-    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla", parse_spec(m)[0] == "oracle"))
+    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
+                                         parse_spec(m)[0] == "oracle"))
     if repeats < 1 or max_new_tokens < 1 or num_draft_tokens < 1:
         raise click.UsageError("--repeats, --max-new-tokens and --num-draft-tokens must be >= 1")
     try:
@@ -103,8 +111,9 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
         model_id = Path(target).name if target else "specdecode-demo-target"
         draft_id = (Path(draft_model).name if draft_model else
                     ("specdecode-demo-draft" if target is None and needs_draft else None))
-        settings = {"methods": specs, "max_new_tokens": max_new_tokens,
-                    "num_draft_tokens": num_draft_tokens, "temperature": temperature,
+        settings = {"model_id": model_id, "draft_id": draft_id, "methods": specs,
+                    "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
+                    "temperature": temperature,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
                     "questions": [q.question_id for q in questions]}
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +122,9 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
             raise SpecDecodeError(f"{out_dir} holds a run with other settings; use another --out "
                                   "(or delete it) to start afresh")
         run_file.write_text(json.dumps(settings))
+        env = environment(model_id, draft_id, {k: settings[k] for k in (
+            "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats")})
+        (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                      sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0)
@@ -120,10 +132,21 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
                                 context_length(model.config), repeats, model_id)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
+    write_report(out_dir, settings, skipped, allow_lossy)
+
+
+def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool) -> None:
+    """report.json, report.md and plots from the answers in ``out_dir``; prints the table and a
+    one-line JSON summary last."""
+    from specdecode.bench.methods import is_lossless, parse_spec
+    from specdecode.bench.plots import plot_accept_lengths, plot_speedups
+    from specdecode.bench.report import OVERALL, build_report, markdown
+
+    specs = settings["methods"]
     oracle = next((m for m in specs if parse_spec(m)[0] == "oracle"), None)
     report = build_report(out_dir, specs, {m: is_lossless(m) for m in specs}, oracle, allow_lossy)
-    env = environment(model_id, draft_id, {"temperature": temperature, "seed": seed,
-                                           "skipped": len(skipped)})
+    env = json.loads((out_dir / "environment.json").read_text())  # as measured, not as reported
+    env["skipped"] = len(skipped)
     report["environment"] = env
     report["skipped"] = [sk.__dict__ for sk in skipped]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

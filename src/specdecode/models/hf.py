@@ -8,10 +8,9 @@ accepted path in the cache, in order.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Protocol
-
-import inspect
 
 import torch
 
