@@ -37,6 +37,7 @@ class DraftModelDrafter:
         k = min(self.k, ctx.max_depth, ctx.budget // width)
         base = len(ctx.tokens)
         limit = self.model.max_length
+        self.chain_nodes, self.base = [], self.model.length  # observe() then keeps the cache as is
         if k < 1 or (limit is not None and base + k > limit):
             return Draft.empty()
         params = ctx.params
