@@ -93,7 +93,7 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
         step.drafted, step.emitted = len(draft), len(new)
         step.accepted = min(verdict.num_accepted, len(new))
         step.other_s = time.perf_counter() - accept_start
-        stats.add(step, step.accepted)
+        stats.add(step)
         stats.wall_s = time.perf_counter() - start
         yield StepEvent(new, step, finished=reason is not None, finish_reason=reason)
         if reason is not None:

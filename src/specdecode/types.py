@@ -151,7 +151,7 @@ class RunStats:
     fallbacks: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
 
-    def add(self, step: StepStats, path_len: int) -> None:
+    def add(self, step: StepStats) -> None:
         self.steps += 1
         self.drafted += step.drafted
         self.accepted += step.accepted
@@ -160,9 +160,9 @@ class RunStats:
         self.verify_s += step.verify_s
         self.other_s += step.other_s
         self.fallbacks += int(step.fallback)
-        while len(self.accepted_per_pos) < path_len:
+        while len(self.accepted_per_pos) < step.accepted:
             self.accepted_per_pos.append(0)
-        for i in range(path_len):
+        for i in range(step.accepted):
             self.accepted_per_pos[i] += 1
 
     @property
