@@ -10,11 +10,13 @@ from specdecode.types import (
     SpecDecodeError,
     StepEvent,
     StepStats,
+    TargetFeedback,
     Verdict,
 )
 
 __all__ = ["BuildContext", "Draft", "DraftContext", "Drafter", "GenerationResult", "RunStats",
-           "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "Verdict", "available",
+           "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "TargetFeedback",
+           "Verdict", "available",
            "generate", "load_demo", "prepare", "register", "stream"]
 __version__ = "0.1.0"
 

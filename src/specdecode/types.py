@@ -111,13 +111,35 @@ class Draft:
 
 
 @dataclass
+class TargetFeedback:
+    """What the target itself predicted this step, for drafters that ask for it (a drafter declares
+    ``feedback_topk = k > 0``; the engine then fills ``Verdict.feedback``; others pay nothing).
+
+    Rows follow the verification forward: row 0 is the pending token (the last committed token
+    before this step), row i + 1 is draft node i, rejected nodes included. ``row_tokens[r]`` is the
+    input token of row r and ``topk_ids[r]`` the target's k most likely next tokens after it, best
+    first (from the raw logits, so the same ids under greedy and sampling). With the first step only,
+    ``prefill_topk_ids`` [len(prompt) - 1, k] holds the same for each prompt token but the last.
+    ``hidden_states`` is reserved for feature-level drafters (None today)."""
+
+    row_tokens: list[int]
+    topk_ids: torch.Tensor  # [n + 1, k] long
+    prefill_topk_ids: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+@dataclass
 class Verdict:
     """Outcome of verifying one draft: the accepted path (node indices, root to leaf) and the
-    tokens emitted this step (the accepted draft tokens, then one bonus/correction token)."""
+    tokens emitted this step (the accepted draft tokens, then one bonus/correction token).
+
+    The acceptance rules fill the first three fields; ``feedback`` is added by the engine after the
+    rule, only for drafters that declared ``feedback_topk``."""
 
     path: list[int]
     tokens: list[int]
     num_drafted: int
+    feedback: TargetFeedback | None = None
 
     @property
     def num_accepted(self) -> int:

@@ -3,6 +3,14 @@
 A drafter instance serves one request (its state is never global). ``propose`` returns a ``Draft``
 of at most ``ctx.budget`` nodes; ``observe`` receives the verdict of that draft. The engine never
 looks at a drafter's type: anything with these two methods works, registered or not.
+
+Optional, declared by the drafter and read by the engine with ``getattr``:
+- ``feedback_topk: int``: when > 0, every verdict carries ``feedback`` (``TargetFeedback``): the
+  target's top-k next-token ids at each verified row, rejected draft nodes included, and with the
+  first step those of the prompt (prefill). Drafters that do not declare it cost nothing extra.
+- ``finish(output: list[int])``: called once when the request ends. A store shared across requests
+  (SuffixDecoding's global tree, Token Recycling's hot table) is an explicit object with a size
+  bound, handed to the drafter by its factory; ``finish`` is where it learns from the request.
 """
 
 from __future__ import annotations
