@@ -165,6 +165,45 @@ def drafters() -> None:
         click.echo(name)
 
 
+@main.command("cost-curve")
+@click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
+@click.option("--context", type=int, default=256, show_default=True,
+              help="Tokens already in the cache.")
+@click.option("--nodes", default="0,1,2,3,4,6,8,12,16,24,32,48,64", show_default=True,
+              help="Comma-separated draft node counts.")
+@click.option("--repeats", type=int, default=15, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+def cost_curve(target, context, nodes, repeats, threads) -> None:
+    """Measure the target's verification cost c(n) (ms per forward over 1 + n tokens), chain and
+    tree, and print one JSON line per n. Run it with nothing else busy on the machine."""
+    import torch
+
+    from specdecode.bench.cost import verify_cost_curve
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_transformers()
+    try:
+        counts = [int(n) for n in nodes.split(",") if n.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{nodes!r} is not a comma-separated list of ints",
+                                 param_hint="--nodes") from None
+    if not counts or min(counts) < 0:
+        raise click.BadParameter("node counts must be >= 0", param_hint="--nodes")
+    try:
+        model, _, _ = load_models(target, None, False)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and context + max(counts) + 1 > limit:
+            raise SpecDecodeError(f"--context {context} + {max(counts)} nodes exceeds the model's "
+                                  f"{limit}-token context")
+        rows = verify_cost_curve(model, sorted(set(counts) | {0}), context, repeats)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
+    env = {"threads": torch.get_num_threads(), "context": context, "torch": torch.__version__}
+    for row in rows:
+        click.echo(json.dumps({**row, **env}))
+
+
 @main.command("export-demo")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("work/demo"),
               show_default=True)
