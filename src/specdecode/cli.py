@@ -81,7 +81,7 @@ def main() -> None:
 @main.command()
 @click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
 @click.option("--drafter", default="ngram", show_default=True,
-              help="Drafter name: ngram, draft-model, layer-skip, none (see `specdecode drafters`).")
+              help="Drafter name (`specdecode drafters` lists them with their options).")
 @click.option("--draft-model", type=str, default=None,
               help="Draft model directory for --drafter draft-model (default: demo draft).")
 @click.option("--prompt", required=True, help="Prompt text.")
@@ -158,11 +158,18 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
 
 @main.command()
 def drafters() -> None:
-    """List the registered drafters."""
-    import specdecode as sd
+    """List the registered drafters, each with its options and the first line of its docs."""
+    import inspect
+    import sys
 
-    for name in sd.available():
-        click.echo(name)
+    from specdecode.drafters import REGISTRY
+
+    for name in sorted(REGISTRY):
+        factory = REGISTRY[name]
+        options = [("<any source's options>" if p.kind is p.VAR_KEYWORD else p.name)
+                   for p in inspect.signature(factory).parameters.values() if p.name != "build"]
+        doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
+        click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
 
 
 @main.command("cost-curve")

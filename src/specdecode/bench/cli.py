@@ -12,7 +12,8 @@ import click
 
 from specdecode.types import SpecDecodeError
 
-DEFAULT_METHODS = "vanilla,ngram,draft-model,layer-skip,oracle,hf-pld,hf-assisted"
+DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
+                   "oracle,hf-pld,hf-assisted")
 
 
 def cpu_name() -> str:
@@ -48,6 +49,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
                    "as name:key=value:key=value (e.g. ngram:max_n=4:num_draft_tokens=6); oracle "
                    "(proposes vanilla's output: the physical bound); hf-pld and hf-assisted "
                    "(transformers' prompt lookup and assisted generation).")
+@click.option("--datastore", type=click.Path(path_type=Path), default=None,
+              help="REST datastore directory (`specdecode datastore build`); given, the default "
+                   "methods include rest, and every rest method without datastore=... uses it.")
 @click.option("--questions", "questions_file", type=click.Path(path_type=Path), default=None,
               help="Spec-Bench question.jsonl (default: the copy shipped in the package).")
 @click.option("--categories", default=None, help="Comma-separated categories (default: all 13).")
@@ -70,7 +74,7 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
-def bench(target, draft_model, methods, questions_file, categories, limit_per_category,
+def bench(target, draft_model, methods, datastore, questions_file, categories, limit_per_category,
           max_new_tokens, num_draft_tokens, temperature, sampling, seed, repeats, out_dir, quick,
           allow_lossy, threads, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
@@ -78,7 +82,7 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
     one-line JSON summary."""
     import torch
 
-    from specdecode.bench.methods import Settings, check_specs, parse_spec
+    from specdecode.bench.methods import Settings, check_specs, needs_draft, parse_spec
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.cli import load_models, quiet_transformers
@@ -97,24 +101,27 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
         limit_per_category = limit_per_category or 2
         max_new_tokens = max_new_tokens or 64
     max_new_tokens = max_new_tokens or 128
+    if datastore is not None and methods == DEFAULT_METHODS:
+        methods = methods.replace(",mix,", ",rest,mix,")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
     specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
                                          parse_spec(m)[0] == "oracle"))
     if repeats < 1 or max_new_tokens < 1 or num_draft_tokens < 1:
         raise click.UsageError("--repeats, --max-new-tokens and --num-draft-tokens must be >= 1")
     try:
-        needs_draft = any(parse_spec(m)[0] in ("draft-model", "hf-assisted") for m in specs)
+        draft_needed = any(needs_draft(m) for m in specs)
         check_specs(specs, has_draft=draft_model is not None or target is None)
         cats = [c.strip() for c in categories.split(",")] if categories else None
         questions = load_questions(questions_file, cats, limit_per_category)
-        model, draft, tokenizer = load_models(target, draft_model, needs_draft)
+        model, draft, tokenizer = load_models(target, draft_model, draft_needed)
         model_id = Path(target).name if target else "specdecode-demo-target"
         draft_id = (Path(draft_model).name if draft_model else
-                    ("specdecode-demo-draft" if target is None and needs_draft else None))
+                    ("specdecode-demo-draft" if target is None and draft_needed else None))
         settings = {"model_id": model_id, "draft_id": draft_id, "methods": specs,
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
                     "temperature": temperature,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
+                    "datastore": str(datastore) if datastore else None,
                     "questions": [q.question_id for q in questions]}
         out_dir.mkdir(parents=True, exist_ok=True)
         run_file = out_dir / "run.json"
@@ -127,7 +134,8 @@ def bench(target, draft_model, methods, questions_file, categories, limit_per_ca
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
-                     sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0)
+                     sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
+                     datastore=str(datastore) if datastore else None)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
                                 context_length(model.config), repeats, model_id)
     except SpecDecodeError as err:

@@ -7,6 +7,7 @@ included, after warm-up.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Settings:
     seed: int = 0
     sampling: str = "rejection"
     pad_token_id: int = 0
+    datastore: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -63,29 +65,49 @@ def is_lossless(spec: str) -> bool:
     return parse_spec(spec)[0] not in HF_METHODS
 
 
+def needs_draft(spec: str) -> bool:
+    name, options = parse_spec(spec)
+    return name in ("draft-model", "hf-assisted") or (
+        name == "mix" and "draft-model" in str(options.get("sources")))
+
+
 def check_specs(specs: list[str], has_draft: bool) -> None:
     known = set(sd.available()) | {"vanilla", *HF_METHODS}
     for spec in specs:
         name, _ = parse_spec(spec)
         if name not in known:
             raise SpecDecodeError(f"unknown method {name!r}; known: {', '.join(sorted(known))}")
-        if name in ("draft-model", "hf-assisted") and not has_draft:
+        if needs_draft(spec) and not has_draft:
             raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH)")
     if "vanilla" not in [parse_spec(s)[0] for s in specs]:
         raise SpecDecodeError("--methods must include vanilla (the baseline every method is "
                               "compared with)")
 
 
+def takes_option(name: str, option: str) -> bool:
+    """Whether drafter ``name``'s factory accepts ``option`` (by name or through ``**options``)."""
+    from specdecode.drafters import REGISTRY
+
+    params = inspect.signature(REGISTRY[name]).parameters
+    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
     name, options = parse_spec(spec)
     drafter = "none" if name == "vanilla" else name
-    if name != "vanilla" and "num_draft_tokens" not in options and name != "none":
-        options["num_draft_tokens"] = s.num_draft_tokens
+    if name not in ("vanilla", "none") and "num_draft_tokens" not in options \
+            and takes_option(name, "num_draft_tokens"):
+        options["num_draft_tokens"] = s.num_draft_tokens  # the draft depth shared with the oracle
+    if name == "rest" and "datastore" not in options:
+        if s.datastore is None:
+            raise SpecDecodeError("method 'rest' needs a datastore: --datastore DIR or "
+                                  "rest:datastore=DIR (build one with `specdecode datastore`)")
+        options["datastore"] = s.datastore
     if name == "oracle":
         if reference is None:
             raise SpecDecodeError("the oracle needs the vanilla output (run vanilla first)")
         options["continuation"] = reference
-    if name == "draft-model":
+    if name == "draft-model" or (name == "mix" and "draft-model" in str(options.get("sources"))):
         options["draft_model"] = s.draft
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,

@@ -1,0 +1,167 @@
+"""``mix``: one draft tree from several drafters under one node budget.
+
+The shape follows GOOSE (anisotropic trees: a deep spine of context matches, wide shallow branches
+from an adjacency table; "GOOSE", 2025) and Hierarchy Drafting (sources queried in order of
+locality): the first source drafts first, with up to ``spine_nodes`` nodes; each next source drafts
+with the budget that is left, and its nodes are merged into the same trie (a node whose root path is
+already in the tree is shared, never duplicated). ``Draft.sources`` names the source that first
+proposed each node.
+
+Every source keeps working as if it were alone: after the verdict it receives a translated verdict
+whose path and feedback rows are in its own node indices (the accepted path as far as it runs through
+its own nodes). A source that raises is skipped for that step; the others still draft.
+
+Options: ``sources`` (names joined by ``+``, e.g. ``suffix+token-recycling``; any registered
+drafters, ``draft-model`` included), ``max_nodes`` (total budget), ``spine_nodes`` (the first
+source's share, default half), ``num_draft_tokens`` (depth, passed to every source that takes it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from specdecode.drafters.base import REGISTRY, BuildContext, DraftContext, Drafter, make_drafter, register
+from specdecode.types import Draft, SpecDecodeError, TargetFeedback, Verdict
+
+log = logging.getLogger("specdecode")
+
+
+@dataclass
+class Merged:
+    """A merged draft and, per source, the merged index of each of its nodes (-1 if dropped)."""
+
+    draft: Draft
+    node_maps: list[list[int]]
+
+
+def merge_drafts(parts: list[tuple[str, Draft]], budget: int) -> Merged:
+    """Merge drafts into one trie of at most ``budget`` nodes, in order: all of the first draft's
+    nodes that fit, then the second's, ... A node is kept only if its parent was kept."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    sources: list[str] = []
+    child_of: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    maps = []
+    for name, draft in parts:
+        node_map = []
+        for tok, par in zip(draft.tokens.tolist(), draft.parents.tolist()):
+            mparent = -1 if par < 0 else node_map[par]
+            if par >= 0 and mparent < 0:  # its parent was dropped
+                node_map.append(-1)
+                continue
+            key = (mparent, tok)
+            node = child_of.get(key)
+            if node is None and len(tokens) < budget:
+                node = len(tokens)
+                child_of[key] = node
+                tokens.append(tok)
+                parents.append(mparent)
+                sources.append(name)
+            node_map.append(-1 if node is None else node)
+        maps.append(node_map)
+    draft = Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
+                  None, sources)
+    return Merged(draft, maps)
+
+
+def translate(verdict: Verdict, node_map: list[int], num_drafted: int, topk: int) -> Verdict:
+    """The verdict as one source sees it: the accepted path in its own node indices and, if it asked
+    for ``topk`` > 0 feedback, the feedback rows of its own nodes (None if any of its nodes was
+    dropped from the merged tree: those rows were never verified)."""
+    own = {m: i for i, m in enumerate(node_map) if m >= 0}
+    path = []
+    for node in verdict.path:
+        if node not in own:
+            break
+        path.append(own[node])
+    fb, feedback = verdict.feedback, None
+    if topk > 0 and fb is not None and all(m >= 0 for m in node_map):
+        rows = [0] + [m + 1 for m in node_map]
+        prefill = None if fb.prefill_topk_ids is None else fb.prefill_topk_ids[:, :topk]
+        feedback = TargetFeedback([fb.row_tokens[r] for r in rows], fb.topk_ids[rows, :topk],
+                                  prefill, fb.hidden_states)
+    return Verdict(path, list(verdict.tokens), num_drafted, feedback)
+
+
+class MixDrafter:
+    def __init__(self, sources: list[tuple[str, Drafter]], max_nodes: int, spine_nodes: int) -> None:
+        self.sources = sources
+        self.max_nodes, self.spine_nodes = max_nodes, spine_nodes
+        self.feedback_topk = max(int(getattr(d, "feedback_topk", 0) or 0) for _, d in sources)
+        self.last: tuple[Merged, list[int]] | None = None
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        budget = min(self.max_nodes, ctx.budget)
+        parts: list[tuple[str, Draft]] = []
+        used = 0
+        for i, (name, drafter) in enumerate(self.sources):
+            share = min(self.spine_nodes, budget) if i == 0 else budget - used
+            if share <= 0:
+                parts.append((name, Draft.empty()))
+                continue
+            try:
+                draft = drafter.propose(replace(ctx, budget=share)).limited(share, ctx.max_depth)
+            except Exception as err:  # noqa: BLE001 - one failing source never stops the others
+                log.warning("mix source %s failed (%s: %s)", name, type(err).__name__, err)
+                draft = Draft.empty()
+            parts.append((name, draft))
+            used = len(merge_drafts(parts, budget).draft)
+        merged = merge_drafts(parts, budget)
+        self.last = (merged, [len(d) for _, d in parts])
+        return merged.draft
+
+    def observe(self, verdict: Verdict) -> None:
+        if self.last is None:
+            return
+        merged, sizes = self.last
+        for (name, drafter), node_map, size in zip(self.sources, merged.node_maps, sizes):
+            own = translate(verdict, node_map, size, int(getattr(drafter, "feedback_topk", 0) or 0))
+            try:
+                drafter.observe(own)
+            except Exception as err:  # noqa: BLE001
+                log.warning("mix source %s observe failed (%s: %s)", name, type(err).__name__, err)
+
+    def finish(self, output: list[int]) -> None:
+        for _, drafter in self.sources:
+            finish = getattr(drafter, "finish", None)
+            if finish is not None:
+                finish(output)
+
+
+def _source_options(name: str, options: dict) -> dict:
+    params = inspect.signature(REGISTRY[name]).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
+@register("mix")
+def build_mix(build: BuildContext, sources: str | list[str] = "suffix+token-recycling",
+              max_nodes: int = 24, spine_nodes: int | None = None,
+              num_draft_tokens: int | None = None, **source_options) -> MixDrafter:
+    names = sources.split("+") if isinstance(sources, str) else list(sources)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise SpecDecodeError("mix needs sources=name+name (e.g. suffix+token-recycling)")
+    if "mix" in names:
+        raise SpecDecodeError("mix cannot be its own source")
+    if max_nodes < 1:
+        raise SpecDecodeError(f"mix max_nodes must be >= 1, got {max_nodes}")
+    spine = max_nodes // 2 if spine_nodes is None else spine_nodes
+    if not 1 <= spine <= max_nodes:
+        raise SpecDecodeError(f"mix spine_nodes must be in [1, max_nodes], got {spine}")
+    shared = dict(source_options)
+    if num_draft_tokens is not None:
+        shared["num_draft_tokens"] = num_draft_tokens
+    built = []
+    for name in names:
+        if name not in REGISTRY:
+            raise SpecDecodeError(f"mix source {name!r} is not a registered drafter")
+        built.append((name, make_drafter(name, build, **_source_options(name, shared))))
+    unused = [k for k in source_options
+              if not any(k in inspect.signature(REGISTRY[n]).parameters for n in names)]
+    if unused:
+        raise SpecDecodeError(f"mix: no source takes option(s) {', '.join(unused)}")
+    return MixDrafter(built, max_nodes, spine)
