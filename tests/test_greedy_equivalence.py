@@ -11,11 +11,25 @@ from conftest import make_prompts, vanilla
 from drafters_for_tests import AntiOracle, Exploding, OraclePrefixTree
 
 import specdecode as sd
+from specdecode.datastore import build_datastore_from_token_docs
 
 PROMPTS = make_prompts(20)
 
 
-def drafter_matrix(target, other, reference, seed):
+@pytest.fixture(scope="module")
+def datastore(models, tmp_path_factory) -> str:
+    """A REST datastore holding the target's own continuations of half the prompts (so drafts get
+    accepted) and random documents (so they get rejected too)."""
+    target, _ = models
+    rng = random.Random(5)
+    docs = [p + vanilla(target, p, 30) for p in PROMPTS[::2]]
+    docs += [[rng.randrange(95) for _ in range(40)] for _ in range(10)]
+    path = tmp_path_factory.mktemp("datastore")
+    build_datastore_from_token_docs(docs, path, 96, 95)
+    return str(path)
+
+
+def drafter_matrix(target, other, reference, seed, datastore=None):
     """(label, drafter, options) for every registered drafter plus the test-only patterns."""
     return [
         ("ngram", "ngram", {"num_draft_tokens": 4}),
@@ -26,6 +40,16 @@ def drafter_matrix(target, other, reference, seed):
         ("layer-skip", "layer-skip", {"num_layers": 1, "num_draft_tokens": 3}),
         ("layer-skip-tree", "layer-skip", {"num_layers": 2, "num_draft_tokens": 3,
                                            "tree_width": 2}),
+        ("suffix", "suffix", {"max_nodes": 8}),
+        ("suffix-request-only", "suffix", {"use_global": False, "num_draft_tokens": 4}),
+        ("sam", "sam", {}),
+        ("token-recycling", "token-recycling", {}),
+        ("token-recycling-hot-small", "token-recycling", {"hot": True, "max_nodes": 6}),
+        ("lookahead", "lookahead", {}),
+        ("rest", "rest", {"datastore": datastore}),
+        ("mix", "mix", {}),
+        ("mix-sam+rest+recycling", "mix", {"sources": "sam+rest+token-recycling",
+                                           "datastore": datastore, "max_nodes": 12}),
         ("mix-ngram+self-draft", "mix", {"sources": "ngram+draft-model", "draft_model": target,
                                          "max_nodes": 8, "num_draft_tokens": 3}),
         ("oracle", "oracle", {"continuation": reference, "num_draft_tokens": 5}),
@@ -36,7 +60,7 @@ def drafter_matrix(target, other, reference, seed):
     ]
 
 
-def test_greedy_matches_vanilla_for_every_drafter(models):
+def test_greedy_matches_vanilla_for_every_drafter(models, datastore):
     """Every drafter, 20 prompts; on every third prompt an EOS token that first appears mid-output
     (so it falls inside accepted drafts of the drafters that draft well)."""
     target, other = models
@@ -54,7 +78,7 @@ def test_greedy_matches_vanilla_for_every_drafter(models):
                 eos = [reference[fresh[-1]]]
                 reference = reference[:fresh[-1] + 1]
                 assert vanilla(target, prompt, max_new, eos_token_id=eos) == reference
-        for label, drafter, options in drafter_matrix(target, other, reference, seed=i):
+        for label, drafter, options in drafter_matrix(target, other, reference, i, datastore):
             out = sd.generate(target, prompt, drafter=drafter, max_new_tokens=max_new,
                               eos_token_id=eos, **options)
             if out.token_ids != reference:

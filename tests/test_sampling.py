@@ -71,15 +71,43 @@ CASES = {
     "draft-model-rejection": ("draft-model", {"num_draft_tokens": 2}),
     "ngram-point-mass": ("ngram", {"num_draft_tokens": 3}),
     "draft-model-tree-point-mass": ("draft-model", {"num_draft_tokens": 2, "tree_width": 2}),
+    # model-free trees and chains: deterministic proposals, point-mass rule
+    "suffix-tree": ("suffix", {"store": "fresh"}),
+    "sam-corpus": ("sam", {"corpus_tokens": "likeliest"}),
+    "token-recycling-tree": ("token-recycling", {}),
+    "lookahead-tree": ("lookahead", {"num_draft_tokens": 2}),
+    "rest-tree": ("rest", {}),
+    "mix-tree": ("mix", {"sources": "sam+token-recycling", "max_nodes": 6}),
 }
 
 
+@pytest.fixture(scope="module")
+def corpus(pair, tmp_path_factory) -> tuple[list[list[int]], str]:
+    """The prompt followed by each of the 12 likeliest continuations, and a REST datastore of it
+    (retrieval drafters then propose likely tokens, so the acceptance rule really runs)."""
+    from specdecode.datastore import build_datastore_from_token_docs
+
+    exact = exact_distribution(pair[0])
+    docs = [PROMPT + list(s) for s in sorted(exact, key=exact.get, reverse=True)[:12]]
+    path = tmp_path_factory.mktemp("ds")
+    build_datastore_from_token_docs(docs, path, VOCAB, VOCAB)
+    return docs, str(path)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_rejection_sampling_matches_target_distribution(pair, case):
+def test_rejection_sampling_matches_target_distribution(pair, corpus, case):
+    from specdecode.drafters.suffix_tree import SuffixStore
+
     target, draft = pair
     drafter, options = CASES[case]
     if drafter == "draft-model":
         options = dict(options, draft_model=draft)
+    if drafter == "rest":
+        options = dict(options, datastore=corpus[1])
+    if options.get("corpus_tokens") == "likeliest":
+        options = dict(options, corpus_tokens=[t for doc in corpus[0] for t in doc])
+    if options.get("store") == "fresh":  # learns across the samples, from this test only
+        options = dict(options, store=SuffixStore())
     samples = sample(target, drafter, options)
     assert chi_square_p(samples, exact_distribution(target)) > ALPHA
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from specdecode.bench.cli import bench
+from specdecode.datastore_cli import datastore
 from specdecode.train.cli import train_demo
 from specdecode.types import SpecDecodeError
 
@@ -226,3 +227,4 @@ def export_demo_cmd(work_dir: Path) -> None:
 
 main.add_command(train_demo)
 main.add_command(bench)
+main.add_command(datastore)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 import specdecode as sd
+from specdecode.drafters.mix import DEFAULT_SOURCES
+from specdecode.drafters.suffix_tree import SuffixStore
 from specdecode.types import SpecDecodeError
 
 HF_METHODS = ("hf-pld", "hf-assisted")
@@ -92,6 +94,17 @@ def takes_option(name: str, option: str) -> bool:
     return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+# SuffixDecoding's cross-request store, one per method string: a method learns from its own earlier
+# answers of this run (as a server would), never from another method's answer to the same question.
+SUFFIX_STORES: dict[str, SuffixStore] = {}
+
+
+def uses_suffix_store(name: str, options: dict) -> bool:
+    if name == "mix":
+        return "suffix" in str(options.get("sources", DEFAULT_SOURCES)).split("+")
+    return name == "suffix"
+
+
 def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
     name, options = parse_spec(spec)
     drafter = "none" if name == "vanilla" else name
@@ -107,6 +120,8 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
         if reference is None:
             raise SpecDecodeError("the oracle needs the vanilla output (run vanilla first)")
         options["continuation"] = reference
+    if uses_suffix_store(name, options) and "store" not in options:
+        options["store"] = SUFFIX_STORES.setdefault(spec, SuffixStore())
     if name == "draft-model" or (name == "mix" and "draft-model" in str(options.get("sources"))):
         options["draft_model"] = s.draft
     start = time.perf_counter()

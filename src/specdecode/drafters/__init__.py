@@ -1,6 +1,18 @@
 """Drafters, one file per method, each registered by name in ``base.REGISTRY``."""
 
-from specdecode.drafters import draft_model, layer_skip, mix, ngram, none, oracle  # noqa: F401  (register)
+from specdecode.drafters import (  # noqa: F401  (each module registers its drafter)
+    draft_model,
+    layer_skip,
+    lookahead,
+    mix,
+    ngram,
+    none,
+    oracle,
+    rest,
+    sam,
+    suffix,
+    token_recycling,
+)
 from specdecode.drafters.base import (
     REGISTRY,
     BuildContext,

@@ -137,8 +137,11 @@ def _source_options(name: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
+DEFAULT_SOURCES = "suffix+token-recycling"
+
+
 @register("mix")
-def build_mix(build: BuildContext, sources: str | list[str] = "suffix+token-recycling",
+def build_mix(build: BuildContext, sources: str | list[str] = DEFAULT_SOURCES,
               max_nodes: int = 24, spine_nodes: int | None = None,
               num_draft_tokens: int | None = None, **source_options) -> MixDrafter:
     names = sources.split("+") if isinstance(sources, str) else list(sources)
