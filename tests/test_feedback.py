@@ -1,5 +1,6 @@
 """The target-feedback channel: a drafter that declares ``feedback_topk`` sees the target's top-k ids
-at every verified row (rejected nodes included) and for the prompt; others get nothing; ``finish``
+at every verified row (rejected nodes included), and for the prompt with its first proposal; others
+get nothing; ``finish``
 is called once with the output, however the request ends."""
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ class Recorder(OraclePrefixTree):
         self.feedback_topk = topk
         self.steps: list[tuple[list[int], Draft, Verdict]] = []
         self.finished: list[list[int]] = []
+        self.prefill: list = []
 
     def propose(self, ctx):
         draft = super().propose(ctx)
         self.steps.append((list(ctx.tokens), draft, None))
+        self.prefill.append(ctx.prefill_topk_ids)
         return draft
 
     def observe(self, verdict):
@@ -61,12 +64,13 @@ def test_feedback_rows_are_the_targets_topk_at_every_node():
                     node = parents[node]
                 assert fb.topk_ids[row].tolist() == next_topk(model, context + path[::-1], k)
             rejected_rows += len(draft) - len(verdict.path)
+            prefill = rec.prefill[step]  # the prompt's rows come with the first proposal only
             if step == 0:
-                assert fb.prefill_topk_ids.shape == (len(prompt) - 1, k)
+                assert prefill.shape == (len(prompt) - 1, k)
                 for j in range(len(prompt) - 1):
-                    assert fb.prefill_topk_ids[j].tolist() == next_topk(model, prompt[:j + 1], k)
+                    assert prefill[j].tolist() == next_topk(model, prompt[:j + 1], k)
             else:
-                assert fb.prefill_topk_ids is None
+                assert prefill is None
         assert rejected_rows > 0  # rejected nodes were really reported
         assert rec.finished == [reference]
 
@@ -78,6 +82,7 @@ def test_no_feedback_unless_declared_and_finish_on_early_stop():
     rec = Recorder(reference, 96, seed=0, topk=0)
     sd.generate(model, prompt, drafter=rec, max_new_tokens=12, eos_token_id=[])
     assert all(v.feedback is None for _, _, v in rec.steps)
+    assert all(p is None for p in rec.prefill)
     # a stream abandoned after two steps still ends the request
     rec = Recorder(reference, 96, seed=0, topk=2)
     events = sd.stream(model, prompt, drafter=rec, max_new_tokens=12, eos_token_id=[])

@@ -22,8 +22,8 @@ PROMPTS = make_prompts(20)
 NAME = "token-recycling"
 
 
-def ctx_of(tokens: list[int], budget: int = 64, max_depth: int = 64) -> DraftContext:
-    return DraftContext(tokens, len(tokens), budget, max_depth, SamplingParams(), 0)
+def ctx_of(tokens: list[int], budget: int = 64, max_depth: int = 64, prefill=None) -> DraftContext:
+    return DraftContext(tokens, len(tokens), budget, max_depth, SamplingParams(), 0, prefill)
 
 
 def build(vocab: int = 96, **options) -> tr.TokenRecyclingDrafter:
@@ -103,21 +103,21 @@ def test_table_update_equals_a_replay_of_the_feedback_rows(vocab, k):
     reference = {}
     context = list(prompt)
     for step in range(12):
-        drafter.propose(ctx_of(context))
-        draft_tokens, parents = random_tree(rng, vocab if step % 2 else 3, rng.randint(0, 12))
-        rows = [context[-1]] + draft_tokens
-        topk = torch.tensor([rng.sample(range(vocab), k) for _ in rows])
         prefill = None
         if step == 0:
             prefill = torch.tensor([rng.sample(range(vocab), k) for _ in prompt[:-1]])
             for j, tok in enumerate(prompt[:-1]):  # prefill: the latest occurrence wins
                 reference[tok] = prefill[j].tolist()
+        drafter.propose(ctx_of(context, prefill=prefill))
+        draft_tokens, parents = random_tree(rng, vocab if step % 2 else 3, rng.randint(0, 12))
+        rows = [context[-1]] + draft_tokens
+        topk = torch.tensor([rng.sample(range(vocab), k) for _ in rows])
         path = random_path(rng, parents)
         on_path = [0] + [p + 1 for p in path]
         for r in [r for r in range(len(rows)) if r not in on_path] + on_path:
             reference[rows[r]] = topk[r].tolist()  # off-path rows, then the accepted path
         verdict = Verdict(path, [draft_tokens[p] for p in path] + [rng.randrange(vocab)],
-                          len(draft_tokens), TargetFeedback(rows, topk, prefill))
+                          len(draft_tokens), TargetFeedback(rows, topk))
         drafter.observe(verdict)
         context = context + verdict.tokens
         expected = np.full((vocab + 1, k), -1)
@@ -200,7 +200,7 @@ def first_step_drafted(model, prompt, **options) -> int:
 def test_hot_table_carries_over_to_the_next_request_and_cold_does_not():
     tr.HOT_STORE.clear()
     model = tiny_model("llama")
-    prompt = PROMPTS[3]
+    prompt = list(range(10, 22))  # the last token is new: the prefill teaches nothing about it
     assert first_step_drafted(model, prompt, hot=True) == 0  # nothing learned yet
     assert first_step_drafted(model, prompt, hot=False) == 0
     sd.generate(model, prompt, drafter=NAME, hot=True, max_new_tokens=12, eos_token_id=[])
@@ -210,6 +210,13 @@ def test_hot_table_carries_over_to_the_next_request_and_cold_does_not():
     assert first_step_drafted(model, prompt, hot=False) == 0  # a cold table starts empty
     assert build(96, hot=True).table is table and build(96, hot=False).table is not table
     tr.HOT_STORE.clear()
+
+
+def test_prefill_seeds_the_table_before_the_first_draft():
+    model = tiny_model("llama")
+    prompt = PROMPTS[3]  # a repeated pattern: the last token occurred earlier in the prompt
+    assert prompt[-1] in prompt[:-1]
+    assert first_step_drafted(model, prompt, hot=False) > 0
 
 
 def test_store_is_bounded():

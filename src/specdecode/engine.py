@@ -29,7 +29,8 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
     and fits the target's context (the public API checks both). ``stats`` is filled as it goes.
 
     Two optional drafter hooks, declared rather than type-checked: ``feedback_topk`` (an int > 0:
-    each verdict then carries the target's top-k ids at every verified row, see ``TargetFeedback``)
+    each verdict then carries the target's top-k ids at every verified row, see ``TargetFeedback``,
+    and the first proposal those of the prompt)
     and ``finish(output)``, called once when the request ends, however it ends (cross-request stores
     learn there)."""
     stats = stats if stats is not None else RunStats()
@@ -58,7 +59,9 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
                 break
             # Never draft past the output budget or the context: the bonus token fills the last slot.
             max_depth = min(max_new_tokens - generated, room) - 1
-            ctx = DraftContext(tokens, len(prompt), max_draft_nodes, max_depth, params, seed)
+            ctx = DraftContext(tokens, len(prompt), max_draft_nodes, max_depth, params, seed,
+                               prefill_topk)
+            prefill_topk = None
 
             # 1. propose (a failing drafter costs speed, never correctness: plain step instead)
             try:
@@ -84,8 +87,7 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
             if feedback_topk:  # computed once, from the logits this step already has
                 verdict.feedback = TargetFeedback(
                     [tokens[-1]] + draft.tokens.tolist(),
-                    logits.topk(min(feedback_topk, logits.size(-1)), dim=-1).indices, prefill_topk)
-                prefill_topk = None
+                    logits.topk(min(feedback_topk, logits.size(-1)), dim=-1).indices)
 
             # 5. drafter feedback
             try:

@@ -118,13 +118,12 @@ class TargetFeedback:
     Rows follow the verification forward: row 0 is the pending token (the last committed token
     before this step), row i + 1 is draft node i, rejected nodes included. ``row_tokens[r]`` is the
     input token of row r and ``topk_ids[r]`` the target's k most likely next tokens after it, best
-    first (from the raw logits, so the same ids under greedy and sampling). With the first step only,
-    ``prefill_topk_ids`` [len(prompt) - 1, k] holds the same for each prompt token but the last.
-    ``hidden_states`` is reserved for feature-level drafters (None today)."""
+    first (from the raw logits, so the same ids under greedy and sampling); the same for the prompt
+    comes earlier, with the first proposal (``DraftContext.prefill_topk_ids``). ``hidden_states`` is
+    reserved for feature-level drafters (None today)."""
 
     row_tokens: list[int]
     topk_ids: torch.Tensor  # [n + 1, k] long
-    prefill_topk_ids: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
 
 

@@ -6,8 +6,9 @@ looks at a drafter's type: anything with these two methods works, registered or 
 
 Optional, declared by the drafter and read by the engine with ``getattr``:
 - ``feedback_topk: int``: when > 0, every verdict carries ``feedback`` (``TargetFeedback``): the
-  target's top-k next-token ids at each verified row, rejected draft nodes included, and with the
-  first step those of the prompt (prefill). Drafters that do not declare it cost nothing extra.
+  target's top-k next-token ids at each verified row, rejected draft nodes included; and the first
+  ``propose`` gets those of the prompt (``ctx.prefill_topk_ids``, from the prefill's logits), so a
+  drafter can learn before its first draft. Drafters that do not declare it cost nothing extra.
 - ``finish(output: list[int])``: called once when the request ends. A store shared across requests
   (SuffixDecoding's global tree, Token Recycling's hot table) is an explicit object with a size
   bound, handed to the drafter by its factory; ``finish`` is where it learns from the request.
@@ -35,6 +36,8 @@ class DraftContext:
     max_depth: int
     params: SamplingParams
     seed: int
+    prefill_topk_ids: Any = None  # [len(prompt) - 1, k] tensor, first proposal of a feedback drafter
+
 
     @property
     def num_generated(self) -> int:

@@ -81,9 +81,8 @@ def translate(verdict: Verdict, node_map: list[int], num_drafted: int, topk: int
     fb, feedback = verdict.feedback, None
     if topk > 0 and fb is not None and all(m >= 0 for m in node_map):
         rows = [0] + [m + 1 for m in node_map]
-        prefill = None if fb.prefill_topk_ids is None else fb.prefill_topk_ids[:, :topk]
         feedback = TargetFeedback([fb.row_tokens[r] for r in rows], fb.topk_ids[rows, :topk],
-                                  prefill, fb.hidden_states)
+                                  fb.hidden_states)
     return Verdict(path, list(verdict.tokens), num_drafted, feedback)
 
 
@@ -103,8 +102,12 @@ class MixDrafter:
             if share <= 0:
                 parts.append((name, Draft.empty()))
                 continue
+            topk = int(getattr(drafter, "feedback_topk", 0) or 0)
+            prefill = ctx.prefill_topk_ids
+            sub = replace(ctx, budget=share, prefill_topk_ids=None if prefill is None or not topk
+                          else prefill[:, :topk])
             try:
-                draft = drafter.propose(replace(ctx, budget=share)).limited(share, ctx.max_depth)
+                draft = drafter.propose(sub).limited(share, ctx.max_depth)
             except Exception as err:  # noqa: BLE001 - one failing source never stops the others
                 log.warning("mix source %s failed (%s: %s)", name, type(err).__name__, err)
                 draft = Draft.empty()

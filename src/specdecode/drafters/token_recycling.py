@@ -7,15 +7,15 @@ tokens the target ranked highest after ``t`` the last time it predicted after ``
 a static tree template from the last committed token by gathering from the table: a node's token is
 ``A[parent token][rank]``.
 
-Table updates (``observe``): the drafter declares ``feedback_topk = topk`` and, after every step,
-writes ``A[row_tokens[r]] = topk_ids[r]`` for every verified row r (the pending token and each
-draft node); on the first step it also seeds the table from the prompt's prefill predictions
-(prompt token j -> prefill row j), before the step's own rows. Duplicate rule (one token on several
-rows of one update, deterministic): rows are applied in the order *prefill rows, then draft rows off
-the accepted path, then the accepted path (pending token first)*, and the last one applied wins.
-So a token's row comes preferably from the accepted path (predictions made in the real context),
-else from its deepest rejected occurrence; within the prompt the latest occurrence wins. A token
-never seen has no successors (sentinel -1) and is skipped.
+Table updates: the drafter declares ``feedback_topk = topk``. Its first ``propose`` seeds the table
+from the prompt's prefill predictions (prompt token j -> prefill row j; within the prompt the latest
+occurrence wins), so the first step already drafts. After every step ``observe`` writes
+``A[row_tokens[r]] = topk_ids[r]`` for every verified row r (the pending token and each draft node).
+Duplicate rule (one token on several rows of one update, deterministic): rows are applied in the
+order *draft rows off the accepted path, then the accepted path (pending token first)*, and the last
+one applied wins. So a token's row comes preferably from the accepted path (predictions made in the
+real context), else from its deepest rejected occurrence. A token never seen has no successors
+(sentinel -1) and is skipped.
 
 Tree template: the published shape (80 nodes below the root, depth 6, widths 8-21-25-15-8-3),
 derived here from a Zipf rank prior: rank r is taken to be (r + 1) times less likely than rank 0,
@@ -31,8 +31,8 @@ vectorised sibling dedup: O(nodes), never O(context) or O(V). Allocating a table
 ``hot=True`` keeps one table per (vocab size, topk) across requests in this process, in the
 module-level ``HOT_STORE`` (bounded: at most ``max_tables`` tables, least recently used evicted).
 Hot and cold starts differ: a hot request drafts from its first step with what earlier requests
-(of any model with the same vocabulary size) taught the table, a cold one starts empty, so its
-first step (before any feedback) drafts nothing. The paper reports 2.08x hot vs 1.93x cold.
+(of any model with the same vocabulary size) taught the table, a cold one starts from the prompt's
+prefill predictions only. The paper reports 2.08x hot vs 1.93x cold.
 """
 
 from __future__ import annotations
@@ -165,7 +165,6 @@ class TokenRecyclingDrafter:
         self.feedback_topk = self.topk
         self.depth, self.max_nodes = num_draft_tokens, max_nodes
         self.template = build_template(min(self.topk, TEMPLATE_RANKS))
-        self.context: list[int] | None = None  # the engine's committed tokens (prefill seeding)
 
     def update(self, row_tokens: np.ndarray, topk_ids: np.ndarray, order: np.ndarray) -> None:
         """``table[row_tokens[r]] = topk_ids[r]`` for r in ``order``, the last write winning."""
@@ -199,7 +198,11 @@ class TokenRecyclingDrafter:
         return tokens
 
     def propose(self, ctx: DraftContext) -> Draft:
-        self.context = ctx.tokens
+        prefill = ctx.prefill_topk_ids
+        if prefill is not None and prefill.shape[0]:  # first proposal: learn from the prompt
+            m = min(int(prefill.shape[0]), len(ctx.tokens))
+            rows = np.asarray(ctx.tokens[:m], dtype=np.int64)
+            self.update(rows, prefill[:m].cpu().numpy(), np.arange(m))
         depth = min(self.depth, ctx.max_depth, len(self.template.levels))
         budget = min(self.max_nodes, ctx.budget)
         if depth < 1 or budget < 1:
@@ -217,11 +220,6 @@ class TokenRecyclingDrafter:
         feedback = verdict.feedback
         if feedback is None:  # used without the feedback channel: nothing to learn
             return
-        prefill = feedback.prefill_topk_ids
-        if prefill is not None and self.context is not None and prefill.shape[0]:
-            m = min(int(prefill.shape[0]), len(self.context))
-            rows = np.asarray(self.context[:m], dtype=np.int64)
-            self.update(rows, prefill[:m].cpu().numpy(), np.arange(m))
         rows = np.asarray(feedback.row_tokens, dtype=np.int64)
         on_path = np.zeros(rows.size, dtype=bool)
         on_path[0] = True
