@@ -38,7 +38,7 @@ instead of being recomputed. Costs: fewer trajectory n-grams (the paper harvests
 column, W per step, whatever is accepted; here a guess yields one only after surviving N - 2
 refinements in the chain, so when much of the chain is accepted few full trajectories form), and the
 chain slides with the accepted text rather than freely. Gains: a forward carries at most
-``max_nodes`` + 1 tokens (21 by default) instead of W x (N - 1) + G x (N - 1) + 1 (57 for N = 5,
+``max_nodes`` + 1 tokens (13 by default) instead of W x (N - 1) + G x (N - 1) + 1 (57 for N = 5,
 W = G = 7), which our cost curve needs; any tree-capable engine runs it unchanged; and the
 lookahead branch is itself a verification candidate, so a converged guess chain is accepted directly
 (plain Jacobi decoding is the special case ``max_ngrams=0``).
@@ -173,7 +173,7 @@ class LookaheadDrafter:
     feedback_topk = 1
 
     def __init__(self, num_draft_tokens: int = 4, window: int = 4, max_ngrams: int = 5,
-                 max_nodes: int = 20, pool_size: int = 65536, seed: int = 0) -> None:
+                 max_nodes: int = 12, pool_size: int = 65536, seed: int = 0) -> None:
         self.depth, self.window, self.max_ngrams, self.max_nodes = (num_draft_tokens, window,
                                                                     max_ngrams, max_nodes)
         self.n = num_draft_tokens + 1  # n-gram length N
@@ -259,7 +259,7 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 @register("lookahead")
 def build_lookahead(build: BuildContext, num_draft_tokens: int = 4, window: int | None = None,
-                    max_ngrams: int = 5, max_nodes: int = 20,
+                    max_ngrams: int = 5, max_nodes: int = 12,
                     pool_size: int = 65536) -> LookaheadDrafter:
     """Options: ``num_draft_tokens`` (draft depth = n-gram length N - 1), ``window`` (guess-chain
     length, <= num_draft_tokens; default num_draft_tokens), ``max_ngrams`` (G: pool n-grams per key

@@ -145,7 +145,7 @@ DEFAULT_SOURCES = "suffix+token-recycling"
 
 @register("mix")
 def build_mix(build: BuildContext, sources: str | list[str] = DEFAULT_SOURCES,
-              max_nodes: int = 24, spine_nodes: int | None = None,
+              max_nodes: int = 8, spine_nodes: int | None = None,
               num_draft_tokens: int | None = None, **source_options) -> MixDrafter:
     names = sources.split("+") if isinstance(sources, str) else list(sources)
     names = [n.strip() for n in names if n.strip()]

@@ -109,7 +109,7 @@ def best_first(nodes: PrefixNodes, budget: int) -> tuple[list[int], list[int]]:
 class RestDrafter:
     """One request's REST drafter; stateless apart from the shared, read-only datastore."""
 
-    def __init__(self, store: Datastore, num_draft_tokens: int = 8, max_nodes: int = 16,
+    def __init__(self, store: Datastore, num_draft_tokens: int = 8, max_nodes: int = 4,
                  max_candidates: int = 1000, min_suffix: int = 2, max_suffix: int = 16) -> None:
         for name, value in (("num_draft_tokens", num_draft_tokens), ("max_nodes", max_nodes),
                             ("max_candidates", max_candidates), ("min_suffix", min_suffix),
@@ -150,7 +150,7 @@ class RestDrafter:
 
 @register("rest")
 def build_rest(build: BuildContext, datastore: str | os.PathLike | Datastore | None = None,
-               num_draft_tokens: int = 8, max_nodes: int = 16, max_candidates: int = 1000,
+               num_draft_tokens: int = 8, max_nodes: int = 4, max_candidates: int = 1000,
                min_suffix: int = 2, max_suffix: int = 16) -> RestDrafter:
     """``datastore`` (required): a directory built by ``specdecode datastore build`` for the
     target's tokenizer (or an open ``Datastore``)."""

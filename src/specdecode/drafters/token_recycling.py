@@ -158,7 +158,7 @@ def last_wins(rows: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarr
 class TokenRecyclingDrafter:
     """One request's Token Recycling drafter; ``table`` is its own (cold) or the store's (hot)."""
 
-    def __init__(self, table: np.ndarray, num_draft_tokens: int = 6, max_nodes: int = 24) -> None:
+    def __init__(self, table: np.ndarray, num_draft_tokens: int = 6, max_nodes: int = 12) -> None:
         self.table = table
         self.vocab_size = table.shape[0] - 1
         self.topk = table.shape[1]
@@ -236,7 +236,7 @@ def _positive_int(name: str, value) -> int:
 
 
 @register("token-recycling")
-def build_token_recycling(build: BuildContext, num_draft_tokens: int = 6, max_nodes: int = 24,
+def build_token_recycling(build: BuildContext, num_draft_tokens: int = 6, max_nodes: int = 12,
                           topk: int = 8, hot: bool = False) -> TokenRecyclingDrafter:
     """Token Recycling (Luo et al., 2024). ``num_draft_tokens``: maximum tree depth (the template
     has 6 levels); ``max_nodes``: node budget per draft; ``topk``: table width (successors kept per
