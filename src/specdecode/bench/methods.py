@@ -67,10 +67,16 @@ def is_lossless(spec: str) -> bool:
     return parse_spec(spec)[0] not in HF_METHODS
 
 
+def drafters_of(name: str, options: dict) -> list[str]:
+    """The drafters a method runs: its own name, or a ``mix``'s sources."""
+    if name == "mix":
+        return str(options.get("sources", DEFAULT_SOURCES)).split("+")
+    return [name]
+
+
 def needs_draft(spec: str) -> bool:
     name, options = parse_spec(spec)
-    return name in ("draft-model", "hf-assisted") or (
-        name == "mix" and "draft-model" in str(options.get("sources")))
+    return name == "hf-assisted" or "draft-model" in drafters_of(name, options)
 
 
 def check_specs(specs: list[str], has_draft: bool) -> None:
@@ -99,12 +105,6 @@ def takes_option(name: str, option: str) -> bool:
 SUFFIX_STORES: dict[str, SuffixStore] = {}
 
 
-def uses_suffix_store(name: str, options: dict) -> bool:
-    if name == "mix":
-        return "suffix" in str(options.get("sources", DEFAULT_SOURCES)).split("+")
-    return name == "suffix"
-
-
 def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
     name, options = parse_spec(spec)
     drafter = "none" if name == "vanilla" else name
@@ -120,9 +120,9 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
         if reference is None:
             raise SpecDecodeError("the oracle needs the vanilla output (run vanilla first)")
         options["continuation"] = reference
-    if uses_suffix_store(name, options) and "store" not in options:
+    if "suffix" in drafters_of(name, options) and "store" not in options:
         options["store"] = SUFFIX_STORES.setdefault(spec, SuffixStore())
-    if name == "draft-model" or (name == "mix" and "draft-model" in str(options.get("sources"))):
+    if "draft-model" in drafters_of(name, options):
         options["draft_model"] = s.draft
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,

@@ -91,14 +91,16 @@ class MixDrafter:
         self.sources = sources
         self.max_nodes, self.spine_nodes = max_nodes, spine_nodes
         self.feedback_topk = max(int(getattr(d, "feedback_topk", 0) or 0) for _, d in sources)
-        self.last: tuple[Merged, list[int]] | None = None
+        self.last: tuple[Merged, list[int], list[bool]] | None = None
 
     def propose(self, ctx: DraftContext) -> Draft:
         budget = min(self.max_nodes, ctx.budget)
         parts: list[tuple[str, Draft]] = []
-        used = 0
+        asked: list[bool] = []  # which sources proposed this step (only they observe its verdict)
+        merged = merge_drafts(parts, budget)
         for i, (name, drafter) in enumerate(self.sources):
-            share = min(self.spine_nodes, budget) if i == 0 else budget - used
+            share = min(self.spine_nodes, budget) if i == 0 else budget - len(merged.draft)
+            asked.append(share > 0)
             if share <= 0:
                 parts.append((name, Draft.empty()))
                 continue
@@ -112,16 +114,20 @@ class MixDrafter:
                 log.warning("mix source %s failed (%s: %s)", name, type(err).__name__, err)
                 draft = Draft.empty()
             parts.append((name, draft))
-            used = len(merge_drafts(parts, budget).draft)
-        merged = merge_drafts(parts, budget)
-        self.last = (merged, [len(d) for _, d in parts])
+            merged = merge_drafts(parts, budget)
+        if len(merged.node_maps) < len(parts):  # the last sources were skipped: no nodes to merge
+            merged.node_maps += [[] for _ in range(len(parts) - len(merged.node_maps))]
+        self.last = (merged, [len(d) for _, d in parts], asked)
         return merged.draft
 
     def observe(self, verdict: Verdict) -> None:
         if self.last is None:
             return
-        merged, sizes = self.last
-        for (name, drafter), node_map, size in zip(self.sources, merged.node_maps, sizes):
+        merged, sizes, asked = self.last
+        for (name, drafter), node_map, size, proposed in zip(self.sources, merged.node_maps, sizes,
+                                                             asked):
+            if not proposed:
+                continue
             own = translate(verdict, node_map, size, int(getattr(drafter, "feedback_topk", 0) or 0))
             try:
                 drafter.observe(own)
