@@ -47,13 +47,17 @@ class Draft:
 
     ``draft_probs`` [n, V] is the distribution node i was sampled from (processed like the
     target's); ``None`` means a deterministic proposal (point mass). ``sources`` names the drafter
-    of each node in mixed trees.
+    of each node in mixed trees. ``scores`` [n] (optional) is the drafter's own estimate that node i
+    is accepted (the product of draft probabilities along its path): it never decreases from a
+    node to its parent, and a policy may use it to keep only the nodes that pay (deterministic
+    drafts only, see ``policies``).
     """
 
     tokens: torch.Tensor  # [n] long
     parents: torch.Tensor  # [n] long
     draft_probs: torch.Tensor | None = None
     sources: list[str] | None = None
+    scores: torch.Tensor | None = None  # [n] float in [0, 1]
 
     @classmethod
     def chain(cls, tokens, draft_probs: torch.Tensor | None = None) -> Draft:
@@ -80,21 +84,26 @@ class Draft:
         """The first n nodes (valid because parents precede children)."""
         probs = None if self.draft_probs is None else self.draft_probs[:n]
         sources = None if self.sources is None else self.sources[:n]
-        return Draft(self.tokens[:n], self.parents[:n], probs, sources)
+        scores = None if self.scores is None else self.scores[:n]
+        return Draft(self.tokens[:n], self.parents[:n], probs, sources, scores)
 
     def limited(self, budget: int, max_depth: int) -> Draft:
         """At most ``budget`` nodes and depth ``max_depth`` (parents are re-indexed)."""
         draft = self.truncated(budget) if len(self) > budget else self
         if len(draft) == 0 or max_depth >= len(draft):
             return draft
-        keep = draft.depths() <= max_depth
+        return draft.subset(draft.depths() <= max_depth)
+
+    def subset(self, keep: torch.Tensor) -> Draft:
+        """The nodes where ``keep`` [n] bool is true; every kept node's parent must be kept."""
         if bool(keep.all()):
-            return draft
+            return self
         new_index = torch.cumsum(keep.long(), 0) - 1
-        parents = torch.where(draft.parents >= 0, new_index[draft.parents.clamp(min=0)], -1)
-        probs = None if draft.draft_probs is None else draft.draft_probs[keep]
-        sources = None if draft.sources is None else [s for s, k in zip(draft.sources, keep) if k]
-        return Draft(draft.tokens[keep], parents[keep], probs, sources)
+        parents = torch.where(self.parents >= 0, new_index[self.parents.clamp(min=0)], -1)
+        probs = None if self.draft_probs is None else self.draft_probs[keep]
+        sources = None if self.sources is None else [s for s, k in zip(self.sources, keep) if k]
+        scores = None if self.scores is None else self.scores[keep]
+        return Draft(self.tokens[keep], parents[keep], probs, sources, scores)
 
     def validate(self, vocab_size: int) -> None:
         n = len(self)
@@ -108,6 +117,8 @@ class Draft:
             raise ValueError("draft token outside the vocabulary")
         if self.draft_probs is not None and tuple(self.draft_probs.shape) != (n, vocab_size):
             raise ValueError(f"draft_probs must be [{n}, {vocab_size}]")
+        if self.scores is not None and tuple(self.scores.shape) != (n,):
+            raise ValueError(f"draft scores must be [{n}]")
 
 
 @dataclass

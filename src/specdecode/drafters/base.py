@@ -28,7 +28,11 @@ from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
 class DraftContext:
     """What a drafter sees each step. ``tokens`` is the engine's list of committed tokens (prompt,
     then output); it only grows and must not be modified. ``budget`` caps the draft's node count
-    and ``max_depth`` its depth (both already account for ``max_new_tokens`` and the context)."""
+    and ``max_depth`` its depth (both already account for ``max_new_tokens`` and the context, and
+    come from the request's policy). ``min_score``: a drafter that scores its nodes (``Draft.scores``)
+    may stop expanding a node whose score is below it (the policy's estimate of what a node must be
+    worth to pay for itself; 0 = no limit). A sampled draft may stop *after* keeping a token whose
+    score is low, never drop a drawn token for its value."""
 
     tokens: list[int]
     num_prompt: int
@@ -37,7 +41,7 @@ class DraftContext:
     params: SamplingParams
     seed: int
     prefill_topk_ids: Any = None  # [len(prompt) - 1, k] tensor, first proposal of a feedback drafter
-
+    min_score: float = 0.0
 
     @property
     def num_generated(self) -> int:
