@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 import specdecode as sd
 
 torch.set_num_threads(1)  # tiny models: threads only add synchronisation overhead
+# the adaptive policy caches measured cost curves on disk: keep the tests' away from the user's
+os.environ["SPECDECODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="specdecode-test-cache-")
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 

@@ -8,6 +8,9 @@ import random
 import torch
 
 from specdecode import Draft, DraftContext, Verdict
+from specdecode.policies import Budget, StepRecord
+from specdecode.policies.adaptive import AdaptivePolicy
+from specdecode.policies.cost import CostModel
 
 
 class OraclePrefixTree:
@@ -72,3 +75,33 @@ class Exploding:
 
     def observe(self, verdict: Verdict) -> None:
         raise RuntimeError("observe bug")
+
+
+class FlakyPolicy:
+    """A policy that drafts nothing on a random third of the steps and a random smaller budget on
+    others: every drafter must survive being skipped and catch up (outputs stay identical)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.plain = 0
+
+    def plan(self, max_nodes: int, max_depth: int) -> Budget:
+        roll = self.rng.random()
+        if roll < 1 / 3:
+            self.plain += 1
+            return Budget(0, 0)
+        if roll < 2 / 3:
+            return Budget(self.rng.randint(1, max_nodes), self.rng.randint(1, max_depth))
+        return Budget(max_nodes, max_depth)
+
+    def select(self, draft: Draft) -> Draft:
+        return draft
+
+    def observe(self, record: StepRecord) -> None:
+        pass
+
+
+def steep_adaptive() -> AdaptivePolicy:
+    """The adaptive policy believing verification is expensive (each node costs a third of a step),
+    so it turns drafting off and probes: its plain steps and probes run on real drafters."""
+    return AdaptivePolicy(CostModel({n: 1e-3 * (1 + n / 3) for n in (0, 1, 2, 4, 8, 16, 64)}))

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from conftest import make_prompts, vanilla
-from drafters_for_tests import AntiOracle, Exploding, OraclePrefixTree
+from drafters_for_tests import AntiOracle, Exploding, FlakyPolicy, OraclePrefixTree, steep_adaptive
 
 import specdecode as sd
 from specdecode.datastore import build_datastore_from_token_docs
@@ -88,6 +88,38 @@ def test_greedy_matches_vanilla_for_every_drafter(models, datastore):
     assert not failures, f"outputs differ from vanilla: {failures}"
     idle = [label for label, n in accepted.items() if n == 0 and label not in NEVER_ACCEPTED]
     assert not idle, f"drafters never accepted a token, so the test proves nothing for them: {idle}"
+
+
+POLICIES = {"heuristic": lambda i: "heuristic", "adaptive": lambda i: "adaptive",
+            "adaptive-steep": lambda i: steep_adaptive(), "flaky": FlakyPolicy}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_greedy_matches_vanilla_under_every_policy(models, datastore, policy):
+    """The matrix again (6 prompts) with each policy deciding the budget, plain steps included:
+    a drafter that is skipped must catch up, a cut budget must stay lossless."""
+    target, other = models
+    rng = random.Random(2)
+    failures, accepted, plain = [], {}, 0
+    for i, prompt in enumerate(PROMPTS[:6]):
+        max_new = rng.randint(8, 24)
+        reference = vanilla(target, prompt, max_new)
+        for label, drafter, options in drafter_matrix(target, other, reference, i, datastore):
+            chosen = POLICIES[policy](i)
+            out = sd.generate(target, prompt, drafter=drafter, max_new_tokens=max_new,
+                              eos_token_id=[], policy=chosen, **options)
+            if out.token_ids != reference:
+                failures.append((label, i))
+            accepted[label] = accepted.get(label, 0) + out.stats.accepted
+            plain += out.stats.plain_steps
+    assert not failures, f"outputs differ from vanilla under {policy}: {failures}"
+    if policy.startswith("adaptive"):  # it may rightly turn a drafter off for good on these models
+        assert sum(accepted.values()) > 0, "adaptive never let any draft through"
+    else:
+        idle = [label for label, n in accepted.items() if n == 0 and label not in NEVER_ACCEPTED]
+        assert not idle, f"drafters never accepted a token under {policy}: {idle}"
+    if policy in ("flaky", "adaptive-steep"):
+        assert plain > 0, "the policy never chose a plain step, so skipping went untested"
 
 
 # never accept by design; the unrelated random draft model may never agree with the target (its

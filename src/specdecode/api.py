@@ -11,6 +11,7 @@ import torch
 from specdecode.drafters import BuildContext, Drafter, make_drafter
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
 from specdecode.models.hf import HFModel, load_causal_lm
+from specdecode.policies import Policy, make_policy
 from specdecode.types import (
     GenerationResult,
     RunStats,
@@ -18,6 +19,8 @@ from specdecode.types import (
     SpecDecodeError,
     StepEvent,
 )
+
+DEFAULT_POLICY = "fixed"
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Request:
     max_new_tokens: int
     eos_token_ids: frozenset[int]
     max_draft_nodes: int
+    policy: Policy | None = None
 
 
 def _prompt_ids(input_ids: Any, vocab_size: int, max_length: int | None) -> list[int]:
@@ -76,6 +80,7 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
             sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
+            policy: str | Policy = DEFAULT_POLICY, policy_options: dict | None = None,
             trust_remote_code: bool = False, **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
@@ -100,13 +105,24 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     else:
         raise SpecDecodeError(f"drafter must be a registered name or a Drafter, got "
                               f"{type(drafter).__name__}")
+    build = BuildContext(target=target, draft_model=draft_model)
+    if isinstance(policy, str):
+        policy_obj = make_policy(policy, build, **(policy_options or {}))
+    elif all(hasattr(policy, m) for m in ("plan", "select", "observe")):
+        if policy_options:
+            raise SpecDecodeError("policy_options apply to registered policy names only")
+        policy_obj = policy
+    else:
+        raise SpecDecodeError(f"policy must be a registered name or a Policy, got "
+                              f"{type(policy).__name__}")
     return Request(target, prompt, drafter_obj, params, max_new_tokens, _eos_ids(hf, eos_token_id),
-                   max_draft_nodes)
+                   max_draft_nodes, policy_obj)
 
 
 def stream_request(req: Request, stats: RunStats | None = None) -> Iterator[StepEvent]:
     return run(req.target, req.prompt, req.drafter, req.params, max_new_tokens=req.max_new_tokens,
-               eos_token_ids=req.eos_token_ids, max_draft_nodes=req.max_draft_nodes, stats=stats)
+               eos_token_ids=req.eos_token_ids, max_draft_nodes=req.max_draft_nodes, stats=stats,
+               policy=req.policy)
 
 
 def stream(model, input_ids, **kwargs: Any) -> Iterator[StepEvent]:
@@ -123,17 +139,21 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     or 1-D tensor. Keyword arguments: ``drafter`` (registered name or Drafter, default "ngram"),
     ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
     ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection" or "coupled"),
-    ``max_draft_nodes``, and the drafter's own options (e.g. ``num_draft_tokens``).
+    ``max_draft_nodes``, ``policy`` (how much to draft each step: "fixed", "heuristic" or
+    "adaptive", or a Policy object; ``policy_options`` for a named one), and the drafter's own
+    options (e.g. ``num_draft_tokens``).
     """
     req = prepare(model, input_ids, **kwargs)
     stats = RunStats()
     tokens: list[int] = []
     accept_lengths: list[int] = []
+    steps = []
     reason = None
     for event in stream_request(req, stats):
         tokens.extend(event.tokens)
+        steps.append(event.stats)
         if event.tokens:
             accept_lengths.append(len(event.tokens))
         reason = event.finish_reason or reason
     return GenerationResult(token_ids=tokens, accept_lengths=accept_lengths, stats=stats,
-                            finish_reason=reason)
+                            finish_reason=reason, steps=steps)

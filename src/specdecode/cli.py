@@ -97,17 +97,23 @@ def main() -> None:
 @click.option("--num-draft-tokens", "-k", type=int, default=None, help="Draft length per step.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")
+@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
+              help="How much to draft each step: fixed (the drafter's full budget), heuristic "
+                   "(transformers' schedule), adaptive (maximise tokens/s from the measured "
+                   "verification cost and this request's acceptance; off when drafting does not "
+                   "pay). Default: the library's.")
 @click.option("--compare", is_flag=True, help="Also run vanilla decoding; print the speedup.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, temperature, top_k, top_p,
-             seed, sampling, num_draft_tokens, options, compare, as_json, threads,
+             seed, sampling, num_draft_tokens, options, policy, compare, as_json, threads,
              trust_remote_code) -> None:
     """Generate text with speculative decoding and print the step statistics."""
     import torch
 
     import specdecode as sd
+    from specdecode.api import DEFAULT_POLICY
 
     if threads:
         torch.set_num_threads(threads)
@@ -117,6 +123,8 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
         opts = parse_options(options)
         if num_draft_tokens is not None:
             opts["num_draft_tokens"] = num_draft_tokens
+        if policy is not None:
+            opts["policy"] = policy
         model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model",
                                               trust_remote_code)
         ids = encode_prompt(tokenizer, prompt, chat)
@@ -128,7 +136,7 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
         result = sd.generate(model, ids, drafter=drafter, draft_model=draft, **common, **opts)
         wall = time.perf_counter() - start
         report = {"text": tokenizer.decode(result.token_ids, skip_special_tokens=False),
-                  "drafter": drafter, "new_tokens": len(result.token_ids),
+                  "drafter": drafter, "policy": policy or DEFAULT_POLICY, "new_tokens": len(result.token_ids),
                   "finish_reason": result.finish_reason, "wall_s": round(wall, 4),
                   "tokens_per_s": round(len(result.token_ids) / wall, 2), **{
                       k: v for k, v in result.stats.as_dict().items() if k != "tokens_per_s"}}
@@ -159,7 +167,8 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
 
 @main.command()
 def drafters() -> None:
-    """List the registered drafters, each with its options and the first line of its docs."""
+    """List the registered drafters and policies, each with its options and the first line of its
+    docs."""
     import inspect
     import sys
 
@@ -169,6 +178,14 @@ def drafters() -> None:
         factory = REGISTRY[name]
         options = [("<any source's options>" if p.kind is p.VAR_KEYWORD else p.name)
                    for p in inspect.signature(factory).parameters.values() if p.name != "build"]
+        doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
+        click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
+    from specdecode.policies import POLICIES
+
+    click.echo("\npolicies (--policy / policy=...):")
+    for name in sorted(POLICIES):
+        factory = POLICIES[name]
+        options = [p for p in inspect.signature(factory).parameters if p != "build"]
         doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
         click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
 
@@ -186,7 +203,7 @@ def cost_curve(target, context, nodes, repeats, threads) -> None:
     tree, and print one JSON line per n. Run it with nothing else busy on the machine."""
     import torch
 
-    from specdecode.bench.cost import verify_cost_curve
+    from specdecode.policies.cost import verify_cost_curve
 
     if threads:
         torch.set_num_threads(threads)

@@ -10,8 +10,12 @@ import random
 import time
 from collections.abc import Iterator
 
+import torch
+
 from specdecode.drafters.base import DraftContext, Drafter
 from specdecode.models.hf import TargetModel
+from specdecode.policies.base import Budget, Policy, StepRecord
+from specdecode.policies.fixed import FixedPolicy
 from specdecode.sampling import TorchRandom
 from specdecode.types import Draft, RunStats, SamplingParams, StepEvent, StepStats, TargetFeedback
 from specdecode.verify import verify
@@ -24,7 +28,7 @@ DEFAULT_MAX_DRAFT_NODES = 64
 def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: SamplingParams, *,
         max_new_tokens: int, eos_token_ids: frozenset[int] = frozenset(),
         max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES, stats: RunStats | None = None,
-        ) -> Iterator[StepEvent]:
+        policy: Policy | None = None) -> Iterator[StepEvent]:
     """Decode one request, yielding a ``StepEvent`` per verification step. ``prompt`` is non-empty
     and fits the target's context (the public API checks both). ``stats`` is filled as it goes.
 
@@ -32,7 +36,11 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
     each verdict then carries the target's top-k ids at every verified row, see ``TargetFeedback``,
     and the first proposal those of the prompt)
     and ``finish(output)``, called once when the request ends, however it ends (cross-request stores
-    learn there)."""
+    learn there).
+
+    ``policy`` (default ``fixed``) sets each step's budget; when it says 0 nodes the step is a plain
+    step and the drafter is neither asked nor told (it catches up from ``ctx.tokens`` next time)."""
+    policy = policy if policy is not None else FixedPolicy()
     stats = stats if stats is not None else RunStats()
     start = time.perf_counter()
     seed = params.seed if params.seed is not None else random.getrandbits(62)
@@ -59,20 +67,26 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
                 break
             # Never draft past the output budget or the context: the bonus token fills the last slot.
             max_depth = min(max_new_tokens - generated, room) - 1
-            ctx = DraftContext(tokens, len(prompt), max_draft_nodes, max_depth, params, seed,
-                               prefill_topk)
-            prefill_topk = None
+            budget = _plan(policy, max_draft_nodes, max_depth)
+            proposed = not budget.off
 
             # 1. propose (a failing drafter costs speed, never correctness: plain step instead)
-            try:
-                draft = drafter.propose(ctx).limited(max_draft_nodes, max_depth)
-                draft.validate(target.vocab_size)
-            except Exception as err:  # noqa: BLE001 - any drafter failure falls back
-                draft, step.fallback = Draft.empty(), True
-                if not warned:
-                    log.warning("drafter failed (%s: %s); falling back to plain steps",
-                                type(err).__name__, err)
-                    warned = True
+            draft = Draft.empty()
+            if proposed:
+                ctx = DraftContext(tokens, len(prompt), budget.nodes, budget.depth, params, seed,
+                                   prefill_topk, budget.min_score)
+                prefill_topk = None
+                try:
+                    draft = drafter.propose(ctx).limited(budget.nodes, budget.depth)
+                    draft.validate(target.vocab_size)
+                    draft = policy.select(draft)
+                    draft.validate(target.vocab_size)
+                except Exception as err:  # noqa: BLE001 - any drafter failure falls back
+                    draft, step.fallback = Draft.empty(), True
+                    if not warned:
+                        log.warning("drafter failed (%s: %s); falling back to plain steps",
+                                    type(err).__name__, err)
+                        warned = True
             verify_start = time.perf_counter()
             step.draft_s = verify_start - step_start
 
@@ -84,17 +98,18 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
             # 3. accept (pure function), 4. keep only the accepted path in the cache
             verdict = verify(draft, logits, params, rng, seed, base_position=len(tokens))
             target.keep(verdict.path, len(draft))
-            if feedback_topk:  # computed once, from the logits this step already has
+            if feedback_topk and proposed:  # computed once, from the logits this step already has
                 verdict.feedback = TargetFeedback(
                     [tokens[-1]] + draft.tokens.tolist(),
                     logits.topk(min(feedback_topk, logits.size(-1)), dim=-1).indices)
 
             # 5. drafter feedback
-            try:
-                drafter.observe(verdict)
-            except Exception as err:  # noqa: BLE001
-                step.fallback = True
-                log.warning("drafter.observe failed (%s: %s)", type(err).__name__, err)
+            if proposed:
+                try:
+                    drafter.observe(verdict)
+                except Exception as err:  # noqa: BLE001
+                    step.fallback = True
+                    log.warning("drafter.observe failed (%s: %s)", type(err).__name__, err)
 
             # 6. emit, honouring max_new_tokens and EOS inside the accepted tokens exactly
             new = verdict.tokens[:max_new_tokens - generated]
@@ -110,6 +125,8 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
             step.drafted, step.emitted = len(draft), len(new)
             step.accepted = min(verdict.num_accepted, len(new))
             step.other_s = time.perf_counter() - accept_start
+            step.planned = budget.depth if proposed else 0
+            _observe(policy, budget, draft, verdict.num_accepted, step)
             stats.add(step)
             stats.wall_s = time.perf_counter() - start
             yield StepEvent(new, step, finished=reason is not None, finish_reason=reason)
@@ -123,3 +140,31 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
                 finish(tokens[len(prompt):])
             except Exception as err:  # noqa: BLE001 - a drafter bug never changes the output
                 log.warning("drafter.finish failed (%s: %s)", type(err).__name__, err)
+
+
+def _plan(policy: Policy, max_nodes: int, max_depth: int) -> Budget:
+    """The policy's budget, clamped to the engine's limits; a failing policy means a full budget
+    (the behaviour of ``fixed``)."""
+    if max_depth <= 0 or max_nodes <= 0:
+        return Budget(0, 0)
+    try:
+        budget = policy.plan(max_nodes, max_depth)
+        return Budget(max(0, min(int(budget.nodes), max_nodes)),
+                      max(0, min(int(budget.depth), max_depth)), float(budget.min_score))
+    except Exception as err:  # noqa: BLE001 - a policy bug costs speed, never correctness
+        log.warning("policy.plan failed (%s: %s); drafting the full budget", type(err).__name__,
+                    err)
+        return Budget(max_nodes, max_depth)
+
+
+def _observe(policy: Policy, budget: Budget, draft: Draft, accepted: int, step: StepStats) -> None:
+    n = len(draft)
+    record = StepRecord(
+        budget=budget, drafted=n, depth=int(draft.depths().max()) if n else 0, accepted=accepted,
+        draft_s=step.draft_s, verify_s=step.verify_s, other_s=step.other_s,
+        tree=bool(n and (draft.parents != torch.arange(-1, n - 1)).any()),
+        score_sum=None if draft.scores is None else float(draft.scores.sum()))
+    try:
+        policy.observe(record)
+    except Exception as err:  # noqa: BLE001
+        log.warning("policy.observe failed (%s: %s)", type(err).__name__, err)

@@ -165,6 +165,7 @@ class StepStats:
     verify_s: float = 0.0
     other_s: float = 0.0
     fallback: bool = False  # the drafter raised; this was a plain step
+    planned: int = 0  # the depth the policy allowed (0: it chose a plain step)
 
 
 @dataclass
@@ -181,6 +182,7 @@ class RunStats:
     other_s: float = 0.0
     wall_s: float = 0.0
     fallbacks: int = 0
+    plain_steps: int = 0  # steps where the policy chose not to draft
     accepted_per_pos: list[int] = field(default_factory=list)
 
     def add(self, step: StepStats) -> None:
@@ -192,6 +194,7 @@ class RunStats:
         self.verify_s += step.verify_s
         self.other_s += step.other_s
         self.fallbacks += int(step.fallback)
+        self.plain_steps += int(step.planned == 0)
         while len(self.accepted_per_pos) < step.accepted:
             self.accepted_per_pos.append(0)
         for i in range(step.accepted):
@@ -217,7 +220,8 @@ class RunStats:
                 "tokens_per_s": round(self.tokens_per_s, 2), "wall_s": round(self.wall_s, 4),
                 "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
                 "verify_s": round(self.verify_s, 4), "other_s": round(self.other_s, 4),
-                "fallbacks": self.fallbacks, "accepted_per_pos": list(self.accepted_per_pos)}
+                "fallbacks": self.fallbacks, "plain_steps": self.plain_steps,
+                "accepted_per_pos": list(self.accepted_per_pos)}
 
 
 @dataclass
@@ -236,3 +240,4 @@ class GenerationResult:
     accept_lengths: list[int]
     stats: RunStats
     finish_reason: str | None = None
+    steps: list[StepStats] = field(default_factory=list)  # per verification step, in order

@@ -59,6 +59,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
 @click.option("--max-new-tokens", type=int, default=None, help="Per turn (default 128; quick: 64).")
 @click.option("--num-draft-tokens", type=int, default=4, show_default=True,
               help="Draft budget of every method that takes one (oracle and hf-pld included).")
+@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
+              help="Draft-budget policy of every method without its own policy=... (default: "
+                   "the library's default).")
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--sampling", type=click.Choice(["rejection", "coupled"]), default="coupled",
               show_default=True, help="Our sampling rule when --temperature > 0.")
@@ -75,7 +78,7 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
 def bench(target, draft_model, methods, datastore, questions_file, categories, limit_per_category,
-          max_new_tokens, num_draft_tokens, temperature, sampling, seed, repeats, out_dir, quick,
+          max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed, repeats, out_dir, quick,
           allow_lossy, threads, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
     JSONL (Spec-Bench schema), report.json, report.md and plots to --out. The last line printed is a
@@ -121,7 +124,7 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
                     "temperature": temperature,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
-                    "datastore": str(datastore) if datastore else None,
+                    "datastore": str(datastore) if datastore else None, "policy": policy,
                     "questions": [q.question_id for q in questions]}
         out_dir.mkdir(parents=True, exist_ok=True)
         run_file = out_dir / "run.json"
@@ -130,12 +133,14 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
                                   "(or delete it) to start afresh")
         run_file.write_text(json.dumps(settings))
         env = environment(model_id, draft_id, {k: settings[k] for k in (
-            "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats")})
+            "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats",
+            "policy")})
+        env["cost_curve_ms"] = cost_curve_ms(model)
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                      sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
-                     datastore=str(datastore) if datastore else None)
+                     datastore=str(datastore) if datastore else None, policy=policy)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
                                 context_length(model.config), repeats, model_id)
     except SpecDecodeError as err:
@@ -143,11 +148,26 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
     write_report(out_dir, settings, skipped, allow_lossy)
 
 
+def cost_curve_ms(model) -> dict:
+    """The verification cost curve the adaptive policy uses on this machine (measured now or
+    loaded from its cache), in ms per forward, for the report."""
+    from specdecode.policies.cost import measured_curve
+
+    curve = measured_curve(model)
+    return {shape: {str(n): round(t * 1e3, 3) for n, t in points.items()}
+            for shape, points in curve.items()}
+
+
 def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool) -> None:
     """report.json, report.md and plots from the answers in ``out_dir``; prints the table and a
     one-line JSON summary last."""
     from specdecode.bench.methods import is_lossless, parse_spec
-    from specdecode.bench.plots import plot_accept_lengths, plot_speedups
+    from specdecode.bench.plots import (
+        plot_accept_lengths,
+        plot_budgets,
+        plot_cost_curve,
+        plot_speedups,
+    )
     from specdecode.bench.report import OVERALL, build_report, markdown
 
     specs = settings["methods"]
@@ -162,6 +182,9 @@ def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool
     (out_dir / "report.md").write_text(md)
     plot_speedups(report, out_dir / "speedup_by_category.png")
     plot_accept_lengths(out_dir, report, out_dir / "accept_lengths.png")
+    plot_budgets(out_dir, report, out_dir / "budget_per_step.png")
+    if env.get("cost_curve_ms"):
+        plot_cost_curve(env["cost_curve_ms"], out_dir / "cost_curve.png")
     click.echo(md)
     overall = {m: report["table"][m][OVERALL] for m in specs}
     click.echo(json.dumps({"out": str(out_dir), "questions": report["questions"],

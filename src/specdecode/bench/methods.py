@@ -1,8 +1,8 @@
 """Benchmark methods: ours (through the engine), the oracle bound, and transformers' own.
 
-A method spec is ``name`` or ``name:key=value:key=value`` (drafter options), e.g.
-``ngram:num_draft_tokens=3:max_n=4``. Every method is timed the same way: one call, prefill
-included, after warm-up.
+A method spec is ``name`` or ``name:key=value:key=value`` (drafter options, and ``policy``), e.g.
+``ngram:num_draft_tokens=3:max_n=4`` or ``draft-model:tree=dynamic:policy=adaptive``. Every method
+is timed the same way: one call, prefill included, after warm-up.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class Outcome:
     wall_s: float
     accept_lengths: list[int] | None = None  # None where the method does not report steps
     drafted: int | None = None
+    drafted_per_step: list[int] | None = None
+    planned_per_step: list[int] | None = None  # the policy's depth per step (0: a plain step)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Settings:
     sampling: str = "rejection"
     pad_token_id: int = 0
     datastore: str | None = None
+    policy: str | None = None  # for methods without their own policy=...; None: the API default
     extra: dict = field(default_factory=dict)
 
 
@@ -80,11 +83,17 @@ def needs_draft(spec: str) -> bool:
 
 
 def check_specs(specs: list[str], has_draft: bool) -> None:
+    from specdecode.policies import available_policies
+
     known = set(sd.available()) | {"vanilla", *HF_METHODS}
     for spec in specs:
-        name, _ = parse_spec(spec)
+        name, options = parse_spec(spec)
         if name not in known:
             raise SpecDecodeError(f"unknown method {name!r}; known: {', '.join(sorted(known))}")
+        if "policy" in options and (name in HF_METHODS or
+                                    options["policy"] not in available_policies()):
+            raise SpecDecodeError(f"method {spec!r}: policy must be one of "
+                                  f"{', '.join(available_policies())} (our methods only)")
         if needs_draft(spec) and not has_draft:
             raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH)")
     if "vanilla" not in [parse_spec(s)[0] for s in specs]:
@@ -124,12 +133,15 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
         options["store"] = SUFFIX_STORES.setdefault(spec, SuffixStore())
     if "draft-model" in drafters_of(name, options):
         options["draft_model"] = s.draft
+    if s.policy is not None and "policy" not in options and name != "vanilla":
+        options["policy"] = s.policy
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
                       sampling=s.sampling, **options)
     wall = time.perf_counter() - start
-    return Outcome(out.token_ids, wall, out.accept_lengths, out.stats.drafted)
+    return Outcome(out.token_ids, wall, out.accept_lengths, out.stats.drafted,
+                   [st.drafted for st in out.steps], [st.planned for st in out.steps])
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""PNG plots of a benchmark report: speedup per category per method, accept-length histogram."""
+"""PNG plots of a benchmark report: speedup per category per method, accept-length histogram, the
+draft budget along one generation, the verification cost curve c(n)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,44 @@ def plot_accept_lengths(out_dir: Path, report: dict, path: Path) -> None:
     ax.set_xlabel("tokens emitted per step (accepted draft tokens + 1)")
     ax.set_ylabel("fraction of steps")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_budgets(out_dir: Path, report: dict, path: Path) -> None:
+    """Nodes drafted per step along the first question's first turn, for every method that drafts
+    (steps at 0 are plain steps: the policy turned drafting off, or the drafter found nothing)."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    plotted = False
+    for spec in report["methods"]:
+        rows = load_answers(method_file(out_dir, spec))
+        first = rows[min(rows)]["choices"][0] if rows else {}
+        per_step = first.get("drafted_per_step") or []
+        if spec in ("vanilla", report.get("oracle")) or not per_step or not any(per_step[0]):
+            continue
+        ax.step(range(len(per_step[0])), per_step[0], where="post", label=spec, alpha=0.8)
+        plotted = True
+    if plotted:
+        ax.set_xlabel("verification step (first question, first turn)")
+        ax.set_ylabel("draft nodes verified")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost_curve(curve_ms: dict, path: Path) -> None:
+    """c(n) / c(0): what verifying n draft nodes costs relative to one plain step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for shape, points in curve_ms.items():
+        xs = sorted(int(n) for n in points)
+        base = points["0"]
+        ax.plot(xs, [points[str(n)] / base for n in xs], marker="o", label=shape)
+    ax.set_xlabel("draft nodes n")
+    ax.set_ylabel("c(n) / c(0)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -120,4 +120,17 @@ def markdown(report: dict, environment: dict) -> str:
             cells = [_fmt(table[s][cat][key]) for s in report["methods"]]
             lines.append(f"| {cat} | " + " | ".join(cells) + " |")
         lines.append("")
+    curve = environment.get("cost_curve_ms")
+    if curve:
+        chain, tree = curve["chain"], curve["tree"]
+        lines += ["## Verification cost c(n)", "",
+                  "One target forward over the pending token and n draft nodes (128 tokens of "
+                  "context), as the `adaptive` policy sees it on this machine before its online "
+                  "rescaling; see cost_curve.png.", "",
+                  "| n | chain ms | chain c(n)/c(0) | tree ms | tree c(n)/c(0) |",
+                  "|---|---|---|---|---|"]
+        for n in sorted(chain, key=int):
+            lines.append(f"| {n} | {chain[n]:.2f} | {chain[n] / chain['0']:.2f} | "
+                         f"{tree[n]:.2f} | {tree[n] / tree['0']:.2f} |")
+        lines.append("")
     return "\n".join(lines)

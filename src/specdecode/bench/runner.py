@@ -67,7 +67,8 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
     """All methods on one question; returns {spec: answer record} or why it was skipped."""
     histories = {spec: [] for spec in specs}
     records = {spec: {"turns": [], "decoding_steps": [], "new_tokens": [], "wall_time": [],
-                      "accept_lengths": [], "token_ids": [], "drafted": []} for spec in specs}
+                      "accept_lengths": [], "token_ids": [], "drafted": [],
+                      "drafted_per_step": [], "planned_per_step": []} for spec in specs}
     for turn in q.turns:
         reference = None
         for spec in specs:  # vanilla is first (the CLI orders it so)
@@ -87,6 +88,9 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
             rec["wall_time"].append(out.wall_s)
             rec["token_ids"].append(out.token_ids)
             rec["drafted"].append(out.drafted)
+            if out.drafted_per_step is not None:
+                rec["drafted_per_step"].append(out.drafted_per_step)
+                rec["planned_per_step"].append(out.planned_per_step)
             if out.accept_lengths is not None:
                 rec["decoding_steps"].append(len(out.accept_lengths))
                 rec["accept_lengths"].extend(out.accept_lengths)

@@ -1,0 +1,186 @@
+"""``adaptive``: the draft budget that maximises expected emitted tokens per second.
+
+Each step it compares a plain step, rate(0) = 1 / (c(0) + t_other), with drafting to depth D,
+
+    rate(D) = (1 + h * E(D)) / (h * (c(n(D)) + t_draft * D) + (1 - h) * (c(0) + t_miss) + t_other)
+
+where c(n) is the target's measured cost of verifying n nodes (``CostModel``: measured once per
+architecture, dtype, device and thread count, cached on disk, rescaled online from the step
+timings), t_draft the drafter's measured cost per unit depth, h the share of steps where the
+drafter found something to propose, n(D) its observed nodes per depth, and E(D) = sum over d <= D
+of prod_{j <= d} alpha_j the expected accepted tokens, alpha_d being the request's acceptance
+rate at depth d given depth d - 1 was accepted (exponential moving averages).
+
+Speculation is turned off when rate(0) wins and probed again after 8, 16, 32, 64 plain steps
+(back to 8 when it pays); while on, every 8th draft goes to the deepest depth seen, so deep
+estimates stay fresh. This is SmartSpec's expected-goodput rule (Liu et al., 2024) for one
+request. For drafters that score their nodes (``Draft.scores``, the product of draft
+probabilities along a path) ``select`` cuts the deterministic draft to the prefix-closed set of
+nodes maximising (1 + calibration * sum of kept scores) / (c(n) + drafting cost), and ``plan``
+tells the drafter the score a node needs to pay (``Budget.min_score``): the confidence stops of
+SpecDec++ (Huang et al., 2024) and SVIP (Zhang et al., 2025) are special cases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from specdecode.policies.base import Budget, StepRecord, register_policy
+from specdecode.policies.cost import CostModel, measured_curve
+from specdecode.types import Draft, SpecDecodeError
+
+
+class AdaptivePolicy:
+    def __init__(self, cost: CostModel, *, ema: float = 0.25, probe_every: int = 8,
+                 max_probe_every: int = 64, prior: float = 0.5) -> None:
+        if not 0.0 < ema <= 1.0:
+            raise SpecDecodeError(f"adaptive ema must be in (0, 1], got {ema}")
+        if probe_every < 1 or max_probe_every < probe_every:
+            raise SpecDecodeError("adaptive needs 1 <= probe_every <= max_probe_every")
+        self.cost, self.ema, self.prior = cost, ema, prior
+        self.probe_every, self.max_probe_every = probe_every, max_probe_every
+        self.interval, self.off_steps, self.on_steps = probe_every, 0, 0
+        self.alpha: list[float] = []  # alpha[d - 1]: P(depth d accepted | depth d - 1 accepted)
+        self.depth_cap = 0  # deepest draft seen
+        self.node_ratio = 1.0  # nodes per unit depth of the drafter's drafts
+        self.tree = self.scored = False
+        self.hit = 1.0  # share of drafting steps with a non-empty draft
+        self.t_draft = self.t_miss = 0.0
+        self.t_other_spec: float | None = None
+        self.t_other_plain: float | None = None
+        self.calibration = 1.0  # observed accepted / predicted sum of scores
+        self.last_plan: tuple[int, float] = (0, 0.0)
+
+    # --- the model -------------------------------------------------------------------------
+    def alpha_at(self, depth: int) -> float:
+        if depth <= len(self.alpha):
+            return self.alpha[depth - 1]
+        return self.alpha[-1] if self.alpha else self.prior
+
+    def expected_accepted(self, depth: int) -> float:
+        total, reach = 0.0, 1.0
+        for d in range(1, depth + 1):
+            reach *= self.alpha_at(d)
+            total += reach
+        return total
+
+    def nodes_for(self, depth: int, max_nodes: int) -> int:
+        if self.scored:  # the drafter expands by score and ``select`` cuts: give it room
+            return max_nodes
+        if not self.tree:
+            return min(max_nodes, depth)
+        return min(max_nodes, max(depth, round(self.node_ratio * depth)))
+
+    def _other(self, spec: bool) -> float:
+        plain = self.t_other_plain if self.t_other_plain is not None else self.t_other_spec
+        value = self.t_other_spec if spec else plain
+        return (value if value is not None else plain) or 0.0
+
+    def step_cost(self, depth: int, max_nodes: int) -> float:
+        if depth == 0:
+            return self.cost(0) + self._other(False)
+        drafting = self.cost(self.nodes_for(depth, max_nodes), self.tree) + self.t_draft * depth
+        missing = self.cost(0) + self.t_miss
+        return self.hit * drafting + (1 - self.hit) * missing + self._other(True)
+
+    def rate(self, depth: int, max_nodes: int) -> float:
+        """Expected emitted tokens per second when drafting to ``depth`` (0: a plain step)."""
+        gain = 1.0 + (self.hit * self.expected_accepted(depth) if depth else 0.0)
+        return gain / self.step_cost(depth, max_nodes)
+
+    def best_depth(self, max_nodes: int, max_depth: int) -> tuple[int, float]:
+        best, best_rate = 0, self.rate(0, max_nodes)
+        for depth in range(1, min(max_depth, self.depth_cap + 1) + 1):
+            rate = self.rate(depth, max_nodes)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = depth, rate
+        return best, best_rate
+
+    # --- the Policy protocol -----------------------------------------------------------------
+    def plan(self, max_nodes: int, max_depth: int) -> Budget:
+        if self.depth_cap == 0:  # nothing drafted yet: learn the drafter's shape first
+            return Budget(max_nodes, max_depth)
+        depth, rate = self.best_depth(max_nodes, max_depth)
+        if depth == 0:
+            self.off_steps += 1
+            if self.off_steps < self.interval:
+                return Budget(0, 0)
+            self.off_steps, self.interval = 0, min(2 * self.interval, self.max_probe_every)
+            depth = min(max_depth, self.depth_cap)  # a probe: does drafting pay again?
+        else:
+            self.off_steps, self.interval = 0, self.probe_every
+            self.on_steps += 1
+            if self.on_steps % self.probe_every == 0:  # now and then look deeper than chosen,
+                depth = min(max_depth, self.depth_cap)  # so deep estimates do not go stale
+        nodes = self.nodes_for(depth, max_nodes)
+        min_score = 0.0
+        if self.scored:  # a node pays when calibration * score >= rate * marginal cost
+            slope = self.cost(nodes + 1, self.tree) - self.cost(nodes, self.tree)
+            min_score = max(0.0, rate * slope / max(self.calibration, 1e-3))
+        self.last_plan = (depth, rate)
+        return Budget(nodes, depth, min_score)
+
+    def select(self, draft: Draft) -> Draft:
+        """Keep the scored nodes that pay (deterministic drafts only; see ``policies.base``)."""
+        if draft.scores is None or draft.draft_probs is not None or len(draft) == 0:
+            return draft
+        order = torch.argsort(-draft.scores.double(), stable=True).tolist()
+        scores = draft.scores.double().tolist()
+        tree = bool((draft.parents != torch.arange(-1, len(draft) - 1)).any())
+        depth = int(draft.depths().max())
+        sunk = self.t_draft * depth + self._other(True)
+        best_n, best_rate, total = 0, 1.0 / (self.cost(0) + sunk), 0.0
+        for n, node in enumerate(order, start=1):
+            total += scores[node]
+            rate = (1.0 + self.calibration * total) / (self.cost(n, tree) + sunk)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        keep = torch.zeros(len(draft), dtype=torch.bool)
+        parents = draft.parents.tolist()
+        for node in order[:best_n]:  # ancestors always kept, whatever the scores say
+            while node >= 0 and not keep[node]:
+                keep[node] = True
+                node = parents[node]
+        return draft.subset(keep)
+
+    def observe(self, record: StepRecord) -> None:
+        a = self.ema
+        if record.budget.off:
+            self.cost.observe(0, record.verify_s)
+            self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
+            return
+        self.hit += a * ((record.drafted > 0) - self.hit)
+        if record.drafted == 0:  # the drafter found nothing: a plain step that paid for drafting
+            self.cost.observe(0, record.verify_s)
+            self.t_miss += a * (record.draft_s - self.t_miss)
+            self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
+            return
+        self.tree = record.tree
+        self.cost.observe(record.drafted, record.verify_s, record.tree)
+        self.t_draft = _ema(self.t_draft if self.depth_cap else None,
+                            record.draft_s / record.depth, a)
+        self.t_other_spec = _ema(self.t_other_spec, record.other_s, a)
+        self.node_ratio += a * (record.drafted / record.depth - self.node_ratio)
+        self.depth_cap = max(self.depth_cap, record.depth)
+        while len(self.alpha) < record.depth:
+            self.alpha.append(self.alpha_at(len(self.alpha) + 1))
+        for d in range(1, min(record.accepted + 1, record.depth) + 1):
+            self.alpha[d - 1] += a * (float(record.accepted >= d) - self.alpha[d - 1])
+        if record.score_sum is not None and record.score_sum > 0:
+            self.scored = True
+            ratio = min(3.0, max(0.1, record.accepted / record.score_sum))
+            self.calibration += a * (ratio - self.calibration)
+
+
+def _ema(old: float | None, value: float, a: float) -> float:
+    return value if old is None else old + a * (value - old)
+
+
+@register_policy("adaptive")
+def build_adaptive(build: Any, probe_every: int = 8, max_probe_every: int = 64,
+                   ema: float = 0.25, cost_cache: bool = True) -> AdaptivePolicy:
+    curve = measured_curve(build.target.model, use_disk=cost_cache)
+    return AdaptivePolicy(CostModel(curve["chain"], curve["tree"]), ema=ema,
+                          probe_every=probe_every, max_probe_every=max_probe_every)
