@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_prompts, tiny_model
+from drafters_for_tests import FlakyPolicy
 from scipy.stats import chi2
 
 import specdecode as sd
@@ -62,7 +63,11 @@ def sample(target, drafter, options) -> list[tuple[int, ...]]:
     runs = [sd.generate(target, PROMPT, drafter=drafter, max_new_tokens=LENGTH, seed=i,
                         eos_token_id=[], **PARAMS, **options) for i in range(SAMPLES)]
     if drafter != "none":  # the drafts were really used, so the acceptance rule was exercised
-        assert sum(r.stats.accepted for r in runs) > SAMPLES // 10
+        if "policy" in options:  # it may rightly turn drafting off after the first steps
+            assert sum(r.stats.drafted for r in runs) > SAMPLES
+            assert sum(r.stats.accepted for r in runs) > 0
+        else:
+            assert sum(r.stats.accepted for r in runs) > SAMPLES // 10
     return [tuple(r.token_ids) for r in runs]
 
 
@@ -78,6 +83,12 @@ CASES = {
     "lookahead-tree": ("lookahead", {"num_draft_tokens": 2}),
     "rest-tree": ("rest", {}),
     "mix-tree": ("mix", {"sources": "sam+token-recycling", "max_nodes": 6}),
+    # policies choose the budget (plain steps included); the rules must stay exact
+    "draft-model-rejection-adaptive": ("draft-model", {"num_draft_tokens": 3,
+                                                       "policy": "adaptive"}),
+    "draft-model-rejection-flaky": ("draft-model", {"num_draft_tokens": 3, "policy": "flaky"}),
+    "ngram-point-mass-heuristic": ("ngram", {"num_draft_tokens": 3, "policy": "heuristic"}),
+    "suffix-tree-flaky": ("suffix", {"store": "fresh", "policy": "flaky"}),
 }
 
 
@@ -106,6 +117,8 @@ def test_rejection_sampling_matches_target_distribution(pair, corpus, case):
         options = dict(options, datastore=corpus[1])
     if options.get("corpus_tokens") == "likeliest":
         options = dict(options, corpus_tokens=[t for doc in corpus[0] for t in doc])
+    if options.get("policy") == "flaky":  # one object, shared by the samples
+        options = dict(options, policy=FlakyPolicy(0))
     if options.get("store") == "fresh":  # learns across the samples, from this test only
         options = dict(options, store=SuffixStore())
     samples = sample(target, drafter, options)

@@ -51,7 +51,6 @@ class AdaptivePolicy:
         self.t_other_spec: float | None = None
         self.t_other_plain: float | None = None
         self.calibration = 1.0  # observed accepted / predicted sum of scores
-        self.last_plan: tuple[int, float] = (0, 0.0)
 
     # --- the model -------------------------------------------------------------------------
     def alpha_at(self, depth: int) -> float:
@@ -67,8 +66,7 @@ class AdaptivePolicy:
         return total
 
     def nodes_for(self, depth: int, max_nodes: int) -> int:
-        if self.scored:  # the drafter expands by score and ``select`` cuts: give it room
-            return max_nodes
+        """The nodes a draft of this depth is expected to verify (observed nodes per depth)."""
         if not self.tree:
             return min(max_nodes, depth)
         return min(max_nodes, max(depth, round(self.node_ratio * depth)))
@@ -115,12 +113,12 @@ class AdaptivePolicy:
             if self.on_steps % self.probe_every == 0:  # now and then look deeper than chosen,
                 depth = min(max_depth, self.depth_cap)  # so deep estimates do not go stale
         nodes = self.nodes_for(depth, max_nodes)
-        min_score = 0.0
-        if self.scored:  # a node pays when calibration * score >= rate * marginal cost
-            slope = self.cost(nodes + 1, self.tree) - self.cost(nodes, self.tree)
-            min_score = max(0.0, rate * slope / max(self.calibration, 1e-3))
-        self.last_plan = (depth, rate)
-        return Budget(nodes, depth, min_score)
+        if not self.scored:
+            return Budget(nodes, depth)
+        # a scoring drafter gets room and ``select`` cuts; a node pays when calibration * score
+        # >= rate * the marginal cost of verifying one more node
+        slope = self.cost(nodes + 1, self.tree) - self.cost(nodes, self.tree)
+        return Budget(max_nodes, depth, max(0.0, rate * slope / max(self.calibration, 1e-3)))
 
     def select(self, draft: Draft) -> Draft:
         """Keep the scored nodes that pay (deterministic drafts only; see ``policies.base``)."""
