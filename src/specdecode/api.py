@@ -76,6 +76,16 @@ def _eos_ids(model, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
+def _request_kind(model, drafter, options: dict, params: SamplingParams) -> str:
+    """A key for requests that should share what a policy learned: same target object, drafter,
+    options (objects by identity) and sampling."""
+    name = drafter if isinstance(drafter, str) else type(drafter).__name__
+    opts = sorted((k, repr(v) if isinstance(v, (int, float, str, bool, type(None)))
+                   else f"<{type(v).__name__} {id(v)}>") for k, v in options.items())
+    return f"{id(model)}|{name}|{opts}|{params.temperature}|{params.top_k}|{params.top_p}|" \
+           f"{params.mode}"
+
+
 def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
@@ -105,7 +115,8 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     else:
         raise SpecDecodeError(f"drafter must be a registered name or a Drafter, got "
                               f"{type(drafter).__name__}")
-    build = BuildContext(target=target, draft_model=draft_model)
+    build = BuildContext(target=target, draft_model=draft_model,
+                         kind=_request_kind(hf, drafter, drafter_options, params))
     if isinstance(policy, str):
         policy_obj = make_policy(policy, build, **(policy_options or {}))
     elif all(hasattr(policy, m) for m in ("plan", "select", "observe")):

@@ -57,10 +57,13 @@ class Drafter(Protocol):
 
 @dataclass
 class BuildContext:
-    """What a drafter factory may use: the target's adapter and model, an optional draft model."""
+    """What a drafter (or policy) factory may use: the target's adapter and model, an optional draft
+    model, and ``kind``, a key naming the request's shape, under which a policy may keep what it
+    learned across requests."""
 
     target: Any  # HFModel
     draft_model: Any | None = None
+    kind: str = ""  # what requests of this shape share (target, drafter, options, sampling)
 
 
 Factory = Callable[..., Drafter]

@@ -11,14 +11,18 @@ drafter found something to propose, n(D) its observed nodes per depth, and E(D) 
 of prod_{j <= d} alpha_j the expected accepted tokens, alpha_d being the request's acceptance
 rate at depth d given depth d - 1 was accepted (exponential moving averages).
 
-Speculation is turned off when rate(0) wins and probed again after 8, 16, 32, 64 plain steps
-(back to 8 when it pays); while on, every 8th draft goes to the deepest depth seen, so deep
-estimates stay fresh. This is SmartSpec's expected-goodput rule (Liu et al., 2024) for one
-request. For drafters that score their nodes (``Draft.scores``, the product of draft
-probabilities along a path) ``select`` cuts the deterministic draft to the prefix-closed set of
-nodes maximising (1 + calibration * sum of kept scores) / (c(n) + drafting cost), and ``plan``
-tells the drafter the score a node needs to pay (``Budget.min_score``): the confidence stops of
-SpecDec++ (Huang et al., 2024) and SVIP (Zhang et al., 2025) are special cases.
+Speculation is turned off when rate(0) wins and probed again (a draft of depth <= 2) after 8, 16,
+32, 64 plain steps, later when a probe costs more than 2% of the plain steps in between (back to 8
+when it pays); while on, every 8th draft goes to the deepest depth seen, so deep estimates stay
+fresh. A request starts from what the previous request of its kind (same target, drafter, drafter
+options and sampling) learned: its estimates, and whether drafting was off.
+
+This is SmartSpec's expected-goodput rule (Liu et al., 2024) for one request. For drafters that
+score their nodes (``Draft.scores``, the product of draft probabilities along a path) ``select``
+cuts the deterministic draft to the prefix-closed set of nodes maximising (1 + calibration * sum
+of kept scores) / (c(n) + drafting cost), and ``plan`` tells the drafter the score a node needs to
+pay (``Budget.min_score``): the confidence stops of SpecDec++ (Huang et al., 2024) and SVIP
+(Zhang et al., 2025) are special cases.
 """
 
 from __future__ import annotations
@@ -31,28 +35,56 @@ from specdecode.policies.base import Budget, StepRecord, register_policy
 from specdecode.policies.cost import CostModel, measured_curve
 from specdecode.types import Draft, SpecDecodeError
 
+# The latest policy per kind of request (target, drafter and its options, sampling): a new request
+# starts from what the last one of its kind learned (acceptance, costs, on or off) instead of
+# paying again to find out. Bounded; decisions never change outputs, so sharing is safe.
+_LATEST: dict[str, AdaptivePolicy] = {}
+_LATEST_LIMIT = 256
+_LEARNED = ("alpha", "depth_cap", "node_ratio", "tree", "scored", "hits", "asks", "t_draft",
+            "t_miss", "t_other_spec", "t_other_plain", "calibration", "interval")
+
 
 class AdaptivePolicy:
     def __init__(self, cost: CostModel, *, ema: float = 0.25, probe_every: int = 8,
-                 max_probe_every: int = 64, prior: float = 0.5) -> None:
+                 max_probe_every: int = 64, prior: float = 0.5, kind: str = "") -> None:
         if not 0.0 < ema <= 1.0:
             raise SpecDecodeError(f"adaptive ema must be in (0, 1], got {ema}")
         if probe_every < 1 or max_probe_every < probe_every:
             raise SpecDecodeError("adaptive needs 1 <= probe_every <= max_probe_every")
         self.cost, self.ema, self.prior = cost, ema, prior
         self.probe_every, self.max_probe_every = probe_every, max_probe_every
-        self.interval, self.off_steps, self.on_steps = probe_every, 0, 0
+        self.interval, self.wait, self.on_steps = probe_every, 0, 0
         self.alpha: list[float] = []  # alpha[d - 1]: P(depth d accepted | depth d - 1 accepted)
         self.depth_cap = 0  # deepest draft seen
         self.node_ratio = 1.0  # nodes per unit depth of the drafter's drafts
         self.tree = self.scored = False
-        self.hit = 1.0  # share of drafting steps with a non-empty draft
+        # share of drafting steps with a non-empty draft: decayed counts with a Laplace prior, so
+        # a drafter that found nothing for a while (cheap to ask again) is still asked
+        self.hits, self.asks = 0.0, 0.0
+        self.prev_off = False  # the last step was plain: this draft paid for catching up
         self.t_draft = self.t_miss = 0.0
         self.t_other_spec: float | None = None
         self.t_other_plain: float | None = None
         self.calibration = 1.0  # observed accepted / predicted sum of scores
+        if kind:
+            self._resume(kind)
+
+    def _resume(self, kind: str) -> None:
+        previous = _LATEST.pop(kind, None)
+        if previous is not None:
+            for name in _LEARNED:
+                value = getattr(previous, name)
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+            self.cost.scale = previous.cost.scale
+        while len(_LATEST) >= _LATEST_LIMIT:
+            _LATEST.pop(next(iter(_LATEST)))
+        _LATEST[kind] = self
 
     # --- the model -------------------------------------------------------------------------
+    @property
+    def hit(self) -> float:
+        return (self.hits + 0.5) / (self.asks + 1.0)
+
     def alpha_at(self, depth: int) -> float:
         if depth <= len(self.alpha):
             return self.alpha[depth - 1]
@@ -100,15 +132,19 @@ class AdaptivePolicy:
     def plan(self, max_nodes: int, max_depth: int) -> Budget:
         if self.depth_cap == 0:  # nothing drafted yet: learn the drafter's shape first
             return Budget(max_nodes, max_depth)
+        if self.wait > 0:  # off: plain steps until the next probe, nothing to recompute
+            self.wait -= 1
+            return Budget(0, 0)
         depth, rate = self.best_depth(max_nodes, max_depth)
         if depth == 0:
-            self.off_steps += 1
-            if self.off_steps < self.interval:
+            if not self.prev_off:  # drafting stopped paying: off, and probe later
+                self.wait = self.probe_interval(max_nodes, max_depth) - 1
+                self.prev_off = True
                 return Budget(0, 0)
-            self.off_steps, self.interval = 0, min(2 * self.interval, self.max_probe_every)
-            depth = min(max_depth, self.depth_cap)  # a probe: does drafting pay again?
+            self.interval = min(2 * self.interval, self.max_probe_every)
+            depth = min(max_depth, self.depth_cap, 2)  # a short probe: does drafting pay again?
         else:
-            self.off_steps, self.interval = 0, self.probe_every
+            self.interval = self.probe_every
             self.on_steps += 1
             if self.on_steps % self.probe_every == 0:  # now and then look deeper than chosen,
                 depth = min(max_depth, self.depth_cap)  # so deep estimates do not go stale
@@ -119,6 +155,14 @@ class AdaptivePolicy:
         # >= rate * the marginal cost of verifying one more node
         slope = self.cost(nodes + 1, self.tree) - self.cost(nodes, self.tree)
         return Budget(max_nodes, depth, max(0.0, rate * slope / max(self.calibration, 1e-3)))
+
+    def probe_interval(self, max_nodes: int, max_depth: int) -> int:
+        """Plain steps between probes: doubling from ``probe_every``, and never so often that
+        probes cost more than 2% of the plain steps' time (up to ``max_probe_every``)."""
+        depth = max(1, min(max_depth, self.depth_cap, 2))
+        extra = self.step_cost(depth, max_nodes) - self.step_cost(0, max_nodes)
+        by_cost = extra / (0.02 * self.step_cost(0, max_nodes))
+        return int(min(self.max_probe_every, max(self.interval, by_cost)))
 
     def select(self, draft: Draft) -> Draft:
         """Keep the scored nodes that pay (deterministic drafts only; see ``policies.base``)."""
@@ -149,7 +193,9 @@ class AdaptivePolicy:
             self.cost.observe(0, record.verify_s)
             self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
             return
-        self.hit += a * ((record.drafted > 0) - self.hit)
+        caught_up, self.prev_off = self.prev_off, False
+        self.hits = 0.9 * self.hits + (record.drafted > 0)
+        self.asks = 0.9 * self.asks + 1.0
         if record.drafted == 0:  # the drafter found nothing: a plain step that paid for drafting
             self.cost.observe(0, record.verify_s)
             self.t_miss += a * (record.draft_s - self.t_miss)
@@ -157,8 +203,9 @@ class AdaptivePolicy:
             return
         self.tree = record.tree
         self.cost.observe(record.drafted, record.verify_s, record.tree)
-        self.t_draft = _ema(self.t_draft if self.depth_cap else None,
-                            record.draft_s / record.depth, a)
+        if not caught_up or not self.depth_cap:  # catching up after plain steps is not drafting
+            self.t_draft = _ema(self.t_draft if self.depth_cap else None,
+                                record.draft_s / record.depth, a)
         self.t_other_spec = _ema(self.t_other_spec, record.other_s, a)
         self.node_ratio += a * (record.drafted / record.depth - self.node_ratio)
         self.depth_cap = max(self.depth_cap, record.depth)
@@ -178,7 +225,9 @@ def _ema(old: float | None, value: float, a: float) -> float:
 
 @register_policy("adaptive")
 def build_adaptive(build: Any, probe_every: int = 8, max_probe_every: int = 64,
-                   ema: float = 0.25, cost_cache: bool = True) -> AdaptivePolicy:
+                   ema: float = 0.25, cost_cache: bool = True,
+                   remember: bool = True) -> AdaptivePolicy:
     curve = measured_curve(build.target.model, use_disk=cost_cache)
     return AdaptivePolicy(CostModel(curve["chain"], curve["tree"]), ema=ema,
-                          probe_every=probe_every, max_probe_every=max_probe_every)
+                          probe_every=probe_every, max_probe_every=max_probe_every,
+                          kind=getattr(build, "kind", "") if remember else "")
