@@ -83,7 +83,8 @@ def test_follows_a_change_in_acceptance_within_a_few_steps():
     phase["p"] = 0.95
     back = simulate(policy, lambda s: phase["p"], 40, rng, curve=MEDIUM)
     first_on = next(i for i, (b, _) in enumerate(back) if not b.off)
-    assert first_on <= 16, "a probe must find that drafting pays again"
+    # probes come after 8 plain steps, then 16 after a failed one: one of them must find it
+    assert first_on <= 8 + 16, "a probe must find that drafting pays again"
     assert sum(not b.off for b, _ in back[first_on:]) >= 0.8 * len(back[first_on:])
 
 
