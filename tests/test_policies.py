@@ -161,3 +161,15 @@ def test_make_policy_errors_name_the_problem():
         make_policy("fixed", None, depth=3)
     with pytest.raises(SpecDecodeError, match="ema"):
         AdaptivePolicy(CostModel(FLAT), ema=0.0)
+
+
+def test_draft_cost_fits_a_fixed_part_and_a_part_per_depth():
+    from specdecode.policies.adaptive import DraftCost
+
+    cost = DraftCost()
+    cost.add(4, 9.0, provisional=True)  # a first draft that also fed the prompt: dropped later
+    assert cost(4) == pytest.approx(9.0)
+    for depth in [1, 2, 4, 1, 3, 2, 4, 1] * 3:
+        cost.add(depth, 0.5 + 0.6 * depth)
+    cost.add(2, 50.0, provisional=True)  # catching up after plain steps: ignored
+    assert cost(1) == pytest.approx(1.1) and cost(8) == pytest.approx(5.3)

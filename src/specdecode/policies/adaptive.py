@@ -2,20 +2,21 @@
 
 Each step it compares a plain step, rate(0) = 1 / (c(0) + t_other), with drafting to depth D,
 
-    rate(D) = (1 + h * E(D)) / (h * (c(n(D)) + t_draft * D) + (1 - h) * (c(0) + t_miss) + t_other)
+    rate(D) = (1 + h * E(D)) / (h * (c(n(D)) + t_draft(D)) + (1 - h) * (c(0) + t_miss) + t_other)
 
 where c(n) is the target's measured cost of verifying n nodes (``CostModel``: measured once per
 architecture, dtype, device and thread count, cached on disk, rescaled online from the step
-timings), t_draft the drafter's measured cost per unit depth, h the share of steps where the
+timings), t_draft(D) = t0 + t1 * D the drafter's cost (fitted online), h the share of steps where the
 drafter found something to propose, n(D) its observed nodes per depth, and E(D) = sum over d <= D
 of prod_{j <= d} alpha_j the expected accepted tokens, alpha_d being the request's acceptance
 rate at depth d given depth d - 1 was accepted (exponential moving averages).
 
 Speculation is turned off when rate(0) wins and probed again (a draft of depth <= 2) after 8, 16,
-32, 64 plain steps, later when a probe costs more than 2% of the plain steps in between (back to 8
-when it pays); while on, every 8th draft goes to the deepest depth seen, so deep estimates stay
-fresh. A request starts from what the previous request of its kind (same target, drafter, drafter
-options and sampling) learned: its estimates, and whether drafting was off.
+32, 64 plain steps, later when a probe (catching up included) would cost more than 2% of the plain
+steps in between (back to 8 when it pays); while on, every 8th draft goes to the deepest
+depth seen, so deep estimates stay fresh. A request starts from what the previous requests of its
+kind (same target, drafter, drafter options and sampling) learned: costs, and a slow average of
+their acceptance.
 
 This is SmartSpec's expected-goodput rule (Liu et al., 2024) for one request. For drafters that
 score their nodes (``Draft.scores``, the product of draft probabilities along a path) ``select``
@@ -27,6 +28,7 @@ pay (``Budget.min_score``): the confidence stops of SpecDec++ (Huang et al., 202
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -36,16 +38,17 @@ from specdecode.policies.cost import CostModel, measured_curve
 from specdecode.types import Draft, SpecDecodeError
 
 # The latest policy per kind of request (target, drafter and its options, sampling): a new request
-# starts from what the last one of its kind learned (acceptance, costs, on or off) instead of
-# paying again to find out. Bounded; decisions never change outputs, so sharing is safe.
+# starts from what the last one of its kind learned about costs and the drafter's shape instead of
+# paying again to find out, and from a slow average of their acceptance (each request then tracks
+# its own). Bounded; decisions never change outputs, so sharing is safe.
 _LATEST: dict[str, AdaptivePolicy] = {}
 _LATEST_LIMIT = 256
-_LEARNED = ("alpha", "depth_cap", "node_ratio", "tree", "scored", "hits", "asks", "t_draft",
-            "t_miss", "t_other_spec", "t_other_plain", "calibration", "interval")
+_LEARNED = ("depth_cap", "node_ratio", "tree", "scored", "draft_cost", "t_miss", "t_other_spec",
+            "t_other_plain", "calibration", "probe_extra")
 
 
 class AdaptivePolicy:
-    def __init__(self, cost: CostModel, *, ema: float = 0.25, probe_every: int = 8,
+    def __init__(self, cost: CostModel, *, ema: float = 0.3, probe_every: int = 8,
                  max_probe_every: int = 64, prior: float = 0.5, kind: str = "") -> None:
         if not 0.0 < ema <= 1.0:
             raise SpecDecodeError(f"adaptive ema must be in (0, 1], got {ema}")
@@ -55,6 +58,7 @@ class AdaptivePolicy:
         self.probe_every, self.max_probe_every = probe_every, max_probe_every
         self.interval, self.wait, self.on_steps = probe_every, 0, 0
         self.alpha: list[float] = []  # alpha[d - 1]: P(depth d accepted | depth d - 1 accepted)
+        self.prior_alpha: list[float] = []  # where alpha started (earlier requests of its kind)
         self.depth_cap = 0  # deepest draft seen
         self.node_ratio = 1.0  # nodes per unit depth of the drafter's drafts
         self.tree = self.scored = False
@@ -62,7 +66,10 @@ class AdaptivePolicy:
         # a drafter that found nothing for a while (cheap to ask again) is still asked
         self.hits, self.asks = 0.0, 0.0
         self.prev_off = False  # the last step was plain: this draft paid for catching up
-        self.t_draft = self.t_miss = 0.0
+        self.fresh = True  # the request's first draft also fed the drafter the prompt
+        self.probe_extra = 0.0  # what the last probe cost beyond a plain step (catching up too)
+        self.draft_cost = DraftCost()
+        self.t_miss = 0.0
         self.t_other_spec: float | None = None
         self.t_other_plain: float | None = None
         self.calibration = 1.0  # observed accepted / predicted sum of scores
@@ -73,9 +80,13 @@ class AdaptivePolicy:
         previous = _LATEST.pop(kind, None)
         if previous is not None:
             for name in _LEARNED:
-                value = getattr(previous, name)
-                setattr(self, name, list(value) if isinstance(value, list) else value)
+                setattr(self, name, copy.copy(getattr(previous, name)))
             self.cost.scale = previous.cost.scale
+            # acceptance starts from a slow average over the earlier requests of this kind
+            old = previous.prior_alpha
+            self.prior_alpha = [old[d] + 0.3 * (a - old[d]) if d < len(old) else a
+                                for d, a in enumerate(previous.alpha)] + old[len(previous.alpha):]
+            self.alpha = list(self.prior_alpha)
         while len(_LATEST) >= _LATEST_LIMIT:
             _LATEST.pop(next(iter(_LATEST)))
         _LATEST[kind] = self
@@ -90,10 +101,14 @@ class AdaptivePolicy:
             return self.alpha[depth - 1]
         return self.alpha[-1] if self.alpha else self.prior
 
-    def expected_accepted(self, depth: int) -> float:
+    def expected_accepted(self, depth: int, optimistic: bool = False) -> float:
         total, reach = 0.0, 1.0
+        spread = (2.0 - self.ema) / self.ema  # effective sample size of the moving averages
         for d in range(1, depth + 1):
-            reach *= self.alpha_at(d)
+            alpha = self.alpha_at(d)
+            if optimistic:  # one standard error up: off only when drafting clearly does not pay
+                alpha = min(1.0, alpha + (alpha * (1.0 - alpha) / spread) ** 0.5)
+            reach *= alpha
             total += reach
         return total
 
@@ -111,21 +126,31 @@ class AdaptivePolicy:
     def step_cost(self, depth: int, max_nodes: int) -> float:
         if depth == 0:
             return self.cost(0) + self._other(False)
-        drafting = self.cost(self.nodes_for(depth, max_nodes), self.tree) + self.t_draft * depth
+        drafting = self.cost(self.nodes_for(depth, max_nodes), self.tree) + self.draft_cost(depth)
         missing = self.cost(0) + self.t_miss
         return self.hit * drafting + (1 - self.hit) * missing + self._other(True)
 
-    def rate(self, depth: int, max_nodes: int) -> float:
+    def rate(self, depth: int, max_nodes: int, optimistic: bool = False) -> float:
         """Expected emitted tokens per second when drafting to ``depth`` (0: a plain step)."""
-        gain = 1.0 + (self.hit * self.expected_accepted(depth) if depth else 0.0)
+        gain = 1.0 + (self.hit * self.expected_accepted(depth, optimistic) if depth else 0.0)
         return gain / self.step_cost(depth, max_nodes)
 
     def best_depth(self, max_nodes: int, max_depth: int) -> tuple[int, float]:
-        best, best_rate = 0, self.rate(0, max_nodes)
-        for depth in range(1, min(max_depth, self.depth_cap + 1) + 1):
+        """The depth with the best expected rate; 0 only if even an optimistic estimate of the
+        acceptance (one standard error up) says drafting loses: being off when drafting pays costs
+        more than the reverse, most of all for cheap drafters whose hits come in bursts."""
+        plain = self.rate(0, max_nodes)
+        depths = range(1, min(max_depth, self.depth_cap + 1) + 1)
+        best, best_rate = 0, plain
+        for depth in depths:
             rate = self.rate(depth, max_nodes)
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = depth, rate
+        if best == 0:
+            for depth in depths:
+                rate = self.rate(depth, max_nodes, optimistic=True)
+                if rate > best_rate * (1 + 1e-9):
+                    best, best_rate = depth, rate
         return best, best_rate
 
     # --- the Policy protocol -----------------------------------------------------------------
@@ -149,8 +174,8 @@ class AdaptivePolicy:
             if self.on_steps % self.probe_every == 0:  # now and then look deeper than chosen,
                 depth = min(max_depth, self.depth_cap)  # so deep estimates do not go stale
         nodes = self.nodes_for(depth, max_nodes)
-        if not self.scored:
-            return Budget(nodes, depth)
+        if not self.scored:  # the depth bounds the tree; the drafter shapes it
+            return Budget(max_nodes, depth)
         # a scoring drafter gets room and ``select`` cuts; a node pays when calibration * score
         # >= rate * the marginal cost of verifying one more node
         slope = self.cost(nodes + 1, self.tree) - self.cost(nodes, self.tree)
@@ -160,9 +185,11 @@ class AdaptivePolicy:
         """Plain steps between probes: doubling from ``probe_every``, and never so often that
         probes cost more than 2% of the plain steps' time (up to ``max_probe_every``)."""
         depth = max(1, min(max_depth, self.depth_cap, 2))
-        extra = self.step_cost(depth, max_nodes) - self.step_cost(0, max_nodes)
-        by_cost = extra / (0.02 * self.step_cost(0, max_nodes))
-        return int(min(self.max_probe_every, max(self.interval, by_cost)))
+        plain = self.step_cost(0, max_nodes)
+        drafting = (self.cost(self.nodes_for(depth, max_nodes), self.tree)
+                    + self.draft_cost(depth) + self._other(True))
+        extra = max(drafting - plain, self.probe_extra)
+        return int(min(16 * self.max_probe_every, max(self.interval, extra / (0.02 * plain))))
 
     def select(self, draft: Draft) -> Draft:
         """Keep the scored nodes that pay (deterministic drafts only; see ``policies.base``)."""
@@ -172,7 +199,7 @@ class AdaptivePolicy:
         scores = draft.scores.double().tolist()
         tree = bool((draft.parents != torch.arange(-1, len(draft) - 1)).any())
         depth = int(draft.depths().max())
-        sunk = self.t_draft * depth + self._other(True)
+        sunk = self.draft_cost(depth) + self._other(True)
         best_n, best_rate, total = 0, 1.0 / (self.cost(0) + sunk), 0.0
         for n, node in enumerate(order, start=1):
             total += scores[node]
@@ -194,6 +221,9 @@ class AdaptivePolicy:
             self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
             return
         caught_up, self.prev_off = self.prev_off, False
+        if caught_up:
+            self.probe_extra = max(0.0, record.draft_s + record.verify_s + record.other_s
+                                   - self.step_cost(0, record.budget.nodes))
         self.hits = 0.9 * self.hits + (record.drafted > 0)
         self.asks = 0.9 * self.asks + 1.0
         if record.drafted == 0:  # the drafter found nothing: a plain step that paid for drafting
@@ -203,9 +233,10 @@ class AdaptivePolicy:
             return
         self.tree = record.tree
         self.cost.observe(record.drafted, record.verify_s, record.tree)
-        if not caught_up or not self.depth_cap:  # catching up after plain steps is not drafting
-            self.t_draft = _ema(self.t_draft if self.depth_cap else None,
-                                record.draft_s / record.depth, a)
+        first, self.fresh = self.fresh, False
+        # catching up (after plain steps, or on the prompt at a request's first draft) makes
+        # drafting look dearer than it is: such a step counts only while nothing else is known
+        self.draft_cost.add(record.depth, record.draft_s, provisional=caught_up or first)
         self.t_other_spec = _ema(self.t_other_spec, record.other_s, a)
         self.node_ratio += a * (record.drafted / record.depth - self.node_ratio)
         self.depth_cap = max(self.depth_cap, record.depth)
@@ -219,13 +250,43 @@ class AdaptivePolicy:
             self.calibration += a * (ratio - self.calibration)
 
 
+class DraftCost:
+    """The drafter's seconds per draft as t0 + t1 * depth, by least squares with exponential
+    forgetting (a model drafter pays about one forward per depth, a lookup drafter a constant)."""
+
+    def __init__(self, keep: float = 0.95) -> None:
+        self.keep = keep
+        self.w = self.d = self.dd = self.y = self.dy = 0.0
+        self.provisional = False
+
+    def add(self, depth: int, seconds: float, provisional: bool = False) -> None:
+        if provisional and self.w > 0:
+            return
+        if self.provisional or provisional:  # drop the provisional point once a clean one comes
+            self.w = self.d = self.dd = self.y = self.dy = 0.0
+        self.provisional = provisional
+        k = self.keep
+        self.w, self.d, self.dd = k * self.w + 1, k * self.d + depth, k * self.dd + depth * depth
+        self.y, self.dy = k * self.y + seconds, k * self.dy + depth * seconds
+
+    def __call__(self, depth: int) -> float:
+        if self.w == 0:
+            return 0.0
+        mean_d, mean_y = self.d / self.w, self.y / self.w
+        var = self.dd / self.w - mean_d * mean_d
+        if var < 0.05 * mean_d * mean_d:  # one depth seen: proportional
+            return mean_y * depth / mean_d
+        slope = max(0.0, (self.dy / self.w - mean_d * mean_y) / var)
+        return max(0.0, mean_y - slope * mean_d) + slope * depth
+
+
 def _ema(old: float | None, value: float, a: float) -> float:
     return value if old is None else old + a * (value - old)
 
 
 @register_policy("adaptive")
 def build_adaptive(build: Any, probe_every: int = 8, max_probe_every: int = 64,
-                   ema: float = 0.25, cost_cache: bool = True,
+                   ema: float = 0.3, cost_cache: bool = True,
                    remember: bool = True) -> AdaptivePolicy:
     curve = measured_curve(build.target.model, use_disk=cost_cache)
     return AdaptivePolicy(CostModel(curve["chain"], curve["tree"]), ema=ema,
