@@ -105,3 +105,20 @@ def steep_adaptive() -> AdaptivePolicy:
     """The adaptive policy believing verification is expensive (each node costs a third of a step),
     so it turns drafting off and probes: its plain steps and probes run on real drafters."""
     return AdaptivePolicy(CostModel({n: 1e-3 * (1 + n / 3) for n in (0, 1, 2, 4, 8, 16, 64)}))
+
+
+class _FreeDrafting:
+    def add(self, depth: int, seconds: float, provisional: bool = False) -> None:
+        pass
+
+    def __call__(self, depth: int) -> float:
+        return 0.0
+
+
+def eager_adaptive() -> AdaptivePolicy:
+    """The adaptive policy believing drafting is free and verification flat: on tiny test models
+    (where a draft model costs as much as the target) it keeps drafting, so its ``select`` and
+    ``min_score`` cuts are exercised on real drafts."""
+    policy = AdaptivePolicy(CostModel({0: 1e-3, 64: 1.05e-3}))
+    policy.draft_cost = _FreeDrafting()
+    return policy

@@ -37,7 +37,12 @@ def drafter_matrix(target, other, reference, seed, datastore=None):
         ("draft-model", "draft-model", {"draft_model": other, "num_draft_tokens": 3}),
         ("draft-model-self-tree", "draft-model",
          {"draft_model": target, "num_draft_tokens": 4, "tree_width": 3}),
+        ("draft-model-self-dynamic", "draft-model",
+         {"draft_model": target, "tree": "dynamic", "num_draft_tokens": 4, "max_nodes": 8}),
+        ("draft-model-dynamic", "draft-model",
+         {"draft_model": other, "tree": "dynamic", "topk": 2, "max_nodes": 5}),
         ("layer-skip", "layer-skip", {"num_layers": 1, "num_draft_tokens": 3}),
+        ("layer-skip-dynamic", "layer-skip", {"num_layers": 2, "tree": "dynamic", "topk": 3}),
         ("layer-skip-tree", "layer-skip", {"num_layers": 2, "num_draft_tokens": 3,
                                            "tree_width": 2}),
         ("suffix", "suffix", {"max_nodes": 8}),
@@ -124,7 +129,7 @@ def test_greedy_matches_vanilla_under_every_policy(models, datastore, policy):
 
 # never accept by design; the unrelated random draft model may never agree with the target (its
 # acceptance paths are covered by draft-model-self-tree, which drafts with the target itself)
-NEVER_ACCEPTED = {"none", "anti-oracle", "exploding", "draft-model"}
+NEVER_ACCEPTED = {"none", "anti-oracle", "exploding", "draft-model", "draft-model-dynamic"}
 
 
 def test_registered_drafters_are_all_covered():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_prompts, tiny_model
-from drafters_for_tests import FlakyPolicy
+from drafters_for_tests import FlakyPolicy, eager_adaptive
 from scipy.stats import chi2
 
 import specdecode as sd
@@ -76,6 +76,11 @@ CASES = {
     "draft-model-rejection": ("draft-model", {"num_draft_tokens": 2}),
     "ngram-point-mass": ("ngram", {"num_draft_tokens": 3}),
     "draft-model-tree-point-mass": ("draft-model", {"num_draft_tokens": 2, "tree_width": 2}),
+    "draft-model-dynamic-tree": ("draft-model", {"num_draft_tokens": 2, "tree": "dynamic",
+                                                 "topk": 2, "max_nodes": 4}),
+    # adaptive believing drafting is free, so that it keeps drafting (and cutting by score)
+    "draft-model-dynamic-tree-adaptive": ("draft-model", {"num_draft_tokens": 3, "tree": "dynamic",
+                                                          "policy": "eager"}),
     # model-free trees and chains: deterministic proposals, point-mass rule
     "suffix-tree": ("suffix", {"store": "fresh"}),
     "sam-corpus": ("sam", {"corpus_tokens": "likeliest"}),
@@ -117,8 +122,9 @@ def test_rejection_sampling_matches_target_distribution(pair, corpus, case):
         options = dict(options, datastore=corpus[1])
     if options.get("corpus_tokens") == "likeliest":
         options = dict(options, corpus_tokens=[t for doc in corpus[0] for t in doc])
-    if options.get("policy") == "flaky":  # one object, shared by the samples
-        options = dict(options, policy=FlakyPolicy(0))
+    if options.get("policy") in ("flaky", "eager"):  # one object, shared by the samples
+        options = dict(options, policy=FlakyPolicy(0) if options["policy"] == "flaky"
+                       else eager_adaptive())
     if options.get("store") == "fresh":  # learns across the samples, from this test only
         options = dict(options, store=SuffixStore())
     samples = sample(target, drafter, options)

@@ -1,15 +1,23 @@
 """``draft-model``: a smaller causal LM with the target's tokenizer drafts a chain of k tokens
-(Leviathan et al., ICML 2023; Chen et al., 2023), optionally widened into a tree.
+(Leviathan et al., ICML 2023; Chen et al., 2023), or a dynamic tree (EAGLE-2, Li et al., 2024).
 
-With ``tree_width`` w > 1 each chain position also offers the draft's next w - 1 most likely tokens
-as leaf siblings (no extra draft forwards), so a k-chain becomes a k*w-node tree. The draft keeps its
-own KV cache, trimmed to the accepted tokens after every verdict and topped up with the new
-committed tokens at the next proposal (one forward over only those tokens).
+Chain (``tree="chain"``): greedy drafts the draft's argmax; coupled sampling its Gumbel-max under
+the same keyed noise as the target; rejection sampling samples from the processed draft
+distribution, which travels as ``draft_probs``. With ``tree_width`` w > 1 each chain position also
+offers the draft's next w - 1 most likely tokens as leaf siblings (no extra draft forwards).
 
-Greedy: the chain is the draft's argmax. Coupled sampling: the draft's Gumbel-max under the same
-keyed noise as the target (high agreement when the two distributions agree). Rejection sampling with
-a chain: tokens sampled from the processed draft distribution, which travels as ``draft_probs``;
-with a tree the proposal is deterministic (point-mass rule).
+Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by depth, the
+``topk`` best nodes by path probability with their ``topk`` likeliest children (one draft forward
+per depth over the expanded nodes, with a tree mask on the draft's cache), then keeps the best
+``max_nodes``. Under greedy and coupled sampling the children are the draft's top-k, a deterministic
+proposal (greedy / coupled rules). Under rejection sampling they are drawn independently from the
+processed draft distribution (their ``draft_probs``; recursive rejection sampling), the budget spent
+while drawing and no drawn node dropped. Depth is ``min(num_draft_tokens, ctx.max_depth)``, the node
+budget ``min(max_nodes, ctx.budget)``, and nodes scoring below ``ctx.min_score`` are not expanded.
+
+Every draft carries ``scores`` (the product of the draft probabilities along each node's path), so
+a policy can keep only the nodes that pay. The draft keeps its own KV cache, trimmed to the accepted
+tokens after every verdict and topped up with the new committed tokens at the next proposal.
 """
 
 from __future__ import annotations
@@ -17,39 +25,61 @@ from __future__ import annotations
 import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.models.hf import HFModel, load_causal_lm
 from specdecode.sampling import TorchRandom, coupled_choice, processed_probs
-from specdecode.types import Draft, SpecDecodeError, Verdict
+from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
+
+TREES = ("chain", "dynamic")
+
+
+def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The draft's next-token probabilities: processed like the target's when sampling, plain
+    softmax under greedy (there they only rank and score candidates)."""
+    return torch.softmax(logits.float(), -1) if params.greedy else processed_probs(logits, params)
 
 
 class DraftModelDrafter:
-    def __init__(self, model: HFModel, num_draft_tokens: int = 4, tree_width: int = 1) -> None:
-        if num_draft_tokens < 1 or tree_width < 1:
-            raise SpecDecodeError("num_draft_tokens and tree_width must be >= 1")
+    def __init__(self, model: HFModel, num_draft_tokens: int = 4, tree_width: int = 1,
+                 tree: str = "chain", topk: int = 4, max_nodes: int = 12) -> None:
+        if num_draft_tokens < 1 or tree_width < 1 or topk < 1 or max_nodes < 1:
+            raise SpecDecodeError("num_draft_tokens, tree_width, topk and max_nodes must be >= 1")
+        if tree not in TREES:
+            raise SpecDecodeError(f"tree must be one of {', '.join(TREES)}, got {tree!r}")
+        if tree == "dynamic" and tree_width > 1:
+            raise SpecDecodeError("tree_width widens chains; a dynamic tree takes topk and "
+                                  "max_nodes instead (drop tree_width or use tree=chain)")
         self.model, self.k, self.width = model, num_draft_tokens, tree_width
+        self.tree, self.topk, self.max_nodes = tree, topk, max_nodes
         self.model.reset()
         self.rng: TorchRandom | None = None
         self.base = 0  # committed length when the last draft was made
-        self.chain_nodes: list[int] = []
+        self.chain_tokens: list[int] = []  # the chain's tokens, fed to the cache but the last
 
     def propose(self, ctx: DraftContext) -> Draft:
-        width = self.width
-        k = min(self.k, ctx.max_depth, ctx.budget // width)
-        base = len(ctx.tokens)
+        self.chain_tokens, self.base = [], self.model.length  # observe() then keeps the cache as is
         limit = self.model.max_length
-        self.chain_nodes, self.base = [], self.model.length  # observe() then keeps the cache as is
-        if k < 1 or (limit is not None and base + k > limit):
+        depth = min(self.k, ctx.max_depth)
+        if depth < 1 or ctx.budget < 1 or (limit is not None and len(ctx.tokens) + depth > limit):
             return Draft.empty()
-        params = ctx.params
+        logits = self.model.extend(ctx.tokens[self.model.length:], last_only=True)[-1]
+        self.base = len(ctx.tokens)  # the draft cache holds every committed token
+        if self.tree == "dynamic":
+            return self._dynamic(ctx, logits, depth)
+        return self._chain(ctx, logits, min(depth, ctx.budget // self.width))
+
+    def _chain(self, ctx: DraftContext, logits: torch.Tensor, k: int) -> Draft:
+        params, width, base = ctx.params, self.width, len(ctx.tokens)
+        if k < 1:
+            return Draft.empty()
         sampled = not params.greedy and params.mode == "rejection" and width == 1
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
-        logits = self.model.extend(ctx.tokens[self.model.length:], last_only=True)[-1]
-        tokens, parents, rows = [], [], []
-        self.chain_nodes, self.base, prev = [], base, -1
+        tokens, parents, rows, scores = [], [], [], []
+        prev, score = -1, 1.0
         for depth in range(k):
-            probs = None if params.greedy else processed_probs(logits, params)
-            if probs is None:
+            probs = draft_distribution(logits, params)
+            if params.greedy:
                 tok = int(logits.argmax())
             elif sampled:
                 tok = self.rng.categorical(probs)
@@ -58,27 +88,72 @@ class DraftModelDrafter:
                 tok = coupled_choice(probs[None], ctx.seed, [base + depth])[0]
             else:
                 tok = int(probs.argmax())
-            self.chain_nodes.append(len(tokens))
+            parent_score, score = score, score * float(probs[tok])
+            node = len(tokens)
+            self.chain_tokens.append(tok)
             tokens.append(tok)
             parents.append(prev)
+            scores.append(score)
             if width > 1:
-                scores = logits if probs is None else probs
-                for alt in torch.topk(scores, width).indices.tolist():
-                    if alt != tok and len(tokens) - self.chain_nodes[-1] < width:
+                for alt in torch.topk(probs, width).indices.tolist():
+                    if alt != tok and len(tokens) - node < width:
                         tokens.append(alt)
                         parents.append(prev)
-            prev = self.chain_nodes[-1]
-            if depth < k - 1:
-                logits = self.model.extend([tok], last_only=True)[-1]
+                        scores.append(parent_score * float(probs[alt]))
+            prev = node
+            # stop after *keeping* a token whose path score is below what pays (lossless: the
+            # decision to go on never drops a drawn token)
+            if depth == k - 1 or score < ctx.min_score:
+                break
+            logits = self.model.extend([tok], last_only=True)[-1]
         draft_probs = torch.stack(rows) if sampled else None
-        return Draft(torch.tensor(tokens), torch.tensor(parents), draft_probs)
+        return Draft(torch.tensor(tokens), torch.tensor(parents), draft_probs,
+                     scores=torch.tensor(scores, dtype=torch.float64))
+
+    def _dynamic(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+        base = self.base
+        slot: dict[int, int] = {}  # tree node -> its cache index
+
+        def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+            if frontier == [-1]:
+                return draft_distribution(root_logits, ctx.params)[None]
+            start = self.model.length
+            visible = torch.zeros(len(frontier), start + len(frontier), dtype=torch.bool)
+            visible[:, :base] = True
+            positions = []
+            for row, node in enumerate(frontier):
+                visible[row, start + row] = True
+                ancestor, level = parents[node], 1
+                while ancestor >= 0:
+                    visible[row, slot[ancestor]] = True
+                    ancestor, level = parents[ancestor], level + 1
+                positions.append(base - 1 + level)
+                slot[node] = start + row
+            logits = self.model.forward_nodes([tokens[n] for n in frontier], positions, visible)
+            return draft_distribution(logits, ctx.params)
+
+        sampled = not ctx.params.greedy and ctx.params.mode == "rejection"
+        if sampled and self.rng is None:
+            self.rng = TorchRandom(ctx.seed + 0x5EED)
+        try:
+            tree = build_tree(expand, topk=self.topk, depth=depth,
+                              max_nodes=min(self.max_nodes, ctx.budget), min_score=ctx.min_score,
+                              rng=self.rng if sampled else None)
+        finally:
+            self.model.crop(base)  # the tree nodes leave the cache; the committed tokens stay
+        if not tree.tokens:
+            return Draft.empty()
+        return Draft(torch.tensor(tree.tokens), torch.tensor(tree.parents), tree.rows,
+                     scores=torch.tensor(tree.scores, dtype=torch.float64))
 
     def observe(self, verdict: Verdict) -> None:
+        # compare tokens, not node indices: a policy may have re-indexed the draft (Draft.subset)
+        chain = self.chain_tokens
+        accepted = verdict.tokens[:verdict.num_accepted]
         on_chain = 0
-        while on_chain < len(verdict.path) and on_chain < len(self.chain_nodes) \
-                and verdict.path[on_chain] == self.chain_nodes[on_chain]:
+        while on_chain < min(len(accepted), len(chain)) and accepted[on_chain] == chain[on_chain]:
             on_chain += 1
-        fed = max(0, len(self.chain_nodes) - 1)  # the last chain token was never fed
+        fed = max(0, len(chain) - 1)  # the last chain token was never fed
         self.model.crop(self.base + min(on_chain, fed))
 
 
@@ -89,11 +164,12 @@ def check_vocab(target: HFModel, draft: HFModel) -> None:
 
 
 @register("draft-model")
-def build_draft_model(build: BuildContext, num_draft_tokens: int = 4,
-                      tree_width: int = 1) -> DraftModelDrafter:
+def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width: int = 1,
+                      tree: str = "chain", topk: int = 4, max_nodes: int = 12
+                      ) -> DraftModelDrafter:
     if build.draft_model is None:
         raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
                               "--draft-model PATH)")
     draft = HFModel(load_causal_lm(build.draft_model, what="draft model"))
     check_vocab(build.target, draft)
-    return DraftModelDrafter(draft, num_draft_tokens, tree_width)
+    return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes)

@@ -3,7 +3,8 @@
 Verify, Zhang et al., ACL 2024, without their training or layer search).
 
 The shallow model is a view: its modules are the target's own (shared weights, no copy); only the
-decoder-layer list is shortened. It drafts like ``draft-model`` with its own KV cache.
+decoder-layer list is shortened. It drafts like ``draft-model`` (a chain, or a dynamic tree with
+``tree="dynamic"``) with its own KV cache.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def shallow_view(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
 
 @register("layer-skip")
 def build_layer_skip(build: BuildContext, num_layers: int | None = None,
-                     num_draft_tokens: int = 4, tree_width: int = 1) -> DraftModelDrafter:
+                     num_draft_tokens: int = 4, tree_width: int = 1, tree: str = "chain",
+                     topk: int = 4, max_nodes: int = 12) -> DraftModelDrafter:
     model = build.target.model
     if num_layers is None:
         num_layers = max(1, model.config.num_hidden_layers // 2)
     return DraftModelDrafter(HFModel(shallow_view(model, num_layers)), num_draft_tokens,
-                             tree_width)
+                             tree_width, tree, topk, max_nodes)

@@ -140,6 +140,16 @@ class HFModel:
         mask = tree_mask(parents, self.length, self.dtype).to(self.device)
         return self._forward(ids, self.length + depths, mask)
 
+    def forward_nodes(self, ids: list[int], positions: list[int],
+                      visible: torch.Tensor) -> torch.Tensor:
+        """Forward new tree nodes on top of the cache (committed tokens, then earlier tree nodes):
+        ``visible`` [len(ids), cache length + len(ids)] (bool) says which cached entries and which
+        of the new nodes each new node attends to; ``positions`` are their absolute positions.
+        Logits [len(ids), V]. The caller crops the tree nodes away when done."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return self._forward(ids, torch.tensor(positions), mask[None, None].to(self.device))
+
     @torch.inference_mode()
     def keep(self, path: list[int], num_nodes: int) -> None:
         """After ``forward_tree`` over ``num_nodes`` draft nodes, keep the root and ``path``."""
