@@ -10,8 +10,12 @@ import itertools
 import pytest
 import torch
 from conftest import ARCHS, make_prompts, tiny_model, vanilla
-from enumerate_rules import sequence_distribution, target_sequence_distribution, total_variation, \
-    toy_probs
+from enumerate_rules import (
+    sequence_distribution,
+    target_sequence_distribution,
+    total_variation,
+    toy_probs,
+)
 
 import specdecode as sd
 import specdecode.drafters.draft_model as draft_model
@@ -144,6 +148,19 @@ def target_rows(context, tokens, parents):
                                                   for p in paths_of(tokens, parents)])
 
 
+class AcceptAll:
+    """A broken rule's randomness: every acceptance test passes."""
+
+    def __init__(self, rng) -> None:
+        self.rng = rng
+
+    def bernoulli(self, prob: float) -> bool:
+        return self.rng.bernoulli(1.0)
+
+    def categorical(self, probs: torch.Tensor) -> int:
+        return self.rng.categorical(probs)
+
+
 def tree_step(context, *, topk, depth, max_nodes, sampled=False, rows="own", prune_to=None):
     """One step: a builder tree over the toy draft (salt 1), verified by recursive rejection
     (draft_probs given) or the point-mass rule (None). ``rows``/``prune_to`` make broken variants."""
@@ -160,11 +177,11 @@ def tree_step(context, *, topk, depth, max_nodes, sampled=False, rows="own", pru
         if rows == "parent":  # a point-mass tree passed off as sampled
             probs = torch.stack([toy_probs(context + p[:-1], 1)
                                  for p in paths_of(tree.tokens, tree.parents)])
-        elif rows == "none":  # sampled children checked with the point-mass rule
-            probs = None
         draft = Draft(torch.tensor(tree.tokens, dtype=torch.long),
                       torch.tensor(tree.parents, dtype=torch.long), probs)
-        return verify_rejection(draft, target_rows(context, tree.tokens, tree.parents), rng).tokens
+        judge = AcceptAll(rng) if rows == "accept-all" else rng  # no ratio: always accepted
+        return verify_rejection(draft, target_rows(context, tree.tokens, tree.parents),
+                                judge).tokens
 
     return step
 
@@ -185,8 +202,8 @@ def test_recursive_rule_on_sampled_builder_trees_is_exact(topk, depth, max_nodes
 
 @pytest.mark.parametrize("name,kw", [
     ("top-k-children-verified-as-sampled", dict(topk=2, depth=2, max_nodes=3, rows="parent")),
-    ("sampled-children-verified-as-point-masses", dict(topk=2, depth=2, max_nodes=4, sampled=True,
-                                                       rows="none")),
+    ("sampled-children-accepted-without-the-ratio", dict(topk=2, depth=2, max_nodes=4,
+                                                         sampled=True, rows="accept-all")),
     ("sampled-nodes-reranked-by-value", dict(topk=2, depth=2, max_nodes=4, sampled=True,
                                              prune_to=2)),
 ])
@@ -199,7 +216,8 @@ def test_negative_controls_fail(name, kw):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_incremental_tree_forward_matches_fresh_forwards(arch, monkeypatch):
-    """Every row the drafter's tree forwards produce equals a fresh forward of the node's path."""
+    """Every row of the drafter's incremental tree forwards equals a fresh forward of the node's
+    whole path, also on a second proposal over the cache trimmed after the first."""
     model = tiny_model(arch, seed=2, layers=2)
     fresh = HFModel(model)
     seen = []
@@ -207,7 +225,7 @@ def test_incremental_tree_forward_matches_fresh_forwards(arch, monkeypatch):
     def recording_build_tree(expand, **kw):
         def wrapped(frontier, tokens, parents):
             rows = expand(frontier, tokens, parents)
-            seen.append((list(frontier), list(tokens), list(parents), rows))
+            seen.append((context, list(frontier), paths_of(tokens, parents), rows))
             return rows
         return build_tree(wrapped, **kw)
 
@@ -215,20 +233,110 @@ def test_incremental_tree_forward_matches_fresh_forwards(arch, monkeypatch):
     drafter = draft_model.DraftModelDrafter(HFModel(model), num_draft_tokens=3, tree="dynamic",
                                             topk=3, max_nodes=10)
     prompt = make_prompts(3)[2]
-    for extra in ([], [7, 8]):  # a second proposal on top of a cache trimmed after the first
-        tokens = prompt + extra
-        ctx = DraftContext(tokens, len(prompt), 16, 8, SamplingParams(), 0)
-        draft = drafter.propose(ctx)
-        assert drafter.model.length == len(tokens)  # the tree nodes left the cache
-        drafter.observe(sd.Verdict([], [1], len(draft)))
-    assert len(seen) == 6
-    for frontier, tokens, parents, rows in seen:
-        paths = paths_of(tokens, parents)
+    for context in (prompt, prompt + [7, 8]):
+        draft = drafter.propose(DraftContext(context, len(prompt), 16, 8, SamplingParams(), 0))
+        assert len(draft) == 10 and drafter.model.length == len(context)  # tree nodes cropped
+        drafter.observe(sd.Verdict([0], [int(draft.tokens[0]), 7], len(draft)))
+    assert len(seen) == 6 and sum(len(f) for _, f, _, _ in seen) == 2 * (1 + 3 + 3)
+    for context, frontier, paths, rows in seen:
         for node, row in zip(frontier, rows):
-            context = prompt + (list(paths[node]) if node >= 0 else [])
-            if len(seen) and frontier != [-1]:
-                context = [t for t in context]
             fresh.reset()
-            ids = (seen[0] and context)
+            ids = context + (list(paths[node]) if node >= 0 else [])
             expected = torch.softmax(fresh.extend(ids)[-1], -1)
-            del expected, row  # placeholder removed below
+            torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
+
+
+def greedy_cases():
+    return [dict(), dict(max_nodes=1), dict(max_nodes=2), dict(topk=2, num_draft_tokens=6,
+                                                                max_nodes=16)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_dynamic_tree_matches_vanilla(arch):
+    target, other = tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1)
+    for i, prompt in enumerate(make_prompts(4, seed=3)):
+        reference = vanilla(target, prompt, 16)
+        for options in greedy_cases():
+            common = dict(drafter="draft-model", tree="dynamic", max_new_tokens=16,
+                          eos_token_id=[], policy="fixed", **options)
+            out = sd.generate(target, prompt, draft_model=target, **common)
+            assert out.token_ids == reference, (i, options)
+            assert out.stats.accepted > 0
+            if options.get("max_nodes", 12) <= 2:
+                assert max(s.drafted for s in out.steps) <= options["max_nodes"]
+        out = sd.generate(target, prompt, draft_model=other, **common)
+        assert out.token_ids == reference
+    # small budgets from the request: max_draft_nodes caps the tree too
+    out = sd.generate(target, prompt, drafter="draft-model", draft_model=target, tree="dynamic",
+                      max_new_tokens=16, eos_token_id=[], policy="fixed", max_draft_nodes=2)
+    assert out.token_ids == reference and max(s.drafted for s in out.steps) <= 2
+
+
+def test_coupled_sampling_with_a_dynamic_tree_is_identical_to_vanilla():
+    target = tiny_model("qwen2", seed=5)
+    for seed, prompt in enumerate(make_prompts(4)):
+        common = dict(max_new_tokens=16, seed=seed, sampling="coupled", eos_token_id=[],
+                      temperature=1.0, policy="fixed")
+        reference = sd.generate(target, prompt, drafter="none", **common).token_ids
+        out = sd.generate(target, prompt, drafter="draft-model", draft_model=target,
+                          tree="dynamic", **common)
+        assert out.token_ids == reference and out.stats.accepted > 0
+
+
+def test_rejection_sampling_draws_children_from_the_processed_draft():
+    """Under rejection sampling the tree's nodes are drawn, and each carries exactly the processed
+    draft distribution after its parent's path."""
+    model = tiny_model("llama", seed=2, layers=2)
+    fresh = HFModel(model)
+    params = SamplingParams(temperature=0.8, top_k=20)
+    drafter = draft_model.DraftModelDrafter(HFModel(model), num_draft_tokens=3, tree="dynamic",
+                                            topk=2, max_nodes=5)
+    prompt = make_prompts(3)[1]
+    draft = drafter.propose(DraftContext(prompt, len(prompt), 16, 8, params, 7))
+    assert len(draft) == 5 and draft.draft_probs is not None
+    for path, row in zip(paths_of(draft.tokens.tolist(), draft.parents.tolist()), draft.draft_probs):
+        fresh.reset()
+        expected = processed_probs(fresh.extend(prompt + list(path[:-1]))[-1], params)
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
+    out = sd.generate(model, prompt, drafter="draft-model", draft_model=model, tree="dynamic",
+                      max_new_tokens=12, eos_token_id=[], temperature=0.8, top_k=20, seed=1,
+                      policy="fixed")
+    assert len(out.token_ids) == 12 and out.stats.accepted > 0
+
+
+def test_chain_scores_and_min_score():
+    model = tiny_model("llama", seed=2, layers=2)
+    prompt = make_prompts(3)[1]
+    fresh = HFModel(model)
+    drafter = draft_model.DraftModelDrafter(HFModel(model), num_draft_tokens=4)
+    draft = drafter.propose(DraftContext(prompt, len(prompt), 16, 8, SamplingParams(), 0))
+    tokens, score, expected = draft.tokens.tolist(), 1.0, []
+    for i, tok in enumerate(tokens):
+        fresh.reset()
+        score *= float(torch.softmax(fresh.extend(prompt + tokens[:i])[-1], -1)[tok])
+        expected.append(score)
+    assert len(tokens) == 4
+    torch.testing.assert_close(draft.scores, torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    drafter.observe(sd.Verdict([], [tokens[0] + 1], 4))
+    # a sampled chain stops right *after* the first token scoring below min_score
+    cut = expected[1] * 0.999
+    ctx = DraftContext(prompt + [tokens[0] + 1], len(prompt), 16, 8,
+                       SamplingParams(temperature=1.0), 3, min_score=cut)
+    draft = drafter.propose(ctx)
+    assert draft.draft_probs is not None
+    below = [i for i, s in enumerate(draft.scores.tolist()) if s < cut]
+    assert below and below[0] == len(draft) - 1
+
+
+def test_options_and_errors():
+    params = inspect.signature(draft_model.build_draft_model).parameters
+    assert params["tree"].default == "chain" and params["topk"].default == 4
+    assert params["max_nodes"].default == 12
+    model = HFModel(tiny_model("llama", layers=1))
+    with pytest.raises(SpecDecodeError, match="tree_width"):
+        draft_model.DraftModelDrafter(model, tree="dynamic", tree_width=2)
+    with pytest.raises(SpecDecodeError, match="chain, dynamic"):
+        draft_model.DraftModelDrafter(model, tree="bush")
+    with pytest.raises(SpecDecodeError):
+        draft_model.DraftModelDrafter(model, tree="dynamic", topk=0)

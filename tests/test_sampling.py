@@ -89,8 +89,9 @@ CASES = {
     "rest-tree": ("rest", {}),
     "mix-tree": ("mix", {"sources": "sam+token-recycling", "max_nodes": 6}),
     # policies choose the budget (plain steps included); the rules must stay exact
-    "draft-model-rejection-adaptive": ("draft-model", {"num_draft_tokens": 3,
-                                                       "policy": "adaptive"}),
+    # adaptive believing drafting is free (see eager_adaptive): a sampled chain it may stop early
+    "draft-model-rejection-adaptive": ("draft-model", {"num_draft_tokens": 3, "policy": "eager"}),
+    "ngram-point-mass-adaptive": ("ngram", {"num_draft_tokens": 3, "policy": "adaptive"}),
     "draft-model-rejection-flaky": ("draft-model", {"num_draft_tokens": 3, "policy": "flaky"}),
     "ngram-point-mass-heuristic": ("ngram", {"num_draft_tokens": 3, "policy": "heuristic"}),
     "suffix-tree-flaky": ("suffix", {"store": "fresh", "policy": "flaky"}),

@@ -9,11 +9,13 @@ offers the draft's next w - 1 most likely tokens as leaf siblings (no extra draf
 Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by depth, the
 ``topk`` best nodes by path probability with their ``topk`` likeliest children (one draft forward
 per depth over the expanded nodes, with a tree mask on the draft's cache), then keeps the best
-``max_nodes``. Under greedy and coupled sampling the children are the draft's top-k, a deterministic
-proposal (greedy / coupled rules). Under rejection sampling they are drawn independently from the
-processed draft distribution (their ``draft_probs``; recursive rejection sampling), the budget spent
-while drawing and no drawn node dropped. Depth is ``min(num_draft_tokens, ctx.max_depth)``, the node
-budget ``min(max_nodes, ctx.budget)``, and nodes scoring below ``ctx.min_score`` are not expanded.
+``max_nodes``. Under greedy the children are the draft's top-k; under coupled sampling the top-k of
+softmax(log q + g) with the target's keyed Gumbel noise g (the draft's own coupled choice first):
+deterministic proposals (greedy / coupled rules). Under rejection sampling they are drawn from the
+processed draft distribution, independently (their ``draft_probs``; recursive rejection sampling),
+the budget spent while drawing and no drawn node dropped. Depth is
+``min(num_draft_tokens, ctx.max_depth)``, the node budget ``min(max_nodes, ctx.budget)``, and nodes
+scoring below ``ctx.min_score`` are not expanded.
 
 Every draft carries ``scores`` (the product of the draft probabilities along each node's path), so
 a policy can keep only the nodes that pay. The draft keeps its own KV cache, trimmed to the accepted
@@ -27,7 +29,7 @@ import torch
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.models.hf import HFModel, load_causal_lm
-from specdecode.sampling import TorchRandom, coupled_choice, processed_probs
+from specdecode.sampling import TorchRandom, coupled_choice, keyed_gumbel, processed_probs
 from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
 
 TREES = ("chain", "dynamic")
@@ -37,6 +39,14 @@ def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     """The draft's next-token probabilities: processed like the target's when sampling, plain
     softmax under greedy (there they only rank and score candidates)."""
     return torch.softmax(logits.float(), -1) if params.greedy else processed_probs(logits, params)
+
+
+def coupled_ranking(probs: torch.Tensor, seed: int, positions: list[int]) -> torch.Tensor:
+    """Under coupled sampling the target emits argmax(log p + g) with keyed Gumbel noise g known in
+    advance, so the draft ranks candidates by softmax(log q + g): its own coupled choice first,
+    then the tokens that would win were p a little different from q. Rows [n, V] (float64)."""
+    noise = keyed_gumbel(seed, positions, probs.size(-1))
+    return torch.softmax(torch.log(probs.double()) + noise, -1)
 
 
 class DraftModelDrafter:
@@ -113,10 +123,16 @@ class DraftModelDrafter:
     def _dynamic(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
         base = self.base
         slot: dict[int, int] = {}  # tree node -> its cache index
+        coupled = not ctx.params.greedy and ctx.params.mode == "coupled"
+
+        def rank(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
+            """Rows choosing and scoring the children at absolute ``positions``."""
+            probs = draft_distribution(logits, ctx.params)
+            return coupled_ranking(probs, ctx.seed, positions) if coupled else probs
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
             if frontier == [-1]:
-                return draft_distribution(root_logits, ctx.params)[None]
+                return rank(root_logits[None], [base])
             start = self.model.length
             visible = torch.zeros(len(frontier), start + len(frontier), dtype=torch.bool)
             visible[:, :base] = True
@@ -130,7 +146,7 @@ class DraftModelDrafter:
                 positions.append(base - 1 + level)
                 slot[node] = start + row
             logits = self.model.forward_nodes([tokens[n] for n in frontier], positions, visible)
-            return draft_distribution(logits, ctx.params)
+            return rank(logits, [p + 1 for p in positions])
 
         sampled = not ctx.params.greedy and ctx.params.mode == "rejection"
         if sampled and self.rng is None:
