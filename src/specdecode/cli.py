@@ -165,6 +165,13 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
                    f"{report['speedup']:.2f}x; output {same}")
 
 
+def option_text(param) -> str:
+    """``name=default`` (or ``name`` when required) for ``specdecode drafters``."""
+    if param.kind is param.VAR_KEYWORD:
+        return "<any source's options>"
+    return param.name if param.default is param.empty else f"{param.name}={param.default!r}"
+
+
 @main.command()
 def drafters() -> None:
     """List the registered drafters and policies, each with its options and the first line of its
@@ -176,8 +183,8 @@ def drafters() -> None:
 
     for name in sorted(REGISTRY):
         factory = REGISTRY[name]
-        options = [("<any source's options>" if p.kind is p.VAR_KEYWORD else p.name)
-                   for p in inspect.signature(factory).parameters.values() if p.name != "build"]
+        options = [option_text(p) for p in inspect.signature(factory).parameters.values()
+                   if p.name != "build"]
         doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
         click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
     from specdecode.policies import POLICIES
@@ -185,7 +192,8 @@ def drafters() -> None:
     click.echo("\npolicies (--policy / policy=...):")
     for name in sorted(POLICIES):
         factory = POLICIES[name]
-        options = [p for p in inspect.signature(factory).parameters if p != "build"]
+        options = [option_text(p) for p in inspect.signature(factory).parameters.values()
+                   if p.name != "build"]
         doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
         click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
 
