@@ -42,6 +42,7 @@ def drafter_matrix(target, other, reference, seed, datastore=None):
         ("draft-model-dynamic", "draft-model",
          {"draft_model": other, "tree": "dynamic", "topk": 2, "max_nodes": 5}),
         ("layer-skip", "layer-skip", {"num_layers": 1, "num_draft_tokens": 3}),
+        ("layer-skip-auto", "layer-skip", {"num_draft_tokens": 3}),
         ("layer-skip-dynamic", "layer-skip", {"num_layers": 2, "tree": "dynamic", "topk": 3}),
         ("layer-skip-tree", "layer-skip", {"num_layers": 2, "num_draft_tokens": 3,
                                            "tree_width": 2}),

@@ -76,6 +76,7 @@ CASES = {
     "draft-model-rejection": ("draft-model", {"num_draft_tokens": 2}),
     "ngram-point-mass": ("ngram", {"num_draft_tokens": 3}),
     "draft-model-tree-point-mass": ("draft-model", {"num_draft_tokens": 2, "tree_width": 2}),
+    "layer-skip-auto-rejection": ("layer-skip", {"num_draft_tokens": 2}),
     "draft-model-dynamic-tree": ("draft-model", {"num_draft_tokens": 2, "tree": "dynamic",
                                                  "topk": 2, "max_nodes": 4}),
     # adaptive believing drafting is free, so that it keeps drafting (and cutting by score)

@@ -168,7 +168,7 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
 def option_text(param) -> str:
     """``name=default`` (or ``name`` when required) for ``specdecode drafters``."""
     if param.kind is param.VAR_KEYWORD:
-        return "<any source's options>"
+        return "<draft-model options>" if param.name == "options" else "<any source's options>"
     return param.name if param.default is param.empty else f"{param.name}={param.default!r}"
 
 

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 WINDOW = 64  # committed positions scored per measurement
 MIN_LABELS = 4  # fewer labelled positions than this: no measurement yet
-REMEASURE_STEPS = 16  # verdicts between two periodic re-measurements
+REMEASURE_STEPS = 16  # verdicts before the first periodic re-measurement
+MAX_INTERVAL = 128  # the interval doubles while the layer holds, up to this
+DECAY = 0.5  # weight of the earlier measurements when a new one is folded in
 EARLY_STEPS = 4  # verdicts before a drop in acceptance may trigger an early re-measurement
 DROP = 0.25  # "well below the estimate": realised acceptance this far under it
 EMA = 0.2  # weight of the newest step in the realised-acceptance average
@@ -137,11 +139,12 @@ class ExitHead:
 
     @torch.inference_mode()
     def agreement(self, view: torch.nn.Module, ids: list[int], start: int,
-                  labels: torch.Tensor) -> list[float] | None:
-        """Fraction of labelled positions where each layer of ``view`` (the target itself or a
-        shallow view) exits to the target's argmax ``labels`` (-1: unknown). One forward of the
+                  labels: torch.Tensor) -> tuple[list[float], int] | None:
+        """(hits per exit layer, positions): at how many labelled positions each layer of ``view``
+        (the target itself or a shallow view) exits to the target's argmax ``labels`` (-1: not
+        scored), out of how many. One forward of the
         view's body over ``ids`` (absolute positions from ``start``), no cache kept. The first call
-        must use the full target: it checks that norm(last layer) is the body's own output, and
+        checks that the norm applied to the view's last layer is the body's own output, and
         returns None when it is not (then the structure was not recognised)."""
         body = view.base_model
         layers = getattr(body, self.layers_name)
@@ -150,10 +153,11 @@ class ExitHead:
         def record(_module: Any, _args: Any, output: Any) -> None:
             outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
 
+        device = next(body.parameters()).device
         hooks = [layer.register_forward_hook(record) for layer in layers]
         try:
-            final = body(input_ids=torch.tensor([ids]), use_cache=False,
-                         position_ids=torch.arange(start, start + len(ids))[None]
+            final = body(input_ids=torch.tensor([ids], device=device), use_cache=False,
+                         position_ids=torch.arange(start, start + len(ids), device=device)[None]
                          ).last_hidden_state
         finally:
             for hook in hooks:
@@ -165,13 +169,13 @@ class ExitHead:
                                   rtol=1e-2, atol=1e-3):
                 return None
             self.checked = True
+        labels = labels.to(device)
         known = labels >= 0
-        count = int(known.sum())
-        result = []
-        for hidden in outputs[:self.candidates]:
+        hits = []
+        for hidden in outputs[:self.candidates]:  # the LM head only at the scored positions
             guess = self.logits(hidden[0][known]).argmax(-1)
-            result.append(float((guess == labels[known]).sum()) / count)
-        return result
+            hits.append(float((guess == labels[known]).sum()))
+        return hits, int(known.sum())
 
 
 class LayerSkipDrafter:
@@ -203,6 +207,10 @@ class LayerSkipDrafter:
         self.steps = 0  # verdicts seen
         self.since = 0  # verdicts since the last measurement
         self.measured = False
+        self.interval = REMEASURE_STEPS  # verdicts until the next periodic measurement
+        self.scored = 0  # positions below this were scored already
+        self.hits: list[float] = []  # decayed agreements per candidate layer
+        self.count = 0.0  # decayed positions scored
         self.estimate = 0.0  # the current layer's measured agreement (minus tolerated drift)
         self.realised = 0.0  # EMA of per-step acceptance
 
@@ -216,7 +224,12 @@ class LayerSkipDrafter:
                 for pos, row in enumerate(ctx.prefill_topk_ids[:, 0].tolist()):
                     self.labels[pos] = int(row)
             if self._due():
-                self._measure()
+                try:
+                    self._measure()
+                except Exception as err:  # noqa: BLE001 - a failed measurement must not stop drafts
+                    log.warning("layer-skip: measuring agreement failed (%s: %s); keeping %d "
+                                "layers", type(err).__name__, err, self.num_layers)
+                    self.auto = False
         self.base = len(ctx.tokens)
         return self.inner.propose(ctx)
 
@@ -238,34 +251,40 @@ class LayerSkipDrafter:
             self.realised += EMA * (accepted / tries - self.realised)
 
     def _due(self) -> bool:
-        if not self.measured:
-            return True
-        if self.since >= REMEASURE_STEPS:
+        if not self.measured or self.since >= self.interval:
             return True
         return self.since >= EARLY_STEPS and self.realised < self.estimate - DROP
 
     def _measure(self) -> None:
-        """Score every candidate layer on the last <= ``WINDOW`` labelled committed positions and
-        move to the best one (when it beats the current one by ``SWITCH_GAIN``)."""
+        """Score every candidate layer at the committed positions not scored yet (their context:
+        the last <= ``WINDOW`` tokens), fold the counts into decayed totals, and move to the best
+        layer when it beats the current one by ``SWITCH_GAIN``. While the layer holds, the interval
+        between periodic measurements doubles (up to ``MAX_INTERVAL``): it is cheap, not free."""
         tokens = self.tokens
         end = len(tokens) - 1  # the pending token's successor is not known yet
         start = max(0, end - WINDOW)
-        labels = [self.labels.get(p, -1) for p in range(start, end)]
+        labels = [self.labels.get(p, -1) if p >= self.scored else -1 for p in range(start, end)]
         if self.greedy:  # greedy commits the target's argmax: the next token is the label
-            labels = [lab if lab >= 0 else tokens[p + 1] for p, lab in enumerate(labels, start)]
+            labels = [lab if lab >= 0 or p < self.scored else tokens[p + 1]
+                      for p, lab in enumerate(labels, start)]
         if sum(lab >= 0 for lab in labels) < MIN_LABELS:
             return
-        first = not self.measured
-        agreement = self.exit.agreement(self._deepest(), tokens[start:end], start,
-                                        torch.tensor(labels))
+        early = self.measured and self.since < self.interval
+        counts = self.exit.agreement(self._deepest(), tokens[start:end], start,
+                                     torch.tensor(labels))
         self.since = 0
-        if agreement is None:
+        if counts is None:
             log.info("layer-skip: the final norm of %s was not recognised; keeping a fixed %d "
                      "of %d layers", type(self.model).__name__, self.num_layers, self.total)
             self.auto, self.feedback_topk = False, 0
             return
-        self.measured = True
-        self.labels = {p: v for p, v in self.labels.items() if p >= start}
+        hits, count = counts
+        self.hits = [DECAY * old + new for old, new in zip(self.hits, hits)] or hits
+        self.count = DECAY * self.count + count
+        self.scored = end
+        self.labels = {p: v for p, v in self.labels.items() if p >= end}
+        agreement = [h / self.count for h in self.hits]
+        first, self.measured = not self.measured, True
         layer, _, value = choose_layer(agreement, self.total, self.max_tokens)
         current = agreement[self.num_layers - 1]
         current_value = max(step_value(current, k, self.num_layers, self.total)
@@ -278,10 +297,12 @@ class LayerSkipDrafter:
             self.num_layers = layer
             self.switches.append((self.steps, layer))
             self.estimate = self.realised = agreement[layer - 1]
+            self.interval = REMEASURE_STEPS
         elif first:
             self.estimate = self.realised = current
         else:  # kept: a lasting gap between estimate and outcome is not a reason to re-measure
             self.estimate = min(current, self.realised)
+            self.interval = REMEASURE_STEPS if early else min(2 * self.interval, MAX_INTERVAL)
 
     def _deepest(self) -> torch.nn.Module:
         if self.deepest is None:
@@ -301,11 +322,10 @@ def _check_options(options: dict[str, Any]) -> None:
 
 @register("layer-skip")
 def build_layer_skip(build: BuildContext, num_layers: int | None = None,
-                     num_draft_tokens: int = 4, tree_width: int = 1, tree: str | None = None,
-                     topk: int | None = None, max_nodes: int | None = None,
-                     **options: Any) -> LayerSkipDrafter:
-    """Self-speculation with the target's first ``num_layers`` layers (default: chosen from
-    measured agreement); the other options are ``draft-model``'s."""
+                     num_draft_tokens: int = 4, tree_width: int = 1, tree: str = "chain",
+                     topk: int = 4, max_nodes: int = 12, **options: Any) -> LayerSkipDrafter:
+    """Self-speculation with the target's first ``num_layers`` layers (default None: chosen from
+    measured agreement); the other options are ``draft-model``'s, passed through."""
     model = build.target.model
     total = model.config.num_hidden_layers
     if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)):
@@ -313,8 +333,7 @@ def build_layer_skip(build: BuildContext, num_layers: int | None = None,
                               f"None (automatic), got {num_layers!r}")
     if num_layers is None:
         shallow_view(model, max(1, total // 2))  # a target too shallow to skip fails here
-    extra = {"tree": tree, "topk": topk, "max_nodes": max_nodes}
-    draft_options = dict(num_draft_tokens=num_draft_tokens, tree_width=tree_width,
-                         **{k: v for k, v in extra.items() if v is not None}, **options)
+    draft_options = dict(num_draft_tokens=num_draft_tokens, tree_width=tree_width, tree=tree,
+                         topk=topk, max_nodes=max_nodes, **options)
     _check_options(draft_options)
     return LayerSkipDrafter(model, num_layers, draft_options)
