@@ -44,7 +44,7 @@ from specdecode.types import Draft, SpecDecodeError
 _LATEST: dict[str, AdaptivePolicy] = {}
 _LATEST_LIMIT = 256
 _LEARNED = ("depth_cap", "node_ratio", "tree", "scored", "draft_cost", "t_miss", "t_other_spec",
-            "t_other_plain", "calibration", "probe_extra")
+            "t_other_plain", "calibration", "probe_extra", "hits", "asks")
 
 
 class AdaptivePolicy:
@@ -59,6 +59,7 @@ class AdaptivePolicy:
         self.interval, self.wait, self.on_steps = probe_every, 0, 0
         self.alpha: list[float] = []  # alpha[d - 1]: P(depth d accepted | depth d - 1 accepted)
         self.prior_alpha: list[float] = []  # where alpha started (earlier requests of its kind)
+        self.observed = 0  # drafts verified in this request
         self.depth_cap = 0  # deepest draft seen
         self.node_ratio = 1.0  # nodes per unit depth of the drafter's drafts
         self.tree = self.scored = False
@@ -103,7 +104,9 @@ class AdaptivePolicy:
 
     def expected_accepted(self, depth: int, optimistic: bool = False) -> float:
         total, reach = 0.0, 1.0
-        spread = (2.0 - self.ema) / self.ema  # effective sample size of the moving averages
+        # effective sample size: the moving averages' at most, and few at a request's start (its
+        # acceptance then comes from earlier requests only, and may not hold for this one)
+        spread = min((2.0 - self.ema) / self.ema, 2.0 + self.observed)
         for d in range(1, depth + 1):
             alpha = self.alpha_at(d)
             if optimistic:  # one standard error up: off only when drafting clearly does not pay
@@ -232,6 +235,7 @@ class AdaptivePolicy:
             self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
             return
         self.tree = record.tree
+        self.observed += 1
         self.cost.observe(record.drafted, record.verify_s, record.tree)
         first, self.fresh = self.fresh, False
         # catching up (after plain steps, or on the prompt at a request's first draft) makes

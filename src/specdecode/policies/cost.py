@@ -146,38 +146,31 @@ def interpolate(points: dict[int, float], n: float) -> float:
     return points[hi] + (points[hi] - points[lo]) * (n - hi) / (hi - lo)
 
 
-def monotone(points: dict[int, float]) -> dict[int, float]:
-    """The closest non-decreasing curve (pool-adjacent-violators, equal weights): verifying more
-    nodes never costs less, whatever timing noise says."""
-    xs = sorted(points)
-    blocks: list[list[float]] = []  # [mean, count]
-    for x in xs:
-        blocks.append([points[x], 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            mean, count = blocks.pop()
-            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
-                          blocks[-1][1] + count]
-    values = [mean for mean, count in blocks for _ in range(int(count))]
-    return dict(zip(xs, values))
-
-
 class CostModel:
-    """c(n) in seconds for a chain or tree of n draft nodes: the measured curve times a scale that
-    follows the observed verification timings (an exponential moving average of observed /
-    predicted, each ratio clipped to [0.25, 4] so a hiccup cannot swing it)."""
+    """c(n) in seconds for a chain or tree of n draft nodes: the measured curve (as measured: on CPUs
+    it need not grow with n, verifying 4 tokens can be cheaper than 2) times a correction that
+    follows the observed verification timings: per node count once that count has been seen, a
+    global one otherwise (exponential moving averages of observed / predicted, each ratio clipped to
+    [0.25, 4] so a hiccup cannot swing it)."""
 
     def __init__(self, chain: dict[int, float], tree: dict[int, float] | None = None,
                  ema: float = 0.1) -> None:
         if not chain or 0 not in chain:
             raise SpecDecodeError("a cost curve needs c(0), the cost of a plain step")
-        self.curves = {False: monotone(chain), True: monotone(tree or chain)}
+        self.curves = {False: dict(chain), True: dict(tree or chain)}
         self.ema, self.scale = ema, 1.0
+        self.local: dict[tuple[int, bool], float] = {}
 
     def __call__(self, n: float, tree: bool = False) -> float:
-        return interpolate(self.curves[tree and n > 1], n) * self.scale
+        shape = tree and n > 1
+        return interpolate(self.curves[shape], n) * self.local.get((int(n), shape), self.scale)
 
     def observe(self, n: int, seconds: float, tree: bool = False) -> None:
-        predicted = interpolate(self.curves[tree and n > 1], n)
+        shape = tree and n > 1
+        predicted = interpolate(self.curves[shape], n)
         if predicted > 0 and seconds > 0:
             ratio = min(4.0, max(0.25, seconds / predicted))
             self.scale += self.ema * (ratio - self.scale)
+            key = (n, shape)
+            self.local[key] = self.local.get(key, self.scale) + 2 * self.ema * (
+                ratio - self.local.get(key, self.scale))
