@@ -106,23 +106,29 @@ def test_select_keeps_prefix_closed_nodes_that_pay():
     sampled = Draft(torch.arange(7), parents, torch.full((7, 7), 1 / 7), scores=scores)
     assert len(policy.select(sampled)) == 7
     # nothing pays when verification is very expensive: an empty draft (a plain step)
-    assert len(adaptive(STEEP).select(Draft(torch.arange(2), torch.tensor([-1, 0]),
+    assert len(adaptive(STEEP).select(Draft(torch.arange(2), torch.tensor([-1, -1]),
                                             scores=torch.tensor([0.1, 0.01])))) == 0
 
 
 def test_select_keeps_ancestors_even_against_their_scores():
-    draft = Draft(torch.arange(3), torch.tensor([-1, 0, 1]), scores=torch.tensor([0.1, 0.9, 0.9]))
+    draft = Draft(torch.arange(4), torch.tensor([-1, 0, 1, -1]),
+                  scores=torch.tensor([0.1, 0.9, 0.9, 0.001]))
     kept = adaptive().select(draft)
-    assert len(kept) == 3 and kept.parents.tolist() == [-1, 0, 1]
+    assert kept.tokens.tolist() == [0, 1, 2] and kept.parents.tolist() == [-1, 0, 1]
+
+
+def test_select_leaves_chains_to_the_depth_model():
+    chain = Draft(torch.arange(3), torch.tensor([-1, 0, 1]), scores=torch.tensor([0.5, 0.01, 1e-4]))
+    assert len(adaptive(STEEP).select(chain)) == 3
 
 
 def test_min_score_tells_a_scoring_drafter_what_pays():
     policy = adaptive()
     assert policy.plan(64, 8).min_score == 0.0  # nothing known about the drafter yet
-    policy.observe(StepRecord(Budget(64, 8), 2, 2, 1, 0.01, 1.02, 0.0, False, 1.5))
+    policy.observe(StepRecord(Budget(64, 8), 2, 2, 1, 0.01, 1.02, 0.0, True, 1.5))
     cheap = policy.plan(64, 8)
     policy_steep = adaptive(STEEP)
-    policy_steep.observe(StepRecord(Budget(64, 8), 2, 2, 1, 0.01, 3.0, 0.0, False, 1.5))
+    policy_steep.observe(StepRecord(Budget(64, 8), 2, 2, 1, 0.01, 3.0, 0.0, True, 1.5))
     steep = policy_steep.plan(64, 8)
     assert 0.0 < cheap.min_score < 1.0
     assert steep.off or cheap.min_score < steep.min_score

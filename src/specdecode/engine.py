@@ -71,7 +71,7 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
             proposed = not budget.off
 
             # 1. propose (a failing drafter costs speed, never correctness: plain step instead)
-            draft = Draft.empty()
+            draft = proposed_draft = Draft.empty()
             if proposed:
                 ctx = DraftContext(tokens, len(prompt), budget.nodes, budget.depth, params, seed,
                                    prefill_topk, budget.min_score)
@@ -79,6 +79,7 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
                 try:
                     draft = drafter.propose(ctx).limited(budget.nodes, budget.depth)
                     draft.validate(target.vocab_size)
+                    proposed_draft = draft
                     draft = policy.select(draft)
                     draft.validate(target.vocab_size)
                 except Exception as err:  # noqa: BLE001 - any drafter failure falls back
@@ -126,7 +127,7 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
             step.accepted = min(verdict.num_accepted, len(new))
             step.other_s = time.perf_counter() - accept_start
             step.planned = budget.depth if proposed else 0
-            _observe(policy, budget, draft, verdict.num_accepted, step)
+            _observe(policy, budget, proposed_draft, draft, verdict.num_accepted, step)
             stats.add(step)
             stats.wall_s = time.perf_counter() - start
             yield StepEvent(new, step, finished=reason is not None, finish_reason=reason)
@@ -157,13 +158,16 @@ def _plan(policy: Policy, max_nodes: int, max_depth: int) -> Budget:
         return Budget(max_nodes, max_depth)
 
 
-def _observe(policy: Policy, budget: Budget, draft: Draft, accepted: int, step: StepStats) -> None:
+def _observe(policy: Policy, budget: Budget, proposed: Draft, draft: Draft, accepted: int,
+             step: StepStats) -> None:
     n = len(draft)
     record = StepRecord(
         budget=budget, drafted=n, depth=int(draft.depths().max()) if n else 0, accepted=accepted,
         draft_s=step.draft_s, verify_s=step.verify_s, other_s=step.other_s,
         tree=bool(n and (draft.parents != torch.arange(-1, n - 1)).any()),
-        score_sum=None if draft.scores is None else float(draft.scores.sum()))
+        score_sum=None if draft.scores is None else float(draft.scores.sum()),
+        proposed=len(proposed),
+        proposed_depth=int(proposed.depths().max()) if len(proposed) else 0)
     try:
         policy.observe(record)
     except Exception as err:  # noqa: BLE001

@@ -40,7 +40,8 @@ class Budget:
 class StepRecord:
     """One verified step as a policy sees it. ``depth`` is the verified draft's depth, ``accepted``
     the accepted draft tokens (the path length), ``tree`` whether the draft branched; ``score_sum``
-    the sum of the kept nodes' ``Draft.scores`` (None for unscored drafts)."""
+    the sum of the kept nodes' ``Draft.scores`` (None for unscored drafts); ``proposed`` and
+    ``proposed_depth`` describe the draft before ``select`` cut it."""
 
     budget: Budget
     drafted: int
@@ -51,6 +52,8 @@ class StepRecord:
     other_s: float
     tree: bool = False
     score_sum: float | None = None
+    proposed: int = -1  # nodes the drafter proposed before ``select`` (-1: as drafted)
+    proposed_depth: int = 0
 
 
 @runtime_checkable
