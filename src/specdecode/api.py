@@ -20,7 +20,7 @@ from specdecode.types import (
     StepEvent,
 )
 
-DEFAULT_POLICY = "fixed"
+DEFAULT_POLICY = "adaptive"  # read at call time: tests of drafter mechanics pin "fixed"
 
 
 @dataclass
@@ -90,7 +90,7 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
             sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
-            policy: str | Policy = DEFAULT_POLICY, policy_options: dict | None = None,
+            policy: str | Policy | None = None, policy_options: dict | None = None,
             trust_remote_code: bool = False, **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
@@ -117,6 +117,7 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
                               f"{type(drafter).__name__}")
     build = BuildContext(target=target, draft_model=draft_model,
                          kind=_request_kind(hf, drafter, drafter_options, params))
+    policy = DEFAULT_POLICY if policy is None else policy
     if isinstance(policy, str):
         policy_obj = make_policy(policy, build, **(policy_options or {}))
     elif all(hasattr(policy, m) for m in ("plan", "select", "observe")):
@@ -150,8 +151,8 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     or 1-D tensor. Keyword arguments: ``drafter`` (registered name or Drafter, default "ngram"),
     ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
     ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection" or "coupled"),
-    ``max_draft_nodes``, ``policy`` (how much to draft each step: "fixed", "heuristic" or
-    "adaptive", or a Policy object; ``policy_options`` for a named one), and the drafter's own
+    ``max_draft_nodes``, ``policy`` (how much to draft each step: "adaptive" by default,
+    "fixed", "heuristic", or a Policy object; ``policy_options`` for a named one), and the drafter's own
     options (e.g. ``num_draft_tokens``).
     """
     req = prepare(model, input_ids, **kwargs)
