@@ -51,21 +51,24 @@ def plot_accept_lengths(out_dir: Path, report: dict, path: Path) -> None:
 
 
 def plot_budgets(out_dir: Path, report: dict, path: Path) -> None:
-    """Nodes drafted per step along the first question's first turn, for every method that drafts
-    (steps at 0 are plain steps: the policy turned drafting off, or the drafter found nothing)."""
+    """The draft depth each step's policy allowed along the first question's first turn (0: a
+    plain step), for every method whose budget is a decision (not ``policy=fixed``)."""
     fig, ax = plt.subplots(figsize=(9, 4))
-    plotted = False
+    styles = ["-", "--", ":", "-."]
+    plotted = 0
     for spec in report["methods"]:
         rows = load_answers(method_file(out_dir, spec))
         first = rows[min(rows)]["choices"][0] if rows else {}
-        per_step = first.get("drafted_per_step") or []
-        if spec in ("vanilla", report.get("oracle")) or not per_step or not any(per_step[0]):
+        planned = first.get("planned_per_step") or []
+        if spec in ("vanilla", report.get("oracle")) or "policy=fixed" in spec or not planned:
             continue
-        ax.step(range(len(per_step[0])), per_step[0], where="post", label=spec, alpha=0.8)
-        plotted = True
+        ax.step(range(len(planned[0])), planned[0], where="post", label=spec, alpha=0.85,
+                linestyle=styles[plotted // 10 % len(styles)])
+        plotted += 1
     if plotted:
         ax.set_xlabel("verification step (first question, first turn)")
-        ax.set_ylabel("draft nodes verified")
+        ax.set_ylabel("draft depth allowed (0 = plain step)")
+        ax.set_ylim(-0.5, 16.5)  # a first, unrestricted step allows the whole remaining output
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
