@@ -92,7 +92,7 @@ CASES = {
     # policies choose the budget (plain steps included); the rules must stay exact
     # adaptive believing drafting is free (see eager_adaptive): a sampled chain it may stop early
     "draft-model-rejection-adaptive": ("draft-model", {"num_draft_tokens": 3, "policy": "eager"}),
-    "ngram-point-mass-adaptive": ("ngram", {"num_draft_tokens": 3, "policy": "adaptive"}),
+    "ngram-point-mass-adaptive": ("ngram", {"num_draft_tokens": 3, "policy": "eager"}),
     "draft-model-rejection-flaky": ("draft-model", {"num_draft_tokens": 3, "policy": "flaky"}),
     "ngram-point-mass-heuristic": ("ngram", {"num_draft_tokens": 3, "policy": "heuristic"}),
     "suffix-tree-flaky": ("suffix", {"store": "fresh", "policy": "flaky"}),
