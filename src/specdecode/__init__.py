@@ -2,6 +2,7 @@
 
 from specdecode.api import generate, prepare, stream
 from specdecode.drafters import BuildContext, DraftContext, Drafter, available, register
+from specdecode.policies import Budget, Policy, StepRecord, register_policy
 from specdecode.types import (
     Draft,
     GenerationResult,
@@ -14,7 +15,8 @@ from specdecode.types import (
     Verdict,
 )
 
-__all__ = ["BuildContext", "Draft", "DraftContext", "Drafter", "GenerationResult", "RunStats",
+__all__ = ["Budget", "BuildContext", "Draft", "DraftContext", "Drafter", "GenerationResult",
+           "Policy", "RunStats", "StepRecord", "register_policy",
            "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "TargetFeedback",
            "Verdict", "available",
            "generate", "load_demo", "prepare", "register", "stream"]

@@ -187,8 +187,9 @@ class AdaptivePolicy:
         return Budget(max_nodes, depth, max(0.0, rate * slope / max(self.calibration, 1e-3)))
 
     def probe_interval(self, max_nodes: int, max_depth: int) -> int:
-        """Plain steps between probes: doubling from ``probe_every``, and never so often that
-        probes cost more than 2% of the plain steps' time (up to ``max_probe_every``)."""
+        """Plain steps between probes: doubling from ``probe_every`` up to ``max_probe_every``, and
+        never so often that a probe (its catching up included) costs more than 2% of the plain
+        steps' time in between (at most 16 x ``max_probe_every``)."""
         depth = max(1, min(max_depth, self.depth_cap, 2))
         plain = self.step_cost(0, max_nodes)
         drafting = (self.cost(self.nodes_for(depth, max_nodes), self.tree)
