@@ -84,6 +84,8 @@ class AdaptivePolicy:
         if previous is not None:
             for name in _LEARNED:
                 setattr(self, name, copy.copy(getattr(previous, name)))
+            if self.draft_cost.provisional:  # a one-off first measurement: not worth keeping
+                self.draft_cost = DraftCost()
             self.cost.scale = previous.cost.scale
             # acceptance starts from a slow average over the earlier requests of this kind
             old = previous.prior_alpha
@@ -167,8 +169,9 @@ class AdaptivePolicy:
             return Budget(0, 0)
         depth, rate = self.best_depth(max_nodes, max_depth)
         if depth == 0:
-            if not self.prev_off:  # drafting stopped paying: off, and probe later
-                self.wait = self.probe_interval(max_nodes, max_depth) - 1
+            if not self.prev_off:  # drafting stopped paying: off, and probe later (a request's
+                wait = self.probe_interval(max_nodes, max_depth)  # first probe comes soon enough
+                self.wait = (wait if self.observed else min(wait, self.max_probe_every)) - 1
                 self.prev_off = True
                 return Budget(0, 0)
             self.interval = min(2 * self.interval, self.max_probe_every)
