@@ -46,7 +46,7 @@ from specdecode.types import Draft, SpecDecodeError
 _LATEST: dict[str, AdaptivePolicy] = {}
 _LATEST_LIMIT = 256
 _LEARNED = ("depth_cap", "node_ratio", "tree", "scored", "draft_cost", "t_miss", "t_other_spec",
-            "t_other_plain", "calibration", "probe_extra", "hits", "asks")
+            "t_other_plain", "calibration", "probe_extra", "first_extra", "hits", "asks")
 
 
 class AdaptivePolicy:
@@ -71,6 +71,7 @@ class AdaptivePolicy:
         self.prev_off = False  # the last step was plain: this draft paid for catching up
         self.fresh = True  # the request's first draft also fed the drafter the prompt
         self.probe_extra = 0.0  # what the last probe cost beyond a plain step (catching up too)
+        self.first_extra = 0.0  # the same for a request's first draft (the prompt fed too)
         self.draft_cost = DraftCost()
         self.t_miss = 0.0
         self.t_other_spec: float | None = None
@@ -110,7 +111,10 @@ class AdaptivePolicy:
         total, reach = 0.0, 1.0
         # effective sample size: the moving averages' at most, and few at a request's start (its
         # acceptance then comes from earlier requests only, and may not hold for this one)
-        spread = min((2.0 - self.ema) / self.ema, 2.0 + self.observed)
+        # (unless a request's first draft is dear: feeding it the prompt cost over two steps)
+        spread = (2.0 - self.ema) / self.ema
+        if self.first_extra <= 2.0 * self.cost(0):
+            spread = min(spread, 2.0 + self.observed)
         for d in range(1, depth + 1):
             alpha = self.alpha_at(d)
             if optimistic:  # one standard error up: off only when drafting clearly does not pay
@@ -134,6 +138,8 @@ class AdaptivePolicy:
         if depth == 0:
             return self.cost(0) + self._other(False)
         drafting = self.cost(self.nodes_for(depth, max_nodes), self.tree) + self.draft_cost(depth)
+        if not self.observed:  # a request's first draft also feeds the drafter the prompt
+            drafting = max(drafting, self.cost(0) + self.first_extra)
         missing = self.cost(0) + self.t_miss
         return self.hit * drafting + (1 - self.hit) * missing + self._other(True)
 
@@ -169,9 +175,8 @@ class AdaptivePolicy:
             return Budget(0, 0)
         depth, rate = self.best_depth(max_nodes, max_depth)
         if depth == 0:
-            if not self.prev_off:  # drafting stopped paying: off, and probe later (a request's
-                wait = self.probe_interval(max_nodes, max_depth)  # first probe comes soon enough
-                self.wait = (wait if self.observed else min(wait, self.max_probe_every)) - 1
+            if not self.prev_off:  # drafting stopped paying: off, and probe later
+                self.wait = self.probe_interval(max_nodes, max_depth) - 1
                 self.prev_off = True
                 return Budget(0, 0)
             self.interval = min(2 * self.interval, self.max_probe_every)
@@ -232,9 +237,13 @@ class AdaptivePolicy:
             self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
             return
         caught_up, self.prev_off = self.prev_off, False
-        if caught_up:
-            self.probe_extra = max(0.0, record.draft_s + record.verify_s + record.other_s
-                                   - self.step_cost(0, record.budget.nodes))
+        if caught_up or self.fresh:  # what a probe or a request's first draft costs beyond a
+            extra = max(0.0, record.draft_s + record.verify_s + record.other_s  # plain step,
+                        - self.step_cost(0, record.budget.nodes))  # catching up included
+            if self.fresh:
+                self.first_extra = extra
+            if caught_up:
+                self.probe_extra = extra
         proposed = record.drafted if record.proposed < 0 else record.proposed
         self.hits = 0.9 * self.hits + (proposed > 0)
         self.asks = 0.9 * self.asks + 1.0
