@@ -176,22 +176,21 @@ def option_text(param) -> str:
 def drafters() -> None:
     """List the registered drafters and policies, each with its options and the first line of its
     docs."""
+    from specdecode.drafters import REGISTRY
+    from specdecode.policies import POLICIES
+
+    list_registry(REGISTRY)
+    click.echo("\npolicies (--policy / policy=...):")
+    list_registry(POLICIES)
+
+
+def list_registry(registry: dict) -> None:
+    """Each factory's name, the first paragraph of its module's docs, and its options."""
     import inspect
     import sys
 
-    from specdecode.drafters import REGISTRY
-
-    for name in sorted(REGISTRY):
-        factory = REGISTRY[name]
-        options = [option_text(p) for p in inspect.signature(factory).parameters.values()
-                   if p.name != "build"]
-        doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
-        click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
-    from specdecode.policies import POLICIES
-
-    click.echo("\npolicies (--policy / policy=...):")
-    for name in sorted(POLICIES):
-        factory = POLICIES[name]
+    for name in sorted(registry):
+        factory = registry[name]
         options = [option_text(p) for p in inspect.signature(factory).parameters.values()
                    if p.name != "build"]
         doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]

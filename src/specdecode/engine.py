@@ -10,8 +10,6 @@ import random
 import time
 from collections.abc import Iterator
 
-import torch
-
 from specdecode.drafters.base import DraftContext, Drafter
 from specdecode.models.hf import TargetModel
 from specdecode.policies.base import Budget, Policy, StepRecord
@@ -81,7 +79,8 @@ def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: Sampli
                     draft.validate(target.vocab_size)
                     proposed_draft = draft
                     draft = policy.select(draft)
-                    draft.validate(target.vocab_size)
+                    if draft is not proposed_draft:  # a cut draft is checked again
+                        draft.validate(target.vocab_size)
                 except Exception as err:  # noqa: BLE001 - any drafter failure falls back
                     draft, step.fallback = Draft.empty(), True
                     if not warned:
@@ -161,13 +160,16 @@ def _plan(policy: Policy, max_nodes: int, max_depth: int) -> Budget:
 def _observe(policy: Policy, budget: Budget, proposed: Draft, draft: Draft, accepted: int,
              step: StepStats) -> None:
     n = len(draft)
+    depth = int(draft.depths().max()) if n else 0
+    if proposed is not draft:  # ``select`` cut it
+        proposed_depth = int(proposed.depths().max()) if len(proposed) else 0
+    else:
+        proposed_depth = depth
     record = StepRecord(
-        budget=budget, drafted=n, depth=int(draft.depths().max()) if n else 0, accepted=accepted,
-        draft_s=step.draft_s, verify_s=step.verify_s, other_s=step.other_s,
-        tree=bool(n and (draft.parents != torch.arange(-1, n - 1)).any()),
+        budget=budget, drafted=n, depth=depth, accepted=accepted, draft_s=step.draft_s,
+        verify_s=step.verify_s, other_s=step.other_s, tree=not draft.is_chain(),
         score_sum=None if draft.scores is None else float(draft.scores.sum()),
-        proposed=len(proposed),
-        proposed_depth=int(proposed.depths().max()) if len(proposed) else 0)
+        proposed=len(proposed), proposed_depth=proposed_depth)
     try:
         policy.observe(record)
     except Exception as err:  # noqa: BLE001

@@ -72,6 +72,11 @@ class Draft:
     def __len__(self) -> int:
         return int(self.tokens.numel())
 
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it (an empty draft is a chain)."""
+        n = len(self)
+        return n == 0 or torch.equal(self.parents, torch.arange(-1, n - 1))
+
     def depths(self) -> torch.Tensor:
         """Depth of each node (children of the root have depth 1)."""
         depth = torch.zeros(len(self), dtype=torch.long)

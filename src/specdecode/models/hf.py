@@ -131,10 +131,9 @@ class HFModel:
     def forward_tree(self, root: int, draft: Draft) -> torch.Tensor:
         """One forward over ``[root] + draft.tokens``; logits [n + 1, V]. A chain uses the plain
         causal mask; a tree gets a 4D mask and per-node positions."""
-        n = len(draft)
         ids = [root] + draft.tokens.tolist()
         parents = draft.parents
-        if n == 0 or torch.equal(parents, torch.arange(-1, n - 1)):
+        if draft.is_chain():
             return self.extend(ids)
         depths = torch.cat([torch.zeros(1, dtype=torch.long), draft.depths()])
         mask = tree_mask(parents, self.length, self.dtype).to(self.device)

@@ -209,11 +209,11 @@ class AdaptivePolicy:
         """Keep the scored nodes that pay (deterministic drafts only; see ``policies.base``)."""
         if draft.scores is None or draft.draft_probs is not None or len(draft) == 0:
             return draft
-        if bool((draft.parents == torch.arange(-1, len(draft) - 1)).all()):
+        if draft.is_chain():
             return draft  # chains are cut by the measured acceptance per depth, not by scores
         order = torch.argsort(-draft.scores.double(), stable=True).tolist()
         scores = draft.scores.double().tolist()
-        tree = bool((draft.parents != torch.arange(-1, len(draft) - 1)).any())
+        tree = True  # chains returned above
         depth = int(draft.depths().max())
         sunk = self.draft_cost(depth) + self._other(True)
         best_n, best_rate, total = 0, 1.0 / (self.cost(0) + sunk), 0.0
