@@ -9,14 +9,14 @@ from drafters_for_tests import OraclePrefixTree
 
 from specdecode import SamplingParams
 from specdecode.engine import run
-from specdecode.models.hf import HFModel
+from specdecode.models.hf import BatchTarget, HFModel
 
 
 def test_cache_equals_fresh_prefill_after_every_step(arch):
     model = tiny_model(arch)
     for i, prompt in enumerate(make_prompts(4, seed=7)):
         reference = vanilla(model, prompt, 24)
-        target = HFModel(model)
+        target = BatchTarget(model)
         drafter = OraclePrefixTree(reference, 96, seed=i)
         tokens = list(prompt)
         steps = 0
@@ -28,8 +28,8 @@ def test_cache_equals_fresh_prefill_after_every_step(arch):
             fresh = HFModel(model)
             fresh.reset()
             fresh.extend(tokens[:-1])
-            assert target.length == len(tokens) - 1
-            for (k, v), (fk, fv) in zip(target.cached_kv(), fresh.cached_kv()):
+            assert target.lengths == [len(tokens) - 1]
+            for (k, v), (fk, fv) in zip(target.cached_kv(0), fresh.cached_kv()):
                 assert k.shape == fk.shape
                 torch.testing.assert_close(k, fk, rtol=0, atol=1e-9)
                 torch.testing.assert_close(v, fv, rtol=0, atol=1e-9)

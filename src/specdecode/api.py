@@ -10,7 +10,7 @@ import torch
 
 from specdecode.drafters import BuildContext, Drafter, make_drafter
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
-from specdecode.models.hf import HFModel, load_causal_lm
+from specdecode.models.hf import BatchTarget, load_causal_lm
 from specdecode.policies import Policy, make_policy
 from specdecode.types import (
     GenerationResult,
@@ -29,7 +29,7 @@ DEFAULT_POLICY = "fixed"
 class Request:
     """A fully checked request, ready for the engine."""
 
-    target: HFModel
+    target: BatchTarget
     prompt: list[int]
     drafter: Drafter
     params: SamplingParams
@@ -105,7 +105,7 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     if max_draft_nodes < 0:
         raise SpecDecodeError(f"max_draft_nodes must be >= 0, got {max_draft_nodes}")
     hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code)
-    target = HFModel(hf)
+    target = BatchTarget(hf)
     prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
     if isinstance(drafter, str):
         drafter_obj = make_drafter(drafter, BuildContext(target=target, draft_model=draft_model),

@@ -1,6 +1,12 @@
-"""The decoding loop (DESIGN.md §2): prefill, then propose -> one target forward -> accept -> keep ->
-observe, until ``max_new_tokens`` or EOS. With the ``none`` drafter this is vanilla decoding: the
-oracle every test and benchmark compares against.
+"""The decoding loop (DESIGN.md §2), for a batch of requests: each step, every running request plans
+and proposes its own draft, one target forward verifies all of them together, then each request
+accepts (pure rule), keeps its accepted path in its cache row, tells its drafter and policy, and
+emits, until its ``max_new_tokens`` or EOS. A single request is a batch of one (``run``). With the
+``none`` drafter this is vanilla decoding: the oracle every test and benchmark compares against.
+
+Requests never share anything inside a step but the forward: each has its own drafter, policy,
+random stream (seeded per request) and cache row, and the target sees exactly its own keys, so a
+request's output does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from specdecode.drafters.base import DraftContext, Drafter
 from specdecode.models.hf import TargetModel
@@ -23,123 +30,222 @@ log = logging.getLogger("specdecode")
 DEFAULT_MAX_DRAFT_NODES = 64
 
 
+@dataclass(eq=False)
+class Sequence:
+    """One request in the loop. ``tokens`` are its committed tokens (prompt, then output); its cache
+    row holds all but the last (the pending token). ``stats`` is filled as it goes.
+
+    Two optional drafter hooks, declared rather than type-checked: ``feedback_topk`` (an int > 0:
+    each verdict then carries the target's top-k ids at every verified row, see ``TargetFeedback``,
+    and the first proposal those of the prompt) and ``finish(output)``, called once when the request
+    ends, however it ends (cross-request stores learn there).
+
+    ``policy`` (default ``fixed``) sets each step's budget; when it says 0 nodes the step is a plain
+    step and the drafter is neither asked nor told (it catches up from ``ctx.tokens`` next time).
+    A policy that declares a ``batch_size`` attribute has it set to the number of rows in flight
+    before each ``plan``."""
+
+    prompt: list[int]
+    drafter: Drafter
+    params: SamplingParams
+    max_new_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES
+    policy: Policy = field(default_factory=FixedPolicy)
+    stats: RunStats = field(default_factory=RunStats)
+    tokens: list[int] = field(default_factory=list)
+    generated: int = 0
+    finished: bool = False
+    row: int = -1
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(62)
+        self.rng = TorchRandom(self.seed)
+        self.feedback_topk = int(getattr(self.drafter, "feedback_topk", 0) or 0)
+        self.prefill_topk = None
+        self.warned = False
+        self.start = time.perf_counter()
+        # this step's: budget, proposed and verified draft, stats
+        self.budget = Budget(0, 0)
+        self.proposed = self.draft = Draft.empty()
+        self.step = StepStats()
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+
+class Batch:
+    """The running requests on one target, one cache row each. ``add`` prefills a request (it joins
+    at the next ``step``); ``step`` runs one verification step for all of them and returns their
+    events; a request that finishes leaves the batch at once (its row is freed, its drafter's
+    ``finish`` is called); ``remove`` takes one out early (abort)."""
+
+    def __init__(self, target: TargetModel) -> None:
+        self.target = target
+        self.seqs: list[Sequence] = []  # seqs[r] owns cache row r
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: Sequence) -> None:
+        tokens = seq.tokens
+        need = len(tokens) + seq.max_new_tokens + seq.max_draft_nodes + 1
+        if self.target.max_length is not None:
+            need = min(need, self.target.max_length + seq.max_draft_nodes + 1)
+        seq.row = self.target.add_row(need)
+        self.seqs.append(seq)
+        start = time.perf_counter()
+        if len(tokens) > 1:
+            logits = self.target.prefill(seq.row, tokens[:-1], last_only=not seq.feedback_topk)
+            if seq.feedback_topk:
+                seq.prefill_topk = logits.topk(min(seq.feedback_topk, logits.size(-1)),
+                                               dim=-1).indices
+        seq.stats.prefill_s = time.perf_counter() - start
+
+    def remove(self, seq: Sequence) -> None:
+        """Free ``seq``'s row now and tell its drafter the request ended."""
+        if seq.row < 0:
+            return
+        moved = self.target.remove_row(seq.row)
+        last = self.seqs.pop()
+        if moved is not None:
+            self.seqs[seq.row] = last
+            last.row = seq.row
+        seq.row = -1
+        seq.finished = True
+        seq.stats.wall_s = time.perf_counter() - seq.start
+        finish = getattr(seq.drafter, "finish", None)
+        if finish is not None:
+            try:
+                finish(seq.output)
+            except Exception as err:  # noqa: BLE001 - a drafter bug never changes the output
+                log.warning("drafter.finish failed (%s: %s)", type(err).__name__, err)
+
+    def step(self) -> list[tuple[Sequence, StepEvent]]:
+        """One verification step for every request in the batch."""
+        events: list[tuple[Sequence, StepEvent]] = []
+        done = [s for s in self.seqs if not _room(s, self.target.max_length)]
+        for seq in done:  # nothing left to generate: finished without a forward
+            events.append((seq, StepEvent([], StepStats(), finished=True, finish_reason="length")))
+            self.remove(seq)
+        if not self.seqs:
+            return events
+        for seq in self.seqs:
+            _propose(seq, self.target, len(self.seqs))
+        verify_start = time.perf_counter()
+        all_logits = self.target.step([s.tokens[-1] for s in self.seqs],
+                                      [s.draft for s in self.seqs])
+        verify_s = time.perf_counter() - verify_start
+        tokens_in_forward = len(self.seqs) * max(len(s.draft) + 1 for s in self.seqs)
+        for seq, logits in zip(list(self.seqs), all_logits):
+            event = _commit(seq, self.target, logits, verify_s, len(self.seqs), tokens_in_forward)
+            events.append((seq, event))
+        for seq, event in events:
+            if event.finished and seq.row >= 0:
+                self.remove(seq)
+        return events
+
+
+def _room(seq: Sequence, limit: int | None) -> int:
+    """How many more tokens ``seq`` may emit (output budget and context)."""
+    room = seq.max_new_tokens - seq.generated
+    if limit is not None:
+        room = min(room, limit - len(seq.tokens))
+    return max(0, room)
+
+
+def _propose(seq: Sequence, target: TargetModel, batch_size: int) -> None:
+    """Plan and propose ``seq``'s draft for this step (a failing drafter: an empty draft)."""
+    start = time.perf_counter()
+    seq.step = step = StepStats()
+    # Never draft past the output budget or the context: the bonus token fills the last slot.
+    if hasattr(seq.policy, "batch_size"):
+        seq.policy.batch_size = batch_size
+    seq.budget = budget = _plan(seq.policy, seq.max_draft_nodes, _room(seq, target.max_length) - 1)
+    seq.draft = seq.proposed = Draft.empty()
+    if not budget.off:
+        ctx = DraftContext(seq.tokens, len(seq.prompt), budget.nodes, budget.depth, seq.params,
+                           seq.seed, seq.prefill_topk, budget.min_score)
+        seq.prefill_topk = None
+        try:
+            draft = seq.drafter.propose(ctx).limited(budget.nodes, budget.depth)
+            draft.validate(target.vocab_size)
+            seq.proposed = draft
+            draft = seq.policy.select(draft)
+            if draft is not seq.proposed:  # a cut draft is checked again
+                draft.validate(target.vocab_size)
+            seq.draft = draft
+        except Exception as err:  # noqa: BLE001 - any drafter failure falls back
+            seq.draft = seq.proposed = Draft.empty()
+            step.fallback = True
+            if not seq.warned:
+                log.warning("drafter failed (%s: %s); falling back to plain steps",
+                            type(err).__name__, err)
+                seq.warned = True
+    step.draft_s = time.perf_counter() - start
+
+
+def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_size: int,
+            tokens_in_forward: int) -> StepEvent:
+    """Accept (pure rule), keep the accepted path in the row, feed back, emit."""
+    start = time.perf_counter()
+    step, draft, proposed = seq.step, seq.draft, not seq.budget.off
+    step.verify_s = verify_s
+    verdict = verify(draft, logits, seq.params, seq.rng, seq.seed, base_position=len(seq.tokens))
+    target.keep(seq.row, verdict.path)
+    if seq.feedback_topk and proposed:  # computed once, from the logits this step already has
+        verdict.feedback = TargetFeedback(
+            [seq.tokens[-1]] + draft.tokens.tolist(),
+            logits.topk(min(seq.feedback_topk, logits.size(-1)), dim=-1).indices)
+    if proposed:
+        try:
+            seq.drafter.observe(verdict)
+        except Exception as err:  # noqa: BLE001
+            step.fallback = True
+            log.warning("drafter.observe failed (%s: %s)", type(err).__name__, err)
+
+    # emit, honouring max_new_tokens and EOS inside the accepted tokens exactly
+    new = verdict.tokens[:seq.max_new_tokens - seq.generated]
+    reason = None
+    for i, tok in enumerate(new):
+        if tok in seq.eos_token_ids:
+            new, reason = new[:i + 1], "eos"
+            break
+    seq.tokens.extend(new)
+    seq.generated += len(new)
+    if reason is None and seq.generated >= seq.max_new_tokens:
+        reason = "length"
+    step.drafted, step.emitted = len(draft), len(new)
+    step.accepted = min(verdict.num_accepted, len(new))
+    step.other_s = time.perf_counter() - start
+    step.planned = seq.budget.depth if proposed else 0
+    _observe(seq.policy, seq.budget, seq.proposed, draft, verdict.num_accepted, step, batch_size,
+             tokens_in_forward)
+    seq.stats.add(step)
+    seq.stats.wall_s = time.perf_counter() - seq.start
+    return StepEvent(new, step, finished=reason is not None, finish_reason=reason)
+
+
 def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: SamplingParams, *,
         max_new_tokens: int, eos_token_ids: frozenset[int] = frozenset(),
         max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES, stats: RunStats | None = None,
         policy: Policy | None = None) -> Iterator[StepEvent]:
-    """Decode one request, yielding a ``StepEvent`` per verification step. ``prompt`` is non-empty
-    and fits the target's context (the public API checks both). ``stats`` is filled as it goes.
-
-    Two optional drafter hooks, declared rather than type-checked: ``feedback_topk`` (an int > 0:
-    each verdict then carries the target's top-k ids at every verified row, see ``TargetFeedback``,
-    and the first proposal those of the prompt)
-    and ``finish(output)``, called once when the request ends, however it ends (cross-request stores
-    learn there).
-
-    ``policy`` (default ``fixed``) sets each step's budget; when it says 0 nodes the step is a plain
-    step and the drafter is neither asked nor told (it catches up from ``ctx.tokens`` next time)."""
-    policy = policy if policy is not None else FixedPolicy()
-    stats = stats if stats is not None else RunStats()
-    start = time.perf_counter()
-    seed = params.seed if params.seed is not None else random.getrandbits(62)
-    rng = TorchRandom(seed)
-    tokens = list(prompt)  # committed tokens; the cache holds all but the last (the pending one)
-    feedback_topk = int(getattr(drafter, "feedback_topk", 0) or 0)
-    prefill_topk = None
-    target.reset()
-    if len(tokens) > 1:
-        logits = target.extend(tokens[:-1], last_only=not feedback_topk)
-        if feedback_topk:
-            prefill_topk = logits.topk(min(feedback_topk, logits.size(-1)), dim=-1).indices
-    stats.prefill_s = time.perf_counter() - start
-    limit = target.max_length
-    warned = False
-    generated = 0
+    """Decode one request (a batch of one), yielding a ``StepEvent`` per verification step.
+    ``prompt`` is non-empty and fits the target's context (the public API checks both); ``target``
+    holds no other rows. ``stats`` is filled as it goes."""
+    seq = Sequence(prompt, drafter, params, max_new_tokens, eos_token_ids, max_draft_nodes,
+                   policy if policy is not None else FixedPolicy(),
+                   stats if stats is not None else RunStats())
+    batch = Batch(target)
+    batch.add(seq)
     try:
-        while generated < max_new_tokens:
-            step_start = time.perf_counter()
-            step = StepStats()
-            room = (limit - len(tokens)) if limit is not None else max_new_tokens
-            if room <= 0:
-                yield StepEvent([], step, finished=True, finish_reason="length")
-                break
-            # Never draft past the output budget or the context: the bonus token fills the last slot.
-            max_depth = min(max_new_tokens - generated, room) - 1
-            budget = _plan(policy, max_draft_nodes, max_depth)
-            proposed = not budget.off
-
-            # 1. propose (a failing drafter costs speed, never correctness: plain step instead)
-            draft = proposed_draft = Draft.empty()
-            if proposed:
-                ctx = DraftContext(tokens, len(prompt), budget.nodes, budget.depth, params, seed,
-                                   prefill_topk, budget.min_score)
-                prefill_topk = None
-                try:
-                    draft = drafter.propose(ctx).limited(budget.nodes, budget.depth)
-                    draft.validate(target.vocab_size)
-                    proposed_draft = draft
-                    draft = policy.select(draft)
-                    if draft is not proposed_draft:  # a cut draft is checked again
-                        draft.validate(target.vocab_size)
-                except Exception as err:  # noqa: BLE001 - any drafter failure falls back
-                    draft, step.fallback = Draft.empty(), True
-                    if not warned:
-                        log.warning("drafter failed (%s: %s); falling back to plain steps",
-                                    type(err).__name__, err)
-                        warned = True
-            verify_start = time.perf_counter()
-            step.draft_s = verify_start - step_start
-
-            # 2. one target forward over the pending token and every draft node
-            logits = target.forward_tree(tokens[-1], draft)
-            accept_start = time.perf_counter()
-            step.verify_s = accept_start - verify_start
-
-            # 3. accept (pure function), 4. keep only the accepted path in the cache
-            verdict = verify(draft, logits, params, rng, seed, base_position=len(tokens))
-            target.keep(verdict.path, len(draft))
-            if feedback_topk and proposed:  # computed once, from the logits this step already has
-                verdict.feedback = TargetFeedback(
-                    [tokens[-1]] + draft.tokens.tolist(),
-                    logits.topk(min(feedback_topk, logits.size(-1)), dim=-1).indices)
-
-            # 5. drafter feedback
-            if proposed:
-                try:
-                    drafter.observe(verdict)
-                except Exception as err:  # noqa: BLE001
-                    step.fallback = True
-                    log.warning("drafter.observe failed (%s: %s)", type(err).__name__, err)
-
-            # 6. emit, honouring max_new_tokens and EOS inside the accepted tokens exactly
-            new = verdict.tokens[:max_new_tokens - generated]
-            reason = None
-            for i, tok in enumerate(new):
-                if tok in eos_token_ids:
-                    new, reason = new[:i + 1], "eos"
-                    break
-            tokens.extend(new)
-            generated += len(new)
-            if reason is None and generated >= max_new_tokens:
-                reason = "length"
-            step.drafted, step.emitted = len(draft), len(new)
-            step.accepted = min(verdict.num_accepted, len(new))
-            step.other_s = time.perf_counter() - accept_start
-            step.planned = budget.depth if proposed else 0
-            _observe(policy, budget, proposed_draft, draft, verdict.num_accepted, step)
-            stats.add(step)
-            stats.wall_s = time.perf_counter() - start
-            yield StepEvent(new, step, finished=reason is not None, finish_reason=reason)
-            if reason is not None:
-                break
+        while not seq.finished and seq.max_new_tokens > 0:
+            for _, event in batch.step():
+                yield event
     finally:
-        stats.wall_s = time.perf_counter() - start
-        finish = getattr(drafter, "finish", None)
-        if finish is not None:
-            try:
-                finish(tokens[len(prompt):])
-            except Exception as err:  # noqa: BLE001 - a drafter bug never changes the output
-                log.warning("drafter.finish failed (%s: %s)", type(err).__name__, err)
+        batch.remove(seq)
 
 
 def _plan(policy: Policy, max_nodes: int, max_depth: int) -> Budget:
@@ -158,7 +264,7 @@ def _plan(policy: Policy, max_nodes: int, max_depth: int) -> Budget:
 
 
 def _observe(policy: Policy, budget: Budget, proposed: Draft, draft: Draft, accepted: int,
-             step: StepStats) -> None:
+             step: StepStats, batch_size: int = 1, tokens_in_forward: int = 0) -> None:
     n = len(draft)
     depth = int(draft.depths().max()) if n else 0
     if proposed is not draft:  # ``select`` cut it
@@ -169,7 +275,8 @@ def _observe(policy: Policy, budget: Budget, proposed: Draft, draft: Draft, acce
         budget=budget, drafted=n, depth=depth, accepted=accepted, draft_s=step.draft_s,
         verify_s=step.verify_s, other_s=step.other_s, tree=not draft.is_chain(),
         score_sum=None if draft.scores is None else float(draft.scores.sum()),
-        proposed=len(proposed), proposed_depth=proposed_depth)
+        proposed=len(proposed), proposed_depth=proposed_depth, batch_size=batch_size,
+        batch_tokens=tokens_in_forward or n + 1)
     try:
         policy.observe(record)
     except Exception as err:  # noqa: BLE001

@@ -1,9 +1,13 @@
 """The model adapter over transformers: the only file that touches the HF cache API.
 
-``HFModel`` wraps a causal LM plus one request's KV cache. The cache always holds the committed
-tokens except the last one (the *pending* token), so one step is exactly one forward:
-``[pending] + draft`` with a tree mask, after which ``keep(path)`` leaves the pending token and the
-accepted path in the cache, in order.
+Two adapters, one invariant: a request's cache holds its committed tokens except the last one (the
+*pending* token), so one step is exactly one forward over ``[pending] + draft`` with a tree mask,
+after which ``keep(path)`` leaves the pending token and the accepted path in the cache, in order.
+
+- ``BatchTarget`` (the engine's target): a preallocated cache of many rows, one per running
+  request, each at its own offset. A step runs every row together; nothing is concatenated or
+  copied per step (see ``SlotCache``).
+- ``HFModel``: one request on a growing ``DynamicCache``, with ``crop``; draft models use it.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ from specdecode.types import Draft, SpecDecodeError
 
 
 class TargetModel(Protocol):
-    """What the engine needs from a target (one request; a batch dimension can be added later)."""
+    """What the engine needs from a target: rows (one per running request) with their own caches,
+    a prefill per row, one forward for every row's draft, and ``keep`` per row."""
 
     vocab_size: int
     max_length: int | None
+    lengths: list[int]
 
-    def reset(self) -> None: ...
+    def add_row(self, need: int) -> int: ...
 
-    def extend(self, ids: list[int], last_only: bool = False) -> torch.Tensor: ...
+    def remove_row(self, row: int) -> int | None: ...
 
-    def forward_tree(self, root: int, draft: Draft) -> torch.Tensor: ...
+    def prefill(self, row: int, ids: list[int], last_only: bool = False) -> torch.Tensor: ...
 
-    @torch.inference_mode()
-    def keep(self, path: list[int], num_nodes: int) -> None: ...
+    def step(self, roots: list[int], drafts: list[Draft]) -> list[torch.Tensor]: ...
+
+    def keep(self, row: int, path: list[int]) -> None: ...
 
 
 def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = False,
@@ -82,22 +89,238 @@ def tree_mask(parents: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Ten
     return mask[None, None]
 
 
-class HFModel:
-    """A transformers causal LM with one request's KV cache (used for targets and draft models)."""
+def check_model(model) -> None:
+    """Refuse the models whose cache cannot follow a tree path; make sure masks are honoured."""
+    config = model.config
+    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
+        raise SpecDecodeError("models with sliding-window attention layers are not supported "
+                              "yet (their cache cannot be trimmed to a tree path)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise SpecDecodeError("encoder-decoder models are not supported; give a causal LM")
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in (None, "sdpa", "eager"):
+        model.set_attn_implementation("sdpa")  # tree masks need an implementation that takes them
+
+
+def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
+    """[size, size] bool: row 0 is the pending token, row i+1 draft node i (``parents`` as in
+    ``Draft``); each row reaches itself and its ancestors. Rows past the draft (padding) reach only
+    themselves."""
+    n = len(parents)
+    if parents == list(range(-1, n - 1)):  # a chain: plain causal
+        reach = torch.ones(n + 1, n + 1, dtype=torch.bool).tril_()
+    else:
+        reach = torch.eye(n + 1, dtype=torch.bool)
+        for i, p in enumerate(parents):
+            reach[i + 1] |= reach[p + 1]
+    if size == n + 1:
+        return reach
+    out = torch.eye(size, dtype=torch.bool)
+    out[:n + 1, :n + 1] = reach
+    return out
+
+
+class SlotCache:
+    """A preallocated KV cache for a batch of rows, through the two calls transformers' attention
+    layers make (``update`` and ``get_seq_length``). Layout per layer: [rows, kv heads, capacity,
+    head dim]; row r holds its tokens at slots 0..length_r - 1. Before each forward the owner sets
+    ``rows`` (the batch rows this forward covers, a slice: a view, never a copy), where each row's
+    new entries go (``start`` for a single row's contiguous run, else ``index`` [b, q] slots), and
+    ``kv_len``, the prefix of slots the attention reads (the mask hides what a row must not see).
+    Buffers start zeroed so that masked slots never hold NaN/inf (0 x NaN would leak through)."""
+
+    def __init__(self, num_layers: int, device, dtype) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.device, self.dtype = device, dtype
+        self.capacity_rows, self.capacity_len = 1, 64
+        self.rows = slice(0, 1)
+        self.start: int | None = 0
+        self.index: torch.Tensor | None = None
+        self.kv_len = 0
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Room for ``rows`` rows of ``length`` slots; grows (one copy) only when short."""
+        if rows <= self.capacity_rows and length <= self.capacity_len:
+            return
+        new_rows = max(rows, self.capacity_rows)
+        new_len = max(length, self.capacity_len)
+        if length > self.capacity_len:
+            new_len = max(length, self.capacity_len * 3 // 2)
+        new_len = -(-new_len // 64) * 64
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                if old is None:
+                    continue
+                grown = old.new_zeros(new_rows, old.shape[1], new_len, old.shape[3])
+                grown[:old.shape[0], :, :old.shape[2]] = old
+                store[i] = grown
+        self.capacity_rows, self.capacity_len = new_rows, new_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer_idx] is None:
+            shape = (self.capacity_rows, key_states.shape[1], self.capacity_len, key_states.shape[3])
+            self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+            self.values[layer_idx] = torch.zeros(shape, dtype=value_states.dtype,
+                                                 device=self.device)
+        keys = self.keys[layer_idx][self.rows]
+        values = self.values[layer_idx][self.rows]
+        if self.index is None:
+            q = key_states.shape[2]
+            keys[:, :, self.start:self.start + q] = key_states
+            values[:, :, self.start:self.start + q] = value_states
+        else:
+            index = self.index[:, None, :, None].expand(-1, key_states.shape[1], -1,
+                                                        key_states.shape[3])
+            keys.scatter_(2, index, key_states)
+            values.scatter_(2, index, value_states)
+        return keys[:, :, :self.kv_len], values[:, :, :self.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+    def move(self, src: int, dst: int, src_slots: torch.Tensor | slice, dst_slots: slice) -> None:
+        """Copy row ``src``'s entries at ``src_slots`` to row ``dst`` at ``dst_slots``."""
+        for store in (self.keys, self.values):
+            for buf in store:
+                if buf is not None:
+                    if isinstance(src_slots, slice):
+                        buf[dst, :, dst_slots] = buf[src, :, src_slots]
+                    else:
+                        buf[dst, :, dst_slots] = buf[src].index_select(-2, src_slots)
+
+
+class BatchTarget:
+    """The engine's target: a causal LM and a ``SlotCache`` with one row per running request.
+
+    ``prefill(row, ids)`` feeds one row's prompt; ``step(roots, drafts)`` runs one forward over every
+    row, row r's input being its pending token and its own draft (chain or tree), padded to the
+    longest with masked dummy nodes; ``keep(row, path)`` then moves the accepted path's entries
+    next to the pending token (nothing moves for a chain) and advances the row's length: the
+    rejected nodes' slots are simply overwritten later. Each row sees exactly its own keys: its
+    committed slots plus its own tree ancestors, whatever the other rows hold; padding is never
+    inferred from token values. ``remove_row`` frees a row at once (the last row moves into its
+    place, so the batch stays a prefix of the buffer and every forward reads a view)."""
 
     def __init__(self, model) -> None:
-        config = model.config
-        if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
-            raise SpecDecodeError("models with sliding-window attention layers are not supported "
-                                  "yet (their cache cannot be trimmed to a tree path)")
-        if getattr(config, "is_encoder_decoder", False):
-            raise SpecDecodeError("encoder-decoder models are not supported; give a causal LM")
-        impl = getattr(config, "_attn_implementation", None)
-        if impl not in (None, "sdpa", "eager"):
-            model.set_attn_implementation("sdpa")  # tree masks need an implementation that takes them
+        check_model(model)
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_length = context_length(config)
+        self.max_length = context_length(model.config)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        layers = getattr(model.config, "num_hidden_layers", None)
+        self.cache = SlotCache(int(layers), self.device, self.dtype)
+        self.lengths: list[int] = []
+        self.before: list[int] = []  # row lengths when the last ``step`` began
+        self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def add_row(self, need: int) -> int:
+        """A new empty row with room for ``need`` slots; returns its index (the last)."""
+        self.lengths.append(0)
+        self.cache.reserve(len(self.lengths), need)
+        return len(self.lengths) - 1
+
+    def remove_row(self, row: int) -> int | None:
+        """Free ``row``. The last row moves into it: returns that row's old index (None if ``row``
+        was the last)."""
+        last = len(self.lengths) - 1
+        if row != last:
+            n = self.lengths[last]
+            self.cache.move(last, row, slice(0, n), slice(0, n))
+            self.lengths[row] = n
+        self.lengths.pop()
+        return last if row != last else None
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
+        extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
+        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                         attention_mask=mask.to(self.device), past_key_values=self.cache,
+                         use_cache=True, **extra)
+        return out.logits.float()
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(visible.shape, dtype=self.dtype)
+        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+
+    def prefill(self, row: int, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Causal forward of ``ids`` after row ``row``'s cached tokens; logits [len(ids), V] (with
+        ``last_only``, at least the last row)."""
+        past, q = self.lengths[row], len(ids)
+        self.cache.reserve(len(self.lengths), past + q)
+        cache = self.cache
+        cache.rows, cache.start, cache.index, cache.kv_len = slice(row, row + 1), past, None, past + q
+        visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
+        logits = self._forward(torch.tensor([ids]), torch.arange(past, past + q)[None],
+                               self._additive(visible)[None, None], last_only)
+        self.lengths[row] = past + q
+        return logits[0]
+
+    def step(self, roots: list[int], drafts: list[Draft]) -> list[torch.Tensor]:
+        """One forward over every row: row r's pending token ``roots[r]`` and ``drafts[r]``.
+        Returns logits [len(drafts[r]) + 1, V] per row. Rows' lengths grow by their draft + 1 until
+        ``keep``."""
+        b = len(self.lengths)
+        if len(roots) != b or len(drafts) != b:
+            raise ValueError(f"step needs one root and one draft per row ({b} rows)")
+        sizes = [len(d) + 1 for d in drafts]
+        q = max(sizes)
+        lens = torch.tensor(self.lengths)
+        kv_len = int(lens.max()) + q
+        self.cache.reserve(b, kv_len)
+        ids = torch.zeros(b, q, dtype=torch.long)
+        positions = lens[:, None].repeat(1, q)
+        reach = torch.empty(b, q, q, dtype=torch.bool)
+        for r, draft in enumerate(drafts):
+            ids[r, 0] = roots[r]
+            if sizes[r] > 1:
+                ids[r, 1:sizes[r]] = draft.tokens
+                positions[r, 1:sizes[r]] += draft.depths()
+            reach[r] = reach_matrix(draft.parents.tolist(), q)
+        rel = torch.arange(kv_len)[None, :] - lens[:, None]  # [b, kv_len]: slot - row length
+        window = (rel >= 0) & (rel < q)
+        own = torch.gather(reach, 2, rel.clamp(0, q - 1)[:, None, :].expand(b, q, kv_len))
+        visible = (rel < 0)[:, None, :] | (own & window[:, None, :])
+        cache = self.cache
+        cache.rows, cache.start, cache.kv_len = slice(0, b), None, kv_len
+        cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
+        try:
+            logits = self._forward(ids, positions, self._additive(visible)[:, None])
+        finally:
+            cache.index = None
+        self.before = list(self.lengths)
+        for r in range(b):
+            self.lengths[r] += sizes[r]
+        return [logits[r, :sizes[r]] for r in range(b)]
+
+    @torch.inference_mode()
+    def keep(self, row: int, path: list[int]) -> None:
+        """After ``step``, keep row ``row``'s pending token and the accepted ``path`` (node
+        indices): their entries end up contiguous, in order."""
+        start = self.before[row] + 1  # slot of draft node 0
+        if path != list(range(len(path))):
+            index = torch.tensor([start + i for i in path], device=self.device)
+            self.cache.move(row, row, index, slice(start, start + len(path)))
+        self.lengths[row] = start + len(path)
+
+    def cached_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) [1, heads, length, dim] per layer of one row, for tests."""
+        n = self.lengths[row]
+        return [(k[row:row + 1, :, :n], v[row:row + 1, :, :n])
+                for k, v in zip(self.cache.keys, self.cache.values)]
+
+
+class HFModel:
+    """A transformers causal LM with one request's growing cache (draft models use it)."""
+
+    def __init__(self, model) -> None:
+        check_model(model)
+        self.model = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_length = context_length(model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache = None

@@ -41,7 +41,9 @@ class StepRecord:
     """One verified step as a policy sees it. ``depth`` is the verified draft's depth, ``accepted``
     the accepted draft tokens (the path length), ``tree`` whether the draft branched; ``score_sum``
     the sum of the kept nodes' ``Draft.scores`` (None for unscored drafts); ``proposed`` and
-    ``proposed_depth`` describe the draft before ``select`` cut it."""
+    ``proposed_depth`` describe the draft before ``select`` cut it. ``verify_s`` is the whole
+    forward's time, which verified ``batch_size`` requests' drafts together, ``batch_tokens`` tokens
+    in all (rows x the longest row, padding included)."""
 
     budget: Budget
     drafted: int
@@ -54,6 +56,8 @@ class StepRecord:
     score_sum: float | None = None
     proposed: int = -1  # nodes the drafter proposed before ``select`` (-1: as drafted)
     proposed_depth: int = 0
+    batch_size: int = 1
+    batch_tokens: int = 0  # 0: drafted + 1 (a batch of one)
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specdecode.models.hf import HFModel
+from specdecode.models.hf import BatchTarget
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -38,11 +38,11 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
                       seed: int = 0) -> list[dict]:
     """Median milliseconds per verification forward for each n in ``node_counts`` (chain and tree),
     interleaved so that drift hits every n alike."""
-    target = HFModel(model)
+    target = BatchTarget(model)
     rng = random.Random(seed)
     prompt = [rng.randrange(target.vocab_size) for _ in range(context)]
-    target.reset()
-    target.extend(prompt[:-1], last_only=True)
+    row = target.add_row(context + (repeats + 2) * 2 * len(node_counts) + max(node_counts) + 2)
+    target.prefill(row, prompt[:-1], last_only=True)
     drafts = {}
     for n in node_counts:
         tokens = torch.tensor([rng.randrange(target.vocab_size) for _ in range(n)])
@@ -56,9 +56,9 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
         for n in node_counts:
             for shape, draft in drafts[n].items():
                 start = time.perf_counter()
-                target.forward_tree(prompt[-1], draft)
+                target.step([prompt[-1]], [draft])
                 elapsed = time.perf_counter() - start
-                target.keep([], len(draft))
+                target.keep(row, [])
                 if rep >= 2:
                     times[(n, shape)].append(elapsed)
     base = statistics.median(times[(0, "chain")]) if 0 in node_counts else None
