@@ -3,6 +3,7 @@
 from specdecode.api import generate, prepare, stream
 from specdecode.drafters import BuildContext, DraftContext, Drafter, available, register
 from specdecode.policies import Budget, Policy, StepRecord, register_policy
+from specdecode.scheduler import RequestEvent, Scheduler, generate_batch
 from specdecode.types import (
     Draft,
     GenerationResult,
@@ -16,10 +17,10 @@ from specdecode.types import (
 )
 
 __all__ = ["Budget", "BuildContext", "Draft", "DraftContext", "Drafter", "GenerationResult",
-           "Policy", "RunStats", "StepRecord", "register_policy",
+           "Policy", "RequestEvent", "RunStats", "Scheduler", "StepRecord", "register_policy",
            "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "TargetFeedback",
            "Verdict", "available",
-           "generate", "load_demo", "prepare", "register", "stream"]
+           "generate", "generate_batch", "load_demo", "prepare", "register", "stream"]
 __version__ = "0.1.0"
 
 

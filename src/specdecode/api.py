@@ -93,19 +93,22 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
             sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
             policy: str | Policy | None = None, policy_options: dict | None = None,
-            trust_remote_code: bool = False, **drafter_options: Any) -> Request:
+            trust_remote_code: bool = False, target: BatchTarget | None = None,
+            **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
     ``input_ids``: a list of ints, a 1-D tensor (or [1, n]), or a tokenizer's output with
-    ``input_ids``."""
+    ``input_ids``. ``target``: the scheduler's shared target over ``model`` (default: a new one)."""
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             seed=seed, mode=sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise SpecDecodeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_draft_nodes < 0:
         raise SpecDecodeError(f"max_draft_nodes must be >= 0, got {max_draft_nodes}")
-    hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code)
-    target = BatchTarget(hf)
+    if target is None:
+        hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code)
+        target = BatchTarget(hf)
+    hf = target.model
     prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
     if isinstance(drafter, str):
         drafter_obj = make_drafter(drafter, BuildContext(target=target, draft_model=draft_model),
