@@ -89,12 +89,22 @@ class Batch:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def add(self, seq: Sequence) -> None:
-        tokens = seq.tokens
-        need = len(tokens) + seq.max_new_tokens + seq.max_draft_nodes + 1
+    def _need(self, seq: Sequence) -> int:
+        """Cache slots ``seq`` may use: all its tokens plus one step's draft."""
+        need = len(seq.tokens) + seq.max_new_tokens + seq.max_draft_nodes + 1
         if self.target.max_length is not None:
             need = min(need, self.target.max_length + seq.max_draft_nodes + 1)
-        seq.row = self.target.add_row(need)
+        return need
+
+    def reserve(self, joining: list[Sequence]) -> None:
+        """Make room for ``joining`` at once (one allocation instead of one per request)."""
+        if joining:
+            self.target.reserve(len(self.seqs) + len(joining),
+                                max(self._need(s) for s in joining))
+
+    def add(self, seq: Sequence) -> None:
+        tokens = seq.tokens
+        seq.row = self.target.add_row(self._need(seq))
         self.seqs.append(seq)
         start = time.perf_counter()
         if len(tokens) > 1:

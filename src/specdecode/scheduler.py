@@ -82,6 +82,8 @@ class Scheduler:
     def step(self) -> list[RequestEvent]:
         """Admit what fits, then one verification step for every running request."""
         events: list[RequestEvent] = []
+        room = self.max_batch_size - len(self.batch)
+        self.batch.reserve([seq for _, seq in itertools.islice(self.waiting, max(0, room))])
         while self.waiting and len(self.batch) < self.max_batch_size:
             rid, seq = self.waiting.popleft()
             seq.start = time.perf_counter()  # latency counts from admission; queueing is separate

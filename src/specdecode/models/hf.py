@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specdecode.types import Draft, SpecDecodeError
 
@@ -28,6 +30,8 @@ class TargetModel(Protocol):
     vocab_size: int
     max_length: int | None
     lengths: list[int]
+
+    def reserve(self, rows: int, length: int) -> None: ...
 
     def add_row(self, need: int) -> int: ...
 
@@ -120,6 +124,52 @@ def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
     return out
 
 
+# Rows of a batch whose lengths differ a lot should not all read the longest row's slots: during a
+# ``BatchTarget`` forward the attention runs per group of consecutive rows, each group reading only
+# up to its own longest row (set in ``_CHUNKS``; a view, never a copy).
+ROWS_ATTENTION = "specdecode_rows"
+_CHUNKS: list[tuple[int, int, int]] = []
+CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
+
+
+def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """sdpa over each chunk (first row, end row, slots) of ``_CHUNKS``; plain sdpa without."""
+    if len(_CHUNKS) <= 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    outs = []
+    for r0, r1, slots in _CHUNKS:
+        mask = None if attention_mask is None else attention_mask[r0:r1, ..., :slots]
+        out, _ = sdpa_attention_forward(module, query[r0:r1], key[r0:r1, :, :slots],
+                                        value[r0:r1, :, :slots], mask, *args, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, 0), None
+
+
+AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
+
+
+def plan_chunks(need: list[int], overhead: int = CHUNK_OVERHEAD_SLOTS) -> list[tuple[int, int, int]]:
+    """Split rows 0..b-1 into runs of consecutive rows minimising the slots read plus ``overhead``
+    per run, where a run reads ``rows x its longest need`` (dynamic programming, O(b^2))."""
+    b = len(need)
+    best = [0.0] + [float("inf")] * b
+    cut = [0] * (b + 1)
+    for i in range(1, b + 1):
+        longest = 0
+        for j in range(i - 1, -1, -1):
+            longest = max(longest, need[j])
+            cost = best[j] + (i - j) * longest + overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    chunks = []
+    i = b
+    while i > 0:
+        j = cut[i]
+        chunks.append((j, i, max(need[j:i])))
+        i = j
+    return chunks[::-1]
+
+
 class SlotCache:
     """A preallocated KV cache for a batch of rows, through the two calls transformers' attention
     layers make (``update`` and ``get_seq_length``). Layout per layer: [rows, kv heads, capacity,
@@ -139,11 +189,14 @@ class SlotCache:
         self.index: torch.Tensor | None = None
         self.kv_len = 0
 
+    @torch.inference_mode()
     def reserve(self, rows: int, length: int) -> None:
         """Room for ``rows`` rows of ``length`` slots; grows (one copy) only when short."""
         if rows <= self.capacity_rows and length <= self.capacity_len:
             return
         new_rows = max(rows, self.capacity_rows)
+        if rows > self.capacity_rows:
+            new_rows = max(rows, 2 * self.capacity_rows)
         new_len = max(length, self.capacity_len)
         if length > self.capacity_len:
             new_len = max(length, self.capacity_len * 3 // 2)
@@ -180,6 +233,7 @@ class SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, src_slots: torch.Tensor | slice, dst_slots: slice) -> None:
         """Copy row ``src``'s entries at ``src_slots`` to row ``dst`` at ``dst_slots``."""
         for store in (self.keys, self.values):
@@ -216,6 +270,10 @@ class BatchTarget:
         self.before: list[int] = []  # row lengths when the last ``step`` began
         self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
+    def reserve(self, rows: int, length: int) -> None:
+        """Room for ``rows`` rows of ``length`` slots (allocated once, grown only when short)."""
+        self.cache.reserve(rows, length)
+
     def add_row(self, need: int) -> int:
         """A new empty row with room for ``need`` slots; returns its index (the last)."""
         self.lengths.append(0)
@@ -235,11 +293,24 @@ class BatchTarget:
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 last_only: bool = False) -> torch.Tensor:
+                 last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None
+                 ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                         attention_mask=mask.to(self.device), past_key_values=self.cache,
-                         use_cache=True, **extra)
+        config = self.model.config
+        original = config._attn_implementation_internal
+        chunked = bool(chunks) and len(chunks) > 1 and original == "sdpa"
+        if chunked:  # only for this forward: the user's model is left as it was
+            _CHUNKS[:] = chunks
+            config._attn_implementation_internal = ROWS_ATTENTION
+        try:
+            out = self.model(input_ids=ids.to(self.device),
+                             position_ids=positions.to(self.device),
+                             attention_mask=mask.to(self.device), past_key_values=self.cache,
+                             use_cache=True, **extra)
+        finally:
+            if chunked:
+                config._attn_implementation_internal = original
+                _CHUNKS.clear()
         return out.logits.float()
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
@@ -288,7 +359,9 @@ class BatchTarget:
         cache.rows, cache.start, cache.kv_len = slice(0, b), None, kv_len
         cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
         try:
-            logits = self._forward(ids, positions, self._additive(visible)[:, None])
+            chunks = plan_chunks((lens + q).tolist()) if b > 1 else None
+            logits = self._forward(ids, positions, self._additive(visible)[:, None],
+                                   chunks=chunks)
         finally:
             cache.index = None
         self.before = list(self.lengths)
