@@ -85,7 +85,14 @@ def main() -> None:
               help="Drafter name (`specdecode drafters` lists them with their options).")
 @click.option("--draft-model", type=str, default=None,
               help="Draft model directory for --drafter draft-model (default: demo draft).")
-@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Many prompts: a text file with one prompt per line, or JSONL "
+                                 "with a \"prompt\" (or Spec-Bench \"turns\") field per line. "
+                                 "They run through the continuous-batching scheduler.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="With --prompts-file: requests in flight at once (each row's output is what it "
+                   "would be alone).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt with the tokenizer's chat template.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -106,10 +113,11 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, temperature, top_k, top_p,
-             seed, sampling, num_draft_tokens, options, policy, compare, as_json, threads,
-             trust_remote_code) -> None:
-    """Generate text with speculative decoding and print the step statistics."""
+def generate(target, drafter, draft_model, prompt, prompts_file, batch_size, chat, max_new_tokens,
+             temperature, top_k, top_p, seed, sampling, num_draft_tokens, options, policy, compare,
+             as_json, threads, trust_remote_code) -> None:
+    """Generate text with speculative decoding and print the step statistics (one --prompt, or
+    many from --prompts-file, batched)."""
     import torch
 
     import specdecode as sd
@@ -118,6 +126,10 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
     if threads:
         torch.set_num_threads(threads)
     quiet_transformers()
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give exactly one of --prompt and --prompts-file")
+    if batch_size < 1:
+        raise click.UsageError("--batch-size must be >= 1")
     try:
         sd.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, mode=sampling)
         opts = parse_options(options)
@@ -127,9 +139,14 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
             opts["policy"] = policy
         model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model",
                                               trust_remote_code)
-        ids = encode_prompt(tokenizer, prompt, chat)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, sampling=sampling)
+        if prompts_file is not None:
+            prompts = [encode_prompt(tokenizer, p, chat) for p in read_prompts(prompts_file)]
+            generate_many(model, tokenizer, prompts, batch_size, as_json, compare,
+                          drafter=drafter, draft_model=draft, **common, **opts)
+            return
+        ids = encode_prompt(tokenizer, prompt, chat)
         sd.prepare(model, ids, drafter=drafter, draft_model=draft, **common, **opts)  # checks
         sd.generate(model, ids[:8], drafter="none", max_new_tokens=2)  # warm-up
         start = time.perf_counter()
@@ -163,6 +180,80 @@ def generate(target, drafter, draft_model, prompt, chat, max_new_tokens, tempera
             same += " (rejection sampling matches in distribution, not token by token)"
         click.echo(f"[vanilla] {report['vanilla']['tokens_per_s']:.1f} tokens/s; speedup "
                    f"{report['speedup']:.2f}x; output {same}")
+
+
+def generate_many(model, tokenizer, prompts: list[list[int]], batch_size: int, as_json: bool,
+                  compare: bool, **options) -> None:
+    """``generate --prompts-file``: every prompt through the scheduler, ``batch_size`` in flight;
+    prints each output, then aggregate tokens/s and mean latency (and, with ``compare``, each
+    prompt decoded alone by vanilla: the equality check and its tokens/s)."""
+    from tqdm import tqdm
+
+    import specdecode as sd
+
+    sd.generate_batch(model, [p[:8] for p in prompts[:2]], batch_size=batch_size,
+                      **{**options, "max_new_tokens": 2})  # warm-up (and every option checked)
+    bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=as_json, leave=False)
+    start = time.perf_counter()
+    results = sd.generate_batch(model, prompts, batch_size=batch_size,
+                                progress=lambda n: bar.update(n - bar.n), **options)
+    wall = time.perf_counter() - start
+    bar.close()
+    tokens = sum(len(r.token_ids) for r in results)
+    summary = {"requests": len(prompts), "batch_size": batch_size, "new_tokens": tokens,
+               "wall_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 2),
+               "mean_latency_s": round(sum(r.stats.wall_s for r in results) / len(results), 4),
+               "mat": round(tokens / max(1, sum(r.stats.steps for r in results)), 4)}
+    if compare:
+        common = {k: v for k, v in options.items() if k in (
+            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "sampling")}
+        start = time.perf_counter()
+        base = [sd.generate(model, p, drafter="none", **common) for p in prompts]
+        base_wall = time.perf_counter() - start
+        summary["vanilla_batch1_tokens_per_s"] = round(
+            sum(len(b.token_ids) for b in base) / base_wall, 2)
+        summary["speedup_vs_vanilla_batch1"] = round(
+            summary["tokens_per_s"] / summary["vanilla_batch1_tokens_per_s"], 3)
+        summary["rows_identical_to_vanilla"] = sum(
+            b.token_ids == r.token_ids for b, r in zip(base, results))
+    rows = [{"text": tokenizer.decode(r.token_ids, skip_special_tokens=False),
+             "new_tokens": len(r.token_ids), "finish_reason": r.finish_reason,
+             "steps": r.stats.steps, "mat": round(r.stats.mat, 4),
+             "acceptance_rate": round(r.stats.acceptance_rate, 4),
+             "latency_s": round(r.stats.wall_s, 4)} for r in results]
+    if as_json:
+        click.echo(json.dumps({**summary, "results": rows}))
+        return
+    for i, row in enumerate(rows):
+        click.echo(f"--- [{i}] {row['new_tokens']} tokens, MAT {row['mat']:.2f}, "
+                   f"{row['finish_reason']}\n{row['text']}")
+    click.echo(f"\n[{options.get('drafter')}] {len(prompts)} requests, batch size {batch_size}: "
+               f"{tokens} tokens in {wall:.2f} s, {summary['tokens_per_s']:.1f} tokens/s, "
+               f"mean latency {summary['mean_latency_s']:.2f} s, MAT {summary['mat']:.2f}")
+    if compare:
+        click.echo(f"[vanilla, one at a time] {summary['vanilla_batch1_tokens_per_s']:.1f} "
+                   f"tokens/s; speedup {summary['speedup_vs_vanilla_batch1']:.2f}x; "
+                   f"{summary['rows_identical_to_vanilla']}/{len(prompts)} rows identical")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line (text), or per JSONL line its "prompt" or first Spec-Bench turn."""
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                prompts.append(str(row["prompt"] if "prompt" in row else row["turns"][0]))
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+                raise SpecDecodeError(f"{path}:{n}: expected a JSON object with \"prompt\" or "
+                                      f"\"turns\" ({err})") from err
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise SpecDecodeError(f"{path} holds no prompts")
+    return prompts
 
 
 def option_text(param) -> str:

@@ -18,7 +18,12 @@ depth seen, so deep estimates stay fresh. A request starts from what the previou
 kind (same target, drafter, drafter options and sampling) learned: costs, and a slow average of
 their acceptance.
 
-This is SmartSpec's expected-goodput rule (Liu et al., 2024) for one request. For tree drafters
+In a batch (the engine sets ``batch_size``, the rows in flight) the forward verifies every row at
+once, so a request's share of it is c(B (n + 1) - 1) / B: drafting pays less as the batch grows
+and stops when the forward turns compute-bound. Batched forwards are learned by the tokens they
+held (``StepRecord.batch_tokens``).
+
+This is SmartSpec's expected-goodput rule (Liu et al., 2024), per request. For tree drafters
 that score their nodes (``Draft.scores``, the product of draft probabilities along a path)
 ``select`` cuts the deterministic tree to the prefix-closed set of nodes maximising
 (1 + calibration * sum of kept scores) / (c(n) + drafting cost), and ``plan`` tells the drafter the
@@ -77,6 +82,7 @@ class AdaptivePolicy:
         self.t_other_spec: float | None = None
         self.t_other_plain: float | None = None
         self.calibration = 1.0  # observed accepted / predicted sum of scores
+        self.batch_size = 1  # rows in flight, set by the engine before each ``plan``
         if kind:
             self._resume(kind)
 
@@ -129,6 +135,12 @@ class AdaptivePolicy:
             return min(max_nodes, depth)
         return min(max_nodes, max(depth, round(self.node_ratio * depth)))
 
+    def _verify(self, n: int, tree: bool = False) -> float:
+        """This request's share of a verification forward when each of the ``batch_size`` rows
+        verifies n nodes: c(B (n + 1) - 1) / B (the forward's cost follows the tokens it holds)."""
+        b = max(1, int(self.batch_size))
+        return self.cost(b * (n + 1) - 1, tree) / b
+
     def _other(self, spec: bool) -> float:
         plain = self.t_other_plain if self.t_other_plain is not None else self.t_other_spec
         value = self.t_other_spec if spec else plain
@@ -136,11 +148,11 @@ class AdaptivePolicy:
 
     def step_cost(self, depth: int, max_nodes: int) -> float:
         if depth == 0:
-            return self.cost(0) + self._other(False)
-        drafting = self.cost(self.nodes_for(depth, max_nodes), self.tree) + self.draft_cost(depth)
+            return self._verify(0) + self._other(False)
+        drafting = self._verify(self.nodes_for(depth, max_nodes), self.tree) + self.draft_cost(depth)
         if not self.observed:  # a request's first draft also feeds the drafter the prompt
-            drafting = max(drafting, self.cost(0) + self.first_extra)
-        missing = self.cost(0) + self.t_miss
+            drafting = max(drafting, self._verify(0) + self.first_extra)
+        missing = self._verify(0) + self.t_miss
         return self.hit * drafting + (1 - self.hit) * missing + self._other(True)
 
     def rate(self, depth: int, max_nodes: int, optimistic: bool = False) -> float:
@@ -191,7 +203,7 @@ class AdaptivePolicy:
             return Budget(max_nodes, depth)
         # a scoring drafter gets room and ``select`` cuts; a node pays when calibration * score
         # >= rate * the marginal cost of verifying one more node
-        slope = self.cost(nodes + 1, self.tree) - self.cost(nodes, self.tree)
+        slope = self._verify(nodes + 1, self.tree) - self._verify(nodes, self.tree)
         return Budget(max_nodes, depth, max(0.0, rate * slope / max(self.calibration, 1e-3)))
 
     def probe_interval(self, max_nodes: int, max_depth: int) -> int:
@@ -200,7 +212,7 @@ class AdaptivePolicy:
         steps' time in between (at most 16 x ``max_probe_every``)."""
         depth = max(1, min(max_depth, self.depth_cap, 2))
         plain = self.step_cost(0, max_nodes)
-        drafting = (self.cost(self.nodes_for(depth, max_nodes), self.tree)
+        drafting = (self._verify(self.nodes_for(depth, max_nodes), self.tree)
                     + self.draft_cost(depth) + self._other(True))
         extra = max(drafting - plain, self.probe_extra)
         return int(min(16 * self.max_probe_every, max(self.interval, extra / (0.02 * plain))))
@@ -216,10 +228,10 @@ class AdaptivePolicy:
         tree = True  # chains returned above
         depth = int(draft.depths().max())
         sunk = self.draft_cost(depth) + self._other(True)
-        best_n, best_rate, total = 0, 1.0 / (self.cost(0) + sunk), 0.0
+        best_n, best_rate, total = 0, 1.0 / (self._verify(0) + sunk), 0.0
         for n, node in enumerate(order, start=1):
             total += scores[node]
-            rate = (1.0 + self.calibration * total) / (self.cost(n, tree) + sunk)
+            rate = (1.0 + self.calibration * total) / (self._verify(n, tree) + sunk)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         keep = torch.zeros(len(draft), dtype=torch.bool)
@@ -232,8 +244,13 @@ class AdaptivePolicy:
 
     def observe(self, record: StepRecord) -> None:
         a = self.ema
+        self.batch_size = record.batch_size
+        if record.batch_size > 1:  # the forward verified every row: learn its cost by its size
+            tokens = record.batch_tokens or record.drafted + 1
+            self.cost.observe(tokens - 1, record.verify_s, record.tree)
         if record.budget.off:
-            self.cost.observe(0, record.verify_s)
+            if record.batch_size <= 1:
+                self.cost.observe(0, record.verify_s)
             self.t_other_plain = _ema(self.t_other_plain, record.other_s, a)
             return
         caught_up, self.prev_off = self.prev_off, False
@@ -248,7 +265,8 @@ class AdaptivePolicy:
         self.hits = 0.9 * self.hits + (proposed > 0)
         self.asks = 0.9 * self.asks + 1.0
         if record.drafted == 0:  # a plain step that paid for drafting: the drafter found nothing,
-            self.cost.observe(0, record.verify_s)  # or ``select`` kept nothing of its draft
+            if record.batch_size <= 1:  # or ``select`` kept nothing of its draft
+                self.cost.observe(0, record.verify_s)
             if proposed:
                 self.draft_cost.add(record.proposed_depth, record.draft_s, provisional=caught_up)
             else:
@@ -257,7 +275,8 @@ class AdaptivePolicy:
             return
         self.tree = record.tree
         self.observed += 1
-        self.cost.observe(record.drafted, record.verify_s, record.tree)
+        if record.batch_size <= 1:
+            self.cost.observe(record.drafted, record.verify_s, record.tree)
         first, self.fresh = self.fresh, False
         # catching up (after plain steps, or on the prompt at a request's first draft) makes
         # drafting look dearer than it is: such a step counts only while nothing else is known
