@@ -74,12 +74,18 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
               help="About 2 minutes on a 2-core CPU: 2 questions per category, 64 new tokens.")
 @click.option("--allow-lossy", is_flag=True, help="Rank methods whose outputs differ from vanilla.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--batch-size", "batch_sizes", default=None, metavar="B[,B...]",
+              help="Batch mode: stream the questions' first turns through the continuous-"
+                   "batching scheduler with B requests in flight (e.g. 1,2,4,8), every method "
+                   "plus transformers' padded batch generate (hf-batch); writes batch.md and "
+                   "batch.json (aggregate tokens/s, latency, per-row equality with batch-1 "
+                   "vanilla).")
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
 def bench(target, draft_model, methods, datastore, questions_file, categories, limit_per_category,
           max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed, repeats, out_dir, quick,
-          allow_lossy, threads, report_only) -> None:
+          allow_lossy, threads, batch_sizes, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
     JSONL (Spec-Bench schema), report.json, report.md and plots to --out. The last line printed is a
     one-line JSON summary."""
@@ -104,6 +110,14 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
         limit_per_category = limit_per_category or 2
         max_new_tokens = max_new_tokens or 64
     max_new_tokens = max_new_tokens or 128
+    if batch_sizes is not None:
+        try:
+            sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{batch_sizes!r} is not a comma-separated list of ints",
+                                     param_hint="--batch-size") from None
+        if not sizes or min(sizes) < 1:
+            raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-size")
     if datastore is not None and methods == DEFAULT_METHODS:
         methods = methods.replace(",mix,", ",rest,mix,")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
@@ -120,6 +134,13 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
         model_id = Path(target).name if target else "specdecode-demo-target"
         draft_id = (Path(draft_model).name if draft_model else
                     ("specdecode-demo-draft" if target is None and draft_needed else None))
+        if batch_sizes is not None:
+            run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir, model_id,
+                           draft_id, max_new_tokens=max_new_tokens,
+                           num_draft_tokens=num_draft_tokens, temperature=temperature,
+                           seed=seed, sampling=sampling, policy=policy, repeats=repeats,
+                           datastore=datastore)
+            return
         settings = {"model_id": model_id, "draft_id": draft_id, "methods": specs,
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
                     "temperature": temperature,
@@ -146,6 +167,36 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
     write_report(out_dir, settings, skipped, allow_lossy)
+
+
+def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Path, model_id: str,
+                   draft_id: str | None, *, max_new_tokens: int, num_draft_tokens: int,
+                   temperature: float, seed: int, sampling: str, policy: str | None,
+                   repeats: int, datastore: Path | None) -> None:
+    """``--batch-size``: the first turns through the scheduler; writes batch.md / batch.json."""
+    from specdecode.api import _eos_ids
+    from specdecode.bench.batch import run_batch_benchmark, write_batch_report
+    from specdecode.bench.methods import Settings
+    from specdecode.bench.questions import chat_prompt
+    from specdecode.models.hf import context_length
+
+    limit = context_length(model.config)
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])
+               for q in questions]
+    prompts = [p for p in prompts if limit is None or len(p) + max_new_tokens <= limit]
+    s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
+                 num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
+                 sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
+                 datastore=str(datastore) if datastore else None, policy=policy)
+    env = environment(model_id, draft_id, {
+        "temperature": temperature, "sampling": sampling, "seed": seed,
+        "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
+        "repeats": repeats, "policy": policy, "batch_sizes": sizes})
+    rows = run_batch_benchmark(prompts, specs, sizes, s, _eos_ids(model, None), repeats)
+    click.echo(write_batch_report(out_dir, rows, env))
+    click.echo(json.dumps({"out": str(out_dir), "batch": [
+        {k: r.get(k) for k in ("method", "batch_size", "tokens_per_s", "speedup_vs_vanilla",
+                               "rows_equal", "near_ties", "mismatches")} for r in rows]}))
 
 
 def cost_curve_ms(model) -> dict:

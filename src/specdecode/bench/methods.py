@@ -114,7 +114,9 @@ def takes_option(name: str, option: str) -> bool:
 SUFFIX_STORES: dict[str, SuffixStore] = {}
 
 
-def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
+def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple[str, dict]:
+    """(drafter name, options for ``generate``) of one of our methods, for one prompt (the oracle
+    replays that prompt's ``reference``)."""
     name, options = parse_spec(spec)
     drafter = "none" if name == "vanilla" else name
     if name not in ("vanilla", "none") and "num_draft_tokens" not in options \
@@ -135,6 +137,11 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
         options["draft_model"] = s.draft
     if s.policy is not None and "policy" not in options and name != "vanilla":
         options["policy"] = s.policy
+    return drafter, options
+
+
+def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
+    drafter, options = method_options(spec, s, reference)
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
