@@ -128,3 +128,47 @@ def test_bench_rejects_unknown_methods(tmp_path, tiny_pair):
     result = CliRunner().invoke(main, ["bench", "--target", str(tiny_pair / "target"),
                                        "--methods", "vanilla,warp-drive", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "unknown method 'warp-drive'" in result.output
+
+
+def test_batch_bench_reports_every_size_and_equal_rows(tmp_path, tiny_pair):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [t]})
+                                 + "\n" for i, t in enumerate(
+                                     ["Hi there", "How are you?", "Hello, how", "Fine thanks"])))
+    out = tmp_path / "batch"
+    result = CliRunner().invoke(main, [
+        "bench", "--target", str(tiny_pair / "target"), "--draft-model", str(tiny_pair / "draft"),
+        "--questions", str(questions), "--max-new-tokens", "10", "--out", str(out),
+        "--methods", "vanilla,ngram,draft-model,oracle", "--batch-size", "1,3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])["batch"]
+    got = {(r["method"], r["batch_size"]) for r in summary}
+    assert got == {(m, b) for m in ("vanilla", "ngram", "draft-model", "oracle", "hf-batch")
+                   for b in (1, 3)}
+    for row in summary:
+        assert row["rows_equal"] + row["near_ties"] + row["mismatches"] == 4
+        if row["method"] != "hf-batch":  # ours: every row as decoded alone
+            assert row["rows_equal"] + row["near_ties"] == 4
+    assert (out / "batch.md").exists() and (out / "batch.json").exists()
+    bad = CliRunner().invoke(main, ["bench", "--target", str(tiny_pair / "target"),
+                                    "--batch-size", "0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "batch sizes must be >= 1" in bad.output
+
+
+def test_generate_prompts_file_batches_and_matches_vanilla(tmp_path, tiny_pair):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi there\n\nHow are you?\nHello, how\n")
+    base = ["generate", "--target", str(tiny_pair / "target"), "--max-new-tokens", "8"]
+    result = CliRunner().invoke(main, base + ["--prompts-file", str(prompts), "--batch-size", "2",
+                                              "--compare", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["requests"] == 3 and len(report["results"]) == 3
+    assert report["rows_identical_to_vanilla"] == 3
+    assert report["new_tokens"] == sum(r["new_tokens"] for r in report["results"])
+    both = CliRunner().invoke(main, base + ["--prompt", "x", "--prompts-file", str(prompts)])
+    assert both.exit_code != 0 and "exactly one of --prompt and --prompts-file" in both.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    none = CliRunner().invoke(main, base + ["--prompts-file", str(empty)])
+    assert none.exit_code != 0 and "holds no prompts" in none.output
