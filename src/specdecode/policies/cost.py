@@ -76,6 +76,7 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
 
 log = logging.getLogger("specdecode")
 CURVE_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CURVE_VERSION = 2  # bumped when the verification forward changes (2: the preallocated BatchTarget)
 _MEASURED: dict[str, dict] = {}
 
 
@@ -93,7 +94,7 @@ def curve_key(model) -> str:
     for name in ("_name_or_path", "name_or_path", "transformers_version"):
         config.pop(name, None)
     param = next(model.parameters())
-    text = json.dumps([type(model).__name__, config, str(param.dtype), str(param.device),
+    text = json.dumps([CURVE_VERSION, type(model).__name__, config, str(param.dtype), str(param.device),
                        torch.get_num_threads(), torch.__version__], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
