@@ -156,9 +156,11 @@ def batch_markdown(rows: list[dict], env: dict) -> str:
              "| rows equal | near ties | mismatches |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        vs1 = f"{r['vs_vanilla_batch1']:.2f}x" if "vs_vanilla_batch1" in r else "-"
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
-            f"{r['speedup_vs_vanilla']:.2f}x | {r.get('vs_vanilla_batch1', 0):.2f}x | "
+            f"{r['speedup_vs_vanilla']:.2f}x | "
+            f"{vs1} | "
             f"{r.get('mean_latency_s', '-')} | {r.get('mat', '-')} | "
             f"{r.get('rows_equal', '-')}/{r['requests']} | {r.get('near_ties', '-')} | "
             f"{r.get('mismatches', '-')} |")

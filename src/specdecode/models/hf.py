@@ -129,11 +129,16 @@ def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
 # up to its own longest row (set in ``_CHUNKS``; a view, never a copy).
 ROWS_ATTENTION = "specdecode_rows"
 _CHUNKS: list[tuple[int, int, int]] = []
+_CAUSAL: list[bool] = [False]  # a fresh row's prefill: plain causal attention (sdpa skips the
+# blocks above the diagonal; the mask the model was given says the same, at full cost)
 CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
 
 
 def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """sdpa over each chunk (first row, end row, slots) of ``_CHUNKS``; plain sdpa without."""
+    if _CAUSAL[0]:
+        kwargs["is_causal"] = True
+        return sdpa_attention_forward(module, query, key, value, None, *args, **kwargs)
     if len(_CHUNKS) <= 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     outs = []
@@ -293,14 +298,15 @@ class BatchTarget:
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None
-                 ) -> torch.Tensor:
+                 last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None,
+                 causal: bool = False) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         config = self.model.config
         original = config._attn_implementation_internal
-        chunked = bool(chunks) and len(chunks) > 1 and original == "sdpa"
+        chunked = (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa"
         if chunked:  # only for this forward: the user's model is left as it was
-            _CHUNKS[:] = chunks
+            _CHUNKS[:] = chunks or []
+            _CAUSAL[0] = causal
             config._attn_implementation_internal = ROWS_ATTENTION
         try:
             out = self.model(input_ids=ids.to(self.device),
@@ -311,6 +317,7 @@ class BatchTarget:
             if chunked:
                 config._attn_implementation_internal = original
                 _CHUNKS.clear()
+                _CAUSAL[0] = False
         return out.logits.float()
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
@@ -326,7 +333,8 @@ class BatchTarget:
         cache.rows, cache.start, cache.index, cache.kv_len = slice(row, row + 1), past, None, past + q
         visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
         logits = self._forward(torch.tensor([ids]), torch.arange(past, past + q)[None],
-                               self._additive(visible)[None, None], last_only)
+                               self._additive(visible)[None, None], last_only,
+                               causal=past == 0 and q > 1)
         self.lengths[row] = past + q
         return logits[0]
 
