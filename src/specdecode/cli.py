@@ -62,6 +62,18 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
+def int_list(text: str, option: str, minimum: int, what: str) -> list[int]:
+    """A comma-separated list of ints, each >= ``minimum``, or a clear usage error."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of ints",
+                                 param_hint=option) from None
+    if not values or min(values) < minimum:
+        raise click.BadParameter(f"{what} must be >= {minimum}", param_hint=option)
+    return values
+
+
 def quiet_transformers() -> None:
     """No per-file "Loading weights" bars from transformers: our own output stays readable."""
     from transformers.utils import logging as hf_logging
@@ -306,13 +318,7 @@ def cost_curve(target, context, nodes, repeats, threads) -> None:
     if threads:
         torch.set_num_threads(threads)
     quiet_transformers()
-    try:
-        counts = [int(n) for n in nodes.split(",") if n.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{nodes!r} is not a comma-separated list of ints",
-                                 param_hint="--nodes") from None
-    if not counts or min(counts) < 0:
-        raise click.BadParameter("node counts must be >= 0", param_hint="--nodes")
+    counts = int_list(nodes, "--nodes", 0, "node counts")
     try:
         model, _, _ = load_models(target, None, False)
         limit = getattr(model.config, "max_position_embeddings", None)

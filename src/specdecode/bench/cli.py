@@ -94,7 +94,7 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
     from specdecode.bench.methods import Settings, check_specs, needs_draft, parse_spec
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
-    from specdecode.cli import load_models, quiet_transformers
+    from specdecode.cli import int_list, load_models, quiet_transformers
     from specdecode.models.hf import context_length
 
     if report_only:
@@ -111,13 +111,7 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
         max_new_tokens = max_new_tokens or 64
     max_new_tokens = max_new_tokens or 128
     if batch_sizes is not None:
-        try:
-            sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{batch_sizes!r} is not a comma-separated list of ints",
-                                     param_hint="--batch-size") from None
-        if not sizes or min(sizes) < 1:
-            raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-size")
+        sizes = int_list(batch_sizes, "--batch-size", 1, "batch sizes")
     if datastore is not None and methods == DEFAULT_METHODS:
         methods = methods.replace(",mix,", ",rest,mix,")
     specs = [m.strip() for m in methods.split(",") if m.strip()]

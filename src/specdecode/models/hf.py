@@ -250,7 +250,20 @@ class SlotCache:
                         buf[dst, :, dst_slots] = buf[src].index_select(-2, src_slots)
 
 
-class BatchTarget:
+class _Adapter:
+    """What both adapters know of their model."""
+
+    def __init__(self, model) -> None:
+        check_model(model)
+        self.model = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_length = context_length(model.config)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class BatchTarget(_Adapter):
     """The engine's target: a causal LM and a ``SlotCache`` with one row per running request.
 
     ``prefill(row, ids)`` feeds one row's prompt; ``step(roots, drafts)`` runs one forward over every
@@ -263,17 +276,11 @@ class BatchTarget:
     place, so the batch stays a prefix of the buffer and every forward reads a view)."""
 
     def __init__(self, model) -> None:
-        check_model(model)
-        self.model = model
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_length = context_length(model.config)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        super().__init__(model)
         layers = getattr(model.config, "num_hidden_layers", None)
         self.cache = SlotCache(int(layers), self.device, self.dtype)
         self.lengths: list[int] = []
         self.before: list[int] = []  # row lengths when the last ``step`` began
-        self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def reserve(self, rows: int, length: int) -> None:
         """Room for ``rows`` rows of ``length`` slots (allocated once, grown only when short)."""
@@ -394,19 +401,13 @@ class BatchTarget:
                 for k, v in zip(self.cache.keys, self.cache.values)]
 
 
-class HFModel:
+class HFModel(_Adapter):
     """A transformers causal LM with one request's growing cache (draft models use it)."""
 
     def __init__(self, model) -> None:
-        check_model(model)
-        self.model = model
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_length = context_length(model.config)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        super().__init__(model)
         self.cache = None
         self.length = 0  # tokens held in the cache
-        self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def reset(self) -> None:
         from transformers import DynamicCache
