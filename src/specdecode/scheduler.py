@@ -3,7 +3,7 @@ verification step per ``step()``, all verified by one target forward (``engine.B
 
 Every row's output is exactly what ``generate`` gives for that prompt alone: the engine gives each
 row its own cache slots, positions, mask, drafter, policy and random stream (tests:
-``tests/test_batch.py``).
+``tests/test_batch_rows.py``).
 """
 
 from __future__ import annotations
