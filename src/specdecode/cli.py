@@ -10,6 +10,7 @@ import click
 
 from specdecode.bench.cli import bench
 from specdecode.datastore_cli import datastore
+from specdecode.server.cli import bench_serve, serve
 from specdecode.train.cli import train_demo
 from specdecode.types import SpecDecodeError
 
@@ -349,3 +350,9 @@ def export_demo_cmd(work_dir: Path) -> None:
 main.add_command(train_demo)
 main.add_command(bench)
 main.add_command(datastore)
+main.add_command(serve)
+main.add_command(bench_serve)
+
+
+if __name__ == "__main__":
+    main()

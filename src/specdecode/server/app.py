@@ -1,0 +1,275 @@
+"""The OpenAI-compatible HTTP app (Starlette): completions and chat completions, streamed as
+server-sent events or not, per-request speculation, ``/v1/models``, ``/health``, ``/metrics``.
+
+A thin adapter: requests become ``Scheduler.add_request`` calls on the engine thread
+(``worker.py``); every drafter, policy and sampling option is the library's own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from specdecode.bench.questions import chat_prompt
+from specdecode.drafters import available
+from specdecode.models.hf import context_length, load_causal_lm
+from specdecode.scheduler import Scheduler
+from specdecode.server.generation import Generation
+from specdecode.server.metrics import ServerMetrics, SpecCounts
+from specdecode.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    message_text,
+    parse,
+    speculation,
+    stop_strings,
+)
+from specdecode.server.worker import EngineWorker
+from specdecode.types import SpecDecodeError
+
+log = logging.getLogger("specdecode.server")
+
+# Drafters a request may pick unless the server says otherwise: all that need no server-side
+# resource (oracle needs the answer; rest a datastore; draft-model a draft model).
+SELF_CONTAINED = ("none", "ngram", "suffix", "sam", "token-recycling", "lookahead", "layer-skip",
+                  "mix")
+
+
+@dataclass
+class ServerConfig:
+    """What the server was started with (``specdecode serve``'s options)."""
+
+    model_name: str = "specdecode-demo"
+    drafter: str = "ngram"
+    drafter_options: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None
+    max_batch_size: int = 8
+    allowed_drafters: tuple[str, ...] | None = None  # None: SELF_CONTAINED + the server's own
+    max_draft_nodes: int | None = None
+
+
+class ServerState:
+    def __init__(self, model, tokenizer, draft_model, config: ServerConfig) -> None:
+        self.model = load_causal_lm(model, what="target model")
+        self.tokenizer = tokenizer
+        self.draft_model = draft_model
+        self.config = config
+        self.context = context_length(self.model.config)
+        allowed = set(config.allowed_drafters or SELF_CONTAINED) | {config.drafter}
+        if draft_model is not None and config.allowed_drafters is None:
+            allowed.add("draft-model")
+        unknown = sorted(allowed - set(available()))
+        if unknown:
+            raise SpecDecodeError(f"unknown drafter(s) {', '.join(unknown)}; available: "
+                                  f"{', '.join(available())}")
+        self.allowed = frozenset(allowed)
+        self.metrics = ServerMetrics(config.model_name)
+        defaults: dict[str, Any] = {"draft_model": draft_model}
+        if config.max_draft_nodes is not None:
+            defaults["max_draft_nodes"] = config.max_draft_nodes
+        self.worker = EngineWorker(
+            lambda: Scheduler(self.model, max_batch_size=config.max_batch_size, **defaults),
+            self.metrics)
+        self.created = int(time.time())
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise APIError(400, f"the model {name!r} does not exist; this server serves "
+                           f"{self.config.model_name!r}", param="model", kind="not_found_error")
+
+    def generation(self, req, prompt: list[int]) -> Generation:
+        if self.context is not None and len(prompt) >= self.context:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens, "
+                           f"but the prompt has {len(prompt)} tokens", param="messages"
+                           if isinstance(req, ChatRequest) else "prompt")
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        room = None if self.context is None else self.context - len(prompt)
+        if max_tokens is None:
+            max_tokens = room if room is not None else 256
+        elif room is not None and max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens; "
+                           f"the prompt has {len(prompt)} and max_tokens asks for {max_tokens} "
+                           f"more", param="max_tokens")
+        c = self.config
+        drafter, options, policy = speculation(req, drafter=c.drafter, options=c.drafter_options,
+                                               policy=c.policy, allowed=self.allowed)
+        from specdecode.api import DEFAULT_POLICY
+
+        spec = SpecCounts(drafter, policy or DEFAULT_POLICY)
+        options = dict(options, drafter=drafter, policy=policy, max_new_tokens=max_tokens,
+                       temperature=req.temperature, top_p=req.top_p,
+                       top_k=max(0, req.top_k), seed=req.seed)
+        return Generation(self.worker, self.metrics, self.tokenizer, prompt, options,
+                          stop_strings(req), spec)
+
+
+async def _body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}") from None
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _stream(gen: Generation, chunk, final, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body: one ``chunk(text)`` per delta, ``final(reason)``, optional usage, [DONE]."""
+    try:
+        async for text in gen.deltas():
+            yield _sse(chunk(text))
+        yield _sse(final(gen.finish_reason))
+        if include_usage:
+            yield _sse({**final(None), "choices": [], "usage": gen.usage})
+    except APIError as err:
+        yield _sse(err.body())
+    yield "data: [DONE]\n\n"
+
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    req = parse(CompletionRequest, await _body(request))
+    state.check_model(req.model)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "one prompt per request (got a list of "
+                           f"{len(prompt)})", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt = state.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    gen = state.generation(req, list(prompt))
+    await gen.start()
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
+
+    def body(choice: dict, **extra) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "logprobs": None, **choice}], **extra}
+
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(gen, lambda t: body({"text": t, "finish_reason": None}),
+                    lambda r: body({"text": "", "finish_reason": r}), include),
+            media_type="text/event-stream")
+    text = await gen.complete(request.is_disconnected)
+    return JSONResponse(body({"text": text, "finish_reason": gen.finish_reason},
+                             usage=gen.usage))
+
+
+async def chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    req = parse(ChatRequest, await _body(request))
+    state.check_model(req.model)
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    history = [{"role": m.role, "content": message_text(m)} for m in req.messages]
+    try:
+        prompt = chat_prompt(state.tokenizer, history)
+    except Exception as err:  # noqa: BLE001 - a template that refuses these messages
+        raise APIError(400, f"the chat template refused these messages: {err}",
+                       param="messages") from None
+    gen = state.generation(req, prompt)
+    await gen.start()
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
+
+    def body(choice: dict, **extra) -> dict:
+        kind = "chat.completion.chunk" if req.stream else "chat.completion"
+        return {"id": rid, "object": kind, "created": created, "model": model,
+                "choices": [{"index": 0, "logprobs": None, **choice}], **extra}
+
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            yield _sse(body({"delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None}))
+            async for event in _stream(gen, lambda t: body({"delta": {"content": t},
+                                                            "finish_reason": None}),
+                                       lambda r: body({"delta": {}, "finish_reason": r}),
+                                       include):
+                yield event
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    text = await gen.complete(request.is_disconnected)
+    return JSONResponse(body({"message": {"role": "assistant", "content": text},
+                              "finish_reason": gen.finish_reason}, usage=gen.usage))
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return JSONResponse({"object": "list", "data": [{
+        "id": state.config.model_name, "object": "model", "created": state.created,
+        "owned_by": "specdecode", "max_model_len": state.context}]})
+
+
+async def health(request: Request) -> Response:
+    alive = request.app.state.server.worker.thread.is_alive()
+    return JSONResponse({"status": "ok" if alive else "engine stopped"},
+                        status_code=200 if alive else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.server.metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _error_response(request: Request, err: APIError) -> JSONResponse:
+    request.app.state.server.metrics.error(err.status)
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _api_error(request: Request, err: Exception) -> Response:
+    assert isinstance(err, APIError)
+    return _error_response(request, err)
+
+
+async def _http_error(request: Request, err: Exception) -> Response:
+    assert isinstance(err, HTTPException)
+    what = "route" if err.status_code == 404 else "method"
+    message = f"no {what} {request.method} {request.url.path}" if err.status_code in (404, 405) \
+        else str(err.detail)
+    return _error_response(request, APIError(err.status_code, message, kind="not_found_error"
+                                             if err.status_code == 404 else "invalid_request_error"))
+
+
+async def _server_error(request: Request, err: Exception) -> Response:
+    log.exception("request failed")
+    return _error_response(request, APIError(500, f"internal error: {type(err).__name__}: {err}",
+                                             kind="server_error"))
+
+
+def create_app(model, tokenizer, *, draft_model=None, config: ServerConfig | None = None
+               ) -> Starlette:
+    """The app over a loaded target (and optional draft model); the engine thread starts with
+    the app (lifespan) and stops with it."""
+    state = ServerState(model, tokenizer, draft_model, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        state.worker.start()
+        yield
+        state.worker.close()
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.state.server = state
+    return app

@@ -1,0 +1,120 @@
+"""`specdecode serve` (the OpenAI-compatible server) and `specdecode bench-serve` (its load test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from specdecode.types import SpecDecodeError
+
+
+@click.command()
+@click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
+@click.option("--draft-model", type=str, default=None,
+              help="Draft model directory for the draft-model drafter (default with the demo "
+                   "target: the demo draft).")
+@click.option("--drafter", default="ngram", show_default=True,
+              help="Drafter of requests that do not pick one (`specdecode drafters` lists them; "
+                   "'none' serves without speculation).")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="Option of --drafter (repeatable), e.g. -o num_draft_tokens=4.")
+@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
+              help="Draft-length policy of requests that do not pick one (default: the "
+                   "library's default, fixed).")
+@click.option("--allow-drafters", default=None, metavar="A,B,...",
+              help="Drafters a request may pick in its \"speculative\" field (default: every one "
+                   "that needs no server-side resource, plus --drafter, plus draft-model when a "
+                   "draft model is loaded).")
+@click.option("--max-batch-size", type=int, default=8, show_default=True,
+              help="Requests decoded together; more wait in a queue.")
+@click.option("--max-draft-nodes", type=int, default=None,
+              help="Cap on draft tokens per request per step (default: the library's, 64).")
+@click.option("--served-model-name", default=None,
+              help="The model id clients send (default: specdecode-demo, or the target "
+                   "directory's name).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
+def serve(target, draft_model, drafter, options, policy, allow_drafters, max_batch_size,
+          max_draft_nodes, served_model_name, host, port, threads, trust_remote_code) -> None:
+    """Serve the target over an OpenAI-compatible HTTP API with speculative decoding.
+
+    POST /v1/completions and /v1/chat/completions (streaming with "stream": true), GET /v1/models,
+    /health and /metrics (Prometheus). A request may choose its own speculation with an extra
+    body field, e.g. "speculative": {"drafter": "suffix", "num_draft_tokens": 4, "policy":
+    "adaptive"}, or turn it off with "speculative": false; its response's usage then reports
+    drafts, draft tokens, accepted tokens and the mean acceptance length. Every output is exactly
+    what the target alone would produce.
+    """
+    import torch
+    import uvicorn
+
+    import specdecode as sd
+    from specdecode.cli import load_models, parse_options, quiet_transformers
+    from specdecode.server.app import ServerConfig, create_app
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_transformers()
+    if max_batch_size < 1:
+        raise click.UsageError("--max-batch-size must be >= 1")
+    allowed = None
+    if allow_drafters is not None:
+        allowed = tuple(d.strip() for d in allow_drafters.split(",") if d.strip())
+    name = served_model_name or ("specdecode-demo" if target is None else Path(target).name)
+    try:
+        model, draft, tokenizer = load_models(target, draft_model, True, trust_remote_code)
+        config = ServerConfig(model_name=name, drafter=drafter,
+                              drafter_options=parse_options(options), policy=policy,
+                              max_batch_size=max_batch_size, allowed_drafters=allowed,
+                              max_draft_nodes=max_draft_nodes)
+        sd.prepare(model, [1, 2, 3], drafter=drafter, draft_model=draft,
+                   policy=policy, **config.drafter_options)  # the server's own options, checked
+        app = create_app(model, tokenizer, draft_model=draft, config=config)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"serving {name!r} (drafter {drafter}, batch {max_batch_size}, "
+               f"{torch.get_num_threads()} torch threads) on http://{host}:{port}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@click.command("bench-serve")
+@click.option("--url", default=None,
+              help="A running server's base URL, e.g. http://127.0.0.1:8000 (default: start "
+                   "`specdecode serve` with --serve-args on a free port and stop it after).")
+@click.option("--serve-args", default="", show_default=True,
+              help="Extra arguments for the server this command starts.")
+@click.option("--concurrency", default="1,4,16", show_default=True,
+              help="Streaming clients at once, comma-separated.")
+@click.option("--requests", "num_requests", type=int, default=32, show_default=True,
+              help="Requests per (concurrency, speculation) cell.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--speculative", "specs", multiple=True, default=('false', '{}'), show_default=True,
+              help="A request's \"speculative\" field as JSON (repeatable); each is one column "
+                   "(false: no speculation; {}: the server's default drafter).")
+@click.option("--rounds", type=int, default=2, show_default=True,
+              help="Each cell runs this many times, interleaved; medians reported.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write serve.md and serve.json here.")
+def bench_serve(url, serve_args, concurrency, num_requests, max_tokens, specs, rounds, out) -> None:
+    """Load test of the server: throughput and time per output token at each concurrency, with
+    and without speculation, streaming chat requests over Spec-Bench's first-turn questions."""
+    from specdecode.cli import int_list
+    from specdecode.server.load import run_load_test
+
+    levels = int_list(concurrency, "--concurrency", 1, "concurrency")
+    try:
+        parsed = [json.loads(s) for s in specs]
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"not JSON: {err}", param_hint="--speculative") from None
+    if num_requests < 1 or max_tokens < 1 or rounds < 1:
+        raise click.UsageError("--requests, --max-tokens and --rounds must be >= 1")
+    try:
+        report = run_load_test(url, serve_args, levels, num_requests, max_tokens, parsed, rounds,
+                               out)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(report)
