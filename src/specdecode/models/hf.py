@@ -13,6 +13,7 @@ after which ``keep(path)`` leaves the pending token and the accepted path in the
 from __future__ import annotations
 
 import inspect
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -126,23 +127,26 @@ def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
 
 # Rows of a batch whose lengths differ a lot should not all read the longest row's slots: during a
 # ``BatchTarget`` forward the attention runs per group of consecutive rows, each group reading only
-# up to its own longest row (set in ``_CHUNKS``; a view, never a copy).
+# up to its own longest row (``_FORWARD.chunks``; a view, never a copy). ``_FORWARD.causal``: a
+# fresh row's prefill, plain causal attention (sdpa skips the blocks above the diagonal; the mask
+# the model was given says the same, at full cost). Per thread: targets in other threads (a server's
+# engine next to the caller's own decoding) never see each other's plan.
 ROWS_ATTENTION = "specdecode_rows"
-_CHUNKS: list[tuple[int, int, int]] = []
-_CAUSAL: list[bool] = [False]  # a fresh row's prefill: plain causal attention (sdpa skips the
-# blocks above the diagonal; the mask the model was given says the same, at full cost)
+_FORWARD = threading.local()
 CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
 
 
 def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """sdpa over each chunk (first row, end row, slots) of ``_CHUNKS``; plain sdpa without."""
-    if _CAUSAL[0]:
+    """sdpa over each chunk (first row, end row, slots) of ``_FORWARD.chunks``; plain sdpa
+    without."""
+    chunks = getattr(_FORWARD, "chunks", ())
+    if getattr(_FORWARD, "causal", False):
         kwargs["is_causal"] = True
         return sdpa_attention_forward(module, query, key, value, None, *args, **kwargs)
-    if len(_CHUNKS) <= 1:
+    if len(chunks) <= 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     outs = []
-    for r0, r1, slots in _CHUNKS:
+    for r0, r1, slots in chunks:
         mask = None if attention_mask is None else attention_mask[r0:r1, ..., :slots]
         out, _ = sdpa_attention_forward(module, query[r0:r1], key[r0:r1, :, :slots],
                                         value[r0:r1, :, :slots], mask, *args, **kwargs)
@@ -312,8 +316,8 @@ class BatchTarget(_Adapter):
         original = config._attn_implementation_internal
         chunked = (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa"
         if chunked:  # only for this forward: the user's model is left as it was
-            _CHUNKS[:] = chunks or []
-            _CAUSAL[0] = causal
+            _FORWARD.chunks = chunks or []
+            _FORWARD.causal = causal
             config._attn_implementation_internal = ROWS_ATTENTION
         try:
             out = self.model(input_ids=ids.to(self.device),
@@ -323,8 +327,8 @@ class BatchTarget(_Adapter):
         finally:
             if chunked:
                 config._attn_implementation_internal = original
-                _CHUNKS.clear()
-                _CAUSAL[0] = False
+                _FORWARD.chunks = []
+                _FORWARD.causal = False
         return out.logits.float()
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,10 @@ class TextStream:
         if self.stopped or not tokens:
             return self.stopped
         before = len(self.ids)
-        checked = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+        # a stop string can only begin in the last (longest stop - 1) characters of the text that
+        # is final (an unfinished character at the end decodes as U+FFFD and may still change)
+        stable = len(self.text.rstrip("\ufffd"))
+        checked = max(0, stable - max((len(s) for s in self.stop), default=1) + 1)
         self.ids.extend(tokens)
         text = self._decode(self.ids)
         if self.stop and self._first_stop(text, checked) >= 0:

@@ -1,0 +1,71 @@
+"""TextStream: the server's text is the tokenizer's decoding of the output, cut exactly before
+the first stop string, and what a stream sends adds up to it (nothing sent is ever taken back)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specdecode.demo import load_demo
+from specdecode.server.text import TextStream
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_demo().tokenizer
+
+
+SAMPLES = ["Hello world, this is a test. ü 日本語 and emoji 🙂 end.",
+           "def f(x):\n    return x + 1\n\nprint(f(2))  # three",
+           "The the the the cat sat on the mat. The cat sat."]
+
+
+def _run(tokenizer, text: str, stop: list[str], rng: random.Random) -> tuple[TextStream, str]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, stop)
+    sent = []
+    i = 0
+    while i < len(ids) and not stream.stopped:
+        k = rng.randint(1, 4)  # steps emit several tokens at once
+        stream.add(ids[i:i + k])
+        i += k
+        sent.append(stream.pending())
+    sent.append(stream.pending(final=True))
+    return stream, "".join(sent)
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_stream_adds_up_and_stops_exactly(tokenizer, sample):
+    rng = random.Random(0)
+    full = tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"])
+    for trial in range(40):
+        a = rng.randrange(len(full))
+        stop = [full[a:a + rng.randint(1, 6)]] if trial % 4 else ["never-appears"]
+        stream, sent = _run(tokenizer, sample, stop, rng)
+        at = full.find(stop[0])
+        expected = full if at < 0 else full[:at]
+        assert stream.text == expected and sent == expected, (stop, sent)
+        assert stream.stopped == (at >= 0)
+        if at >= 0:  # the fewest tokens whose text shows the stop string
+            ids = stream.ids
+            assert stop[0] in tokenizer.decode(ids)
+            assert stop[0] not in tokenizer.decode(ids[:-1])
+
+
+def test_unfinished_characters_wait(tokenizer):
+    ids = tokenizer("日本", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer)
+    chunks = []
+    for t in ids:
+        stream.add([t])
+        chunks.append(stream.pending())
+    assert all("\ufffd" not in c for c in chunks) and "".join(chunks) == "日本"
+
+
+def test_a_possible_stop_prefix_is_held_back(tokenizer):
+    stream = TextStream(tokenizer, ["STOP"])
+    stream.add(tokenizer("hello ST", add_special_tokens=False)["input_ids"])
+    assert stream.pending() == "hello "
+    stream.add(tokenizer("ART", add_special_tokens=False)["input_ids"])
+    assert not stream.stopped and stream.pending().endswith("ART")
