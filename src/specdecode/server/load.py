@@ -1,7 +1,10 @@
 """`specdecode bench-serve`: streaming clients against the server, with and without speculation.
 
-Each cell (concurrency c, one "speculative" setting) sends the same requests: Spec-Bench's first
-turns as chat messages, greedy, ``max_tokens`` each, at most c in flight. Cells are interleaved
+Each cell (concurrency c, one "speculative" setting) sends ``requests`` chat requests: Spec-Bench
+first turns (categories interleaved), greedy, ``max_tokens`` each, at most c in flight. The
+columns of one (round, concurrency) share their questions; no question repeats across rounds and
+concurrency levels while the 480 last, so a drafter that learns across requests (suffix) never
+replays an answer it has already seen. Cells are interleaved
 round by round so drift of the machine hits every column alike; per cell we report the median over
 rounds of the output throughput (completion tokens / wall time of the cell) and of the median time
 per output token ((last token time - first token time) / (tokens - 1) per request) and time to
@@ -10,6 +13,7 @@ first token."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shlex
@@ -115,8 +119,15 @@ def run_load_test(url: str | None, serve_args: str, levels: list[int], num_reque
 
     from specdecode.bench.questions import load_questions
 
-    questions = [q.turns[0] for q in load_questions()]
-    questions = (questions * (num_requests // len(questions) + 1))[:num_requests]
+    by_category: dict[str, list[str]] = {}
+    for q in load_questions():
+        by_category.setdefault(q.category, []).append(q.turns[0])
+    mixed = [q for group in itertools.zip_longest(*by_category.values()) for q in group if q]
+    # every (round, concurrency) gets its own questions, the same for each speculation column: a
+    # drafter that learns across requests (suffix) learns from earlier requests, never the answer
+    need = rounds * len(levels) * num_requests
+    mixed = (mixed * (need // len(mixed) + 1))[:need]
+    slices = iter(range(0, need, num_requests))
     proc = None
     if url is None:
         proc, url = start_server(serve_args)
@@ -124,10 +135,12 @@ def run_load_test(url: str | None, serve_args: str, levels: list[int], num_reque
     try:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         cells: dict[tuple[int, int], list[dict]] = {}
-        asyncio.run(_cell(url, model, questions[:2], 2, 8, False))  # warm-up
+        asyncio.run(_cell(url, model, ["Hello!", "Hi there."], 2, 8, False))  # warm-up
         bar = tqdm(total=rounds * len(levels) * len(specs), desc="bench-serve", unit="cell")
         for _ in range(rounds):
             for c in levels:
+                start = next(slices)
+                questions = mixed[start:start + num_requests]
                 for i, spec in enumerate(specs):
                     cells.setdefault((c, i), []).append(
                         asyncio.run(_cell(url, model, questions, c, max_tokens, spec)))
@@ -164,7 +177,8 @@ def _markdown(rows: list[dict], url: str, serve_args: str, n: int, max_tokens: i
         return "-" if v is None else f"{v:.{d}f}"
 
     base = {r["concurrency"]: r for r in rows if r["speculative"] is False}
-    lines = [f"{n} streaming chat requests per cell (Spec-Bench first turns, greedy, max_tokens "
+    lines = [f"{n} streaming chat requests per cell (Spec-Bench first turns, new ones for every "
+             f"round and concurrency, the same for every column; greedy, max_tokens "
              f"{max_tokens}), medians of {rounds} interleaved rounds; server: "
              f"`specdecode serve {serve_args}`".rstrip(),
              "", "| clients | speculation | output tok/s | vs none | TPOT ms (median) | "
