@@ -113,12 +113,20 @@ class EngineWorker:
                     self.sinks.pop(event.request_id, None)
                     self.scheduler.release(event.request_id)
                 if sink is not None:
-                    sink(event)
+                    _deliver(sink, event)
             self.metrics.queue(self.scheduler.num_running, self.scheduler.num_waiting)
 
     def _fail_all(self, message: str) -> None:
         sinks, self.sinks = self.sinks, {}
         self.scheduler = self.make_scheduler()  # the old batch's state cannot be trusted
         for sink in sinks.values():
-            sink(Failure(message))
+            _deliver(sink, Failure(message))
         self.metrics.queue(0, 0)
+
+
+def _deliver(sink: Sink, item: RequestEvent | Failure) -> None:
+    """A sink whose event loop has gone (server shutting down) must not stop the engine."""
+    try:
+        sink(item)
+    except RuntimeError as err:
+        log.warning("dropped an event for a closed handler: %s", err)

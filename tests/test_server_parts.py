@@ -1,5 +1,6 @@
-"""TextStream: the server's text is the tokenizer's decoding of the output, cut exactly before
-the first stop string, and what a stream sends adds up to it (nothing sent is ever taken back)."""
+"""Server parts without HTTP. TextStream: the text is the tokenizer's decoding of the output, cut
+exactly before the first stop string, and what a stream sends adds up to it (nothing sent is ever
+taken back). EngineWorker: a failing step fails only the requests in flight."""
 
 from __future__ import annotations
 
@@ -69,3 +70,46 @@ def test_a_possible_stop_prefix_is_held_back(tokenizer):
     assert stream.pending() == "hello "
     stream.add(tokenizer("ART", add_special_tokens=False)["input_ids"])
     assert not stream.stopped and stream.pending().endswith("ART")
+
+
+def test_engine_failure_fails_requests_in_flight_and_keeps_serving():
+    """A step that raises fails only the requests in flight (each gets a Failure) and the engine
+    goes on with a fresh batch: the next request is served and equals generate."""
+    import queue as queue_mod
+
+    from conftest import tiny_model
+
+    import specdecode as sd
+    from specdecode.scheduler import Scheduler
+    from specdecode.server.metrics import ServerMetrics
+    from specdecode.server.worker import EngineWorker, Failure
+
+    model = tiny_model("llama")
+    made = []
+
+    def make():
+        made.append(Scheduler(model, max_batch_size=4))
+        if len(made) == 1:
+            def broken():
+                raise RuntimeError("boom")
+            made[0].step = broken
+        return made[-1]
+
+    worker = EngineWorker(make, ServerMetrics("t"))
+    worker.start()
+    try:
+        got: queue_mod.Queue = queue_mod.Queue()
+        worker.submit([1, 2, 3], {"drafter": "ngram", "max_new_tokens": 8}, got.put).result(10)
+        failure = got.get(timeout=10)
+        assert isinstance(failure, Failure) and "boom" in failure.message
+        assert len(made) == 2 and worker.thread.is_alive()
+        worker.submit([1, 2, 3], {"drafter": "ngram", "max_new_tokens": 8}, got.put).result(10)
+        tokens = []
+        while True:
+            event = got.get(timeout=30)
+            tokens += event.tokens
+            if event.finished:
+                break
+        assert tokens == sd.generate(model, [1, 2, 3], drafter="none", max_new_tokens=8).token_ids
+    finally:
+        worker.close()
