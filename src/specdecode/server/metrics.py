@@ -18,7 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from specdecode.types import StepStats
+from specdecode.types import RunStats, StepStats
 
 PREFIX = "specdecode:"
 disable_created_metrics()  # no *_created series next to every counter (as vLLM)
@@ -32,34 +32,26 @@ class SpecCounts:
 
     drafter: str
     policy: str
-    steps: int = 0
+    run: RunStats = field(default_factory=RunStats)
     num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    accepted_per_pos: list[int] = field(default_factory=list)
 
     def add(self, step: StepStats) -> None:
-        self.steps += 1
-        if step.drafted:
-            self.num_drafts += 1
-            self.num_draft_tokens += step.drafted
-            self.num_accepted_tokens += step.accepted
-            while len(self.accepted_per_pos) < step.accepted:
-                self.accepted_per_pos.append(0)
-            for i in range(step.accepted):
-                self.accepted_per_pos[i] += 1
+        self.run.add(step)
+        self.num_drafts += int(step.drafted > 0)
+
+    @property
+    def accepted_per_pos(self) -> list[int]:
+        return self.run.accepted_per_pos
 
     def as_dict(self) -> dict:
-        drafts = self.num_drafts
-        return {"drafter": self.drafter, "policy": self.policy, "steps": self.steps,
-                "num_drafts": drafts, "num_draft_tokens": self.num_draft_tokens,
-                "num_accepted_tokens": self.num_accepted_tokens,
+        drafts, run = self.num_drafts, self.run
+        return {"drafter": self.drafter, "policy": self.policy, "steps": run.steps,
+                "num_drafts": drafts, "num_draft_tokens": run.drafted,
+                "num_accepted_tokens": run.accepted,
                 # vLLM's definition: 1 + accepted draft tokens per draft (1.0 when nothing drafted)
-                "mean_acceptance_length": round(1 + self.num_accepted_tokens / drafts, 4)
-                if drafts else 1.0,
-                "acceptance_rate": round(self.num_accepted_tokens / self.num_draft_tokens, 4)
-                if self.num_draft_tokens else 0.0,
-                "accepted_per_pos": list(self.accepted_per_pos)}
+                "mean_acceptance_length": round(1 + run.accepted / drafts, 4) if drafts else 1.0,
+                "acceptance_rate": round(run.acceptance_rate, 4),
+                "accepted_per_pos": list(run.accepted_per_pos)}
 
 
 class ServerMetrics:
@@ -101,8 +93,8 @@ class ServerMetrics:
                  ttft: float | None, e2e: float) -> None:
         m = self.model_name
         self.num_drafts.labels(m).inc(spec.num_drafts)
-        self.num_draft_tokens.labels(m).inc(spec.num_draft_tokens)
-        self.num_accepted.labels(m).inc(spec.num_accepted_tokens)
+        self.num_draft_tokens.labels(m).inc(spec.run.drafted)
+        self.num_accepted.labels(m).inc(spec.run.accepted)
         for pos, count in enumerate(spec.accepted_per_pos):
             self.accepted_per_pos.labels(m, str(pos)).inc(count)
         self.success.labels(m, reason).inc()
