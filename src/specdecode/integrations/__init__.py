@@ -1,0 +1,1 @@
+"""Integrations with other engines (``vllm``: specdecode's drafters as vLLM proposers)."""

@@ -1,0 +1,73 @@
+"""specdecode's drafters inside vLLM (``specdecode.integrations.vllm``): greedy outputs identical
+to vLLM without speculation on the demo target (fp32), several requests in flight, and the
+per-request drafter state freed. Marked ``vllm``: CI runs them in a second environment with
+``.[vllm]`` installed (``python -m pytest -m vllm``); the default suite deselects them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm", reason="needs the vllm extra (pip install -e '.[vllm]')")
+
+from specdecode.demo import demo_dir  # noqa: E402
+from specdecode.integrations.vllm import SpecdecodeProposer  # noqa: E402
+
+PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
+           "Summarize: the quick brown fox jumps over the lazy dog.", "In 1905, Albert Einstein",
+           "Question: what is two plus two? Answer:", "import numpy as np\n", "Dear Sir or Madam,"]
+PROPOSERS = ["NgramProposer", "SuffixProposer", "SamProposer"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process():
+    # the engine core in this process, so the test can look at the proposer's state
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
+def _llm(proposer: str | None):
+    d = demo_dir()
+    spec = None if proposer is None else {
+        "method": "custom_class", "model": f"specdecode.integrations.vllm.{proposer}",
+        "num_speculative_tokens": 5}
+    return vllm.LLM(model=str(d / "target"), tokenizer=str(d / "tokenizer"), dtype="float32",
+                    enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=2048,
+                    max_num_seqs=8, seed=0, speculative_config=spec)
+
+
+def _generate(llm, prompts, max_tokens=48):
+    params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+    llm = _llm(None)
+    out = {"first": _generate(llm, PROMPTS), "second": _generate(llm, PROMPTS[::-1])}
+    del llm
+    return out
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_proposer_outputs_equal_vllm_without_speculation(vanilla, proposer):
+    llm = _llm(proposer)
+    assert _generate(llm, PROMPTS) == vanilla["first"]
+    live = [p for p in SpecdecodeProposer.instances if type(p).__name__ == proposer]
+    assert live, "vLLM did not build our proposer"
+    assert live[-1].proposed_tokens > 0
+    first = set(live[-1].requests)
+    assert all(not (isinstance(k, tuple) and k[0] == "row") for k in first), \
+        "request ids were not read from vLLM's runner"
+    assert _generate(llm, PROMPTS[::-1]) == vanilla["second"]
+    # requests of the first call have left the batch: their drafters are gone
+    left = set(live[-1].requests)
+    assert not (left & first) and len(left) <= 8
+    del llm
