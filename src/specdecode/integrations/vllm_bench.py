@@ -3,12 +3,13 @@
     python -m specdecode.integrations.vllm_bench --out docs/benchmarks/vllm-cpu
 
 Run in an environment with the ``vllm`` extra. The quick benchmark's 26 Spec-Bench first turns
-(chat template), greedy, ``--max-tokens`` new tokens, 5 draft tokens for every drafter; each system at batch 1 (one request at a
-time) and with every request in flight. Rows: vLLM without speculation, vLLM's own ngram, vLLM
-with specdecode's proposers (``specdecode.integrations.vllm``), and specdecode's own engine with
-the same drafters. Every output is compared with specdecode's vanilla. Each vLLM configuration
-gets a fresh engine (so SuffixDecoding's cross-request tree starts empty in every cell, as our
-engine's does with a fresh store); cells run one after another, not interleaved."""
+(chat template), greedy, ``--max-tokens`` new tokens, 5 draft tokens for every drafter; each
+system at batch 1 (one request at a time) and with every request in flight. Rows: vLLM without
+speculation, vLLM's own ngram, vLLM with specdecode's proposers
+(``specdecode.integrations.vllm``), and specdecode's own engine with the same drafters. Every
+output is compared with specdecode's vanilla. Each vLLM configuration gets a fresh engine (so
+SuffixDecoding's cross-request tree starts empty in every cell, as our engine's does with a fresh
+store); cells run one after another, not interleaved."""
 
 from __future__ import annotations
 
