@@ -13,14 +13,12 @@ after which ``keep(path)`` leaves the pending token and the accepted path in the
 from __future__ import annotations
 
 import inspect
-import threading
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -76,24 +74,6 @@ def context_length(config) -> int | None:
     return None
 
 
-def tree_mask(parents: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, n+1, past+n+1]: row 0 is the pending token, row i+1 draft node i; each
-    row sees the whole cache, the pending token, its ancestors and itself."""
-    n = parents.numel()
-    parent_of = torch.cat([torch.tensor([0]), parents + 1])  # row index of each row's parent
-    step = torch.zeros(n + 1, n + 1)
-    step[torch.arange(1, n + 1), parent_of[1:]] = 1.0
-    reach = torch.eye(n + 1) + step  # ancestor-or-self, closed under squaring below
-    hops = 1
-    while hops < n:
-        reach = ((reach @ reach) > 0).float()
-        hops *= 2
-    visible = torch.cat([torch.ones(n + 1, past), (reach > 0).float()], dim=1)
-    mask = torch.zeros(n + 1, past + n + 1, dtype=dtype)
-    mask.masked_fill_(visible == 0, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 def check_model(model) -> None:
     """Refuse the models whose cache cannot follow a tree path; make sure masks are honoured."""
     config = model.config
@@ -105,78 +85,6 @@ def check_model(model) -> None:
     impl = getattr(config, "_attn_implementation", None)
     if impl not in (None, "sdpa", "eager"):
         model.set_attn_implementation("sdpa")  # tree masks need an implementation that takes them
-
-
-def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
-    """[size, size] bool: row 0 is the pending token, row i+1 draft node i (``parents`` as in
-    ``Draft``); each row reaches itself and its ancestors. Rows past the draft (padding) reach only
-    themselves."""
-    n = len(parents)
-    if parents == list(range(-1, n - 1)):  # a chain: plain causal
-        reach = torch.ones(n + 1, n + 1, dtype=torch.bool).tril_()
-    else:
-        reach = torch.eye(n + 1, dtype=torch.bool)
-        for i, p in enumerate(parents):
-            reach[i + 1] |= reach[p + 1]
-    if size == n + 1:
-        return reach
-    out = torch.eye(size, dtype=torch.bool)
-    out[:n + 1, :n + 1] = reach
-    return out
-
-
-# Rows of a batch whose lengths differ a lot should not all read the longest row's slots: during a
-# ``BatchTarget`` forward the attention runs per group of consecutive rows, each group reading only
-# up to its own longest row (``_FORWARD.chunks``; a view, never a copy). ``_FORWARD.causal``: a
-# fresh row's prefill, plain causal attention (sdpa skips the blocks above the diagonal; the mask
-# the model was given says the same, at full cost). Per thread: targets in other threads (a server's
-# engine next to the caller's own decoding) never see each other's plan.
-ROWS_ATTENTION = "specdecode_rows"
-_FORWARD = threading.local()
-CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
-
-
-def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """sdpa over each chunk (first row, end row, slots) of ``_FORWARD.chunks``; plain sdpa
-    without."""
-    chunks = getattr(_FORWARD, "chunks", ())
-    if getattr(_FORWARD, "causal", False):
-        kwargs["is_causal"] = True
-        return sdpa_attention_forward(module, query, key, value, None, *args, **kwargs)
-    if len(chunks) <= 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    outs = []
-    for r0, r1, slots in chunks:
-        mask = None if attention_mask is None else attention_mask[r0:r1, ..., :slots]
-        out, _ = sdpa_attention_forward(module, query[r0:r1], key[r0:r1, :, :slots],
-                                        value[r0:r1, :, :slots], mask, *args, **kwargs)
-        outs.append(out)
-    return torch.cat(outs, 0), None
-
-
-AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
-
-
-def plan_chunks(need: list[int], overhead: int = CHUNK_OVERHEAD_SLOTS) -> list[tuple[int, int, int]]:
-    """Split rows 0..b-1 into runs of consecutive rows minimising the slots read plus ``overhead``
-    per run, where a run reads ``rows x its longest need`` (dynamic programming, O(b^2))."""
-    b = len(need)
-    best = [0.0] + [float("inf")] * b
-    cut = [0] * (b + 1)
-    for i in range(1, b + 1):
-        longest = 0
-        for j in range(i - 1, -1, -1):
-            longest = max(longest, need[j])
-            cost = best[j] + (i - j) * longest + overhead
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
-    chunks = []
-    i = b
-    while i > 0:
-        j = cut[i]
-        chunks.append((j, i, max(need[j:i])))
-        i = j
-    return chunks[::-1]
 
 
 class SlotCache:
@@ -312,23 +220,11 @@ class BatchTarget(_Adapter):
                  last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None,
                  causal: bool = False) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        config = self.model.config
-        original = config._attn_implementation_internal
-        chunked = (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa"
-        if chunked:  # only for this forward: the user's model is left as it was
-            _FORWARD.chunks = chunks or []
-            _FORWARD.causal = causal
-            config._attn_implementation_internal = ROWS_ATTENTION
-        try:
+        with rows_attention(self.model.config, chunks, causal):
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
                              attention_mask=mask.to(self.device), past_key_values=self.cache,
                              use_cache=True, **extra)
-        finally:
-            if chunked:
-                config._attn_implementation_internal = original
-                _FORWARD.chunks = []
-                _FORWARD.causal = False
         return out.logits.float()
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
