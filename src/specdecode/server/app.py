@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from specdecode.api import DEFAULT_POLICY
 from specdecode.bench.questions import chat_prompt
 from specdecode.drafters import available
 from specdecode.models.hf import context_length, load_causal_lm
@@ -105,8 +106,6 @@ class ServerState:
         c = self.config
         drafter, options, policy = speculation(req, drafter=c.drafter, options=c.drafter_options,
                                                policy=c.policy, allowed=self.allowed)
-        from specdecode.api import DEFAULT_POLICY
-
         spec = SpecCounts(drafter, policy or DEFAULT_POLICY)
         options = dict(options, drafter=drafter, policy=policy, max_new_tokens=max_tokens,
                        temperature=req.temperature, top_p=req.top_p,
@@ -151,23 +150,7 @@ async def completions(request: Request) -> Response:
         prompt = prompt[0]
     if isinstance(prompt, str):
         prompt = state.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    gen = state.generation(req, list(prompt))
-    await gen.start()
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
-
-    def body(choice: dict, **extra) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "logprobs": None, **choice}], **extra}
-
-    if req.stream:
-        include = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(gen, lambda t: body({"text": t, "finish_reason": None}),
-                    lambda r: body({"text": "", "finish_reason": r}), include),
-            media_type="text/event-stream")
-    text = await gen.complete(request.is_disconnected)
-    return JSONResponse(body({"text": text, "finish_reason": gen.finish_reason},
-                             usage=gen.usage))
+    return await _respond(request, req, state.generation(req, list(prompt)), chat=False)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -182,31 +165,41 @@ async def chat_completions(request: Request) -> Response:
     except Exception as err:  # noqa: BLE001 - a template that refuses these messages
         raise APIError(400, f"the chat template refused these messages: {err}",
                        param="messages") from None
-    gen = state.generation(req, prompt)
+    return await _respond(request, req, state.generation(req, prompt), chat=True)
+
+
+async def _respond(request: Request, req, gen: Generation, chat: bool) -> Response:
+    """Run ``gen`` and answer in OpenAI's shape: one JSON object, or (``stream``) SSE chunks."""
     await gen.start()
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created, model = int(time.time()), request.app.state.server.config.model_name
+    kind = ("chat.completion.chunk" if req.stream else "chat.completion") if chat \
+        else "text_completion"
 
     def body(choice: dict, **extra) -> dict:
-        kind = "chat.completion.chunk" if req.stream else "chat.completion"
         return {"id": rid, "object": kind, "created": created, "model": model,
                 "choices": [{"index": 0, "logprobs": None, **choice}], **extra}
+
+    def piece(text: str, reason: str | None) -> dict:  # one streamed choice
+        if chat:
+            return {"delta": {"content": text} if text else {}, "finish_reason": reason}
+        return {"text": text, "finish_reason": reason}
 
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            yield _sse(body({"delta": {"role": "assistant", "content": ""},
-                             "finish_reason": None}))
-            async for event in _stream(gen, lambda t: body({"delta": {"content": t},
-                                                            "finish_reason": None}),
-                                       lambda r: body({"delta": {}, "finish_reason": r}),
-                                       include):
+            if chat:
+                yield _sse(body({"delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None}))
+            async for event in _stream(gen, lambda t: body(piece(t, None)),
+                                       lambda r: body(piece("", r)), include):
                 yield event
 
         return StreamingResponse(events(), media_type="text/event-stream")
     text = await gen.complete(request.is_disconnected)
-    return JSONResponse(body({"message": {"role": "assistant", "content": text},
-                              "finish_reason": gen.finish_reason}, usage=gen.usage))
+    whole = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    return JSONResponse(body({**whole, "finish_reason": gen.finish_reason}, usage=gen.usage))
 
 
 async def models(request: Request) -> Response:

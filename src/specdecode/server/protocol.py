@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from specdecode.policies import available_policies
+
 # Options a request may set in its "speculative" field: they shape the draft only. Options that
 # name files or size shared stores (datastore, cache_file, corpus, pool_size...) are the server's.
 REQUEST_OPTIONS = frozenset({
@@ -129,9 +131,9 @@ def speculation(req: _Common, *, drafter: str, options: dict[str, Any], policy: 
         raise APIError(400, f"speculative.drafter {name!r} is not allowed on this server; "
                        f"allowed: {', '.join(sorted(allowed))}", param="speculative.drafter")
     chosen_policy = spec.pop("policy", policy)
-    if chosen_policy is not None and chosen_policy not in ("fixed", "adaptive", "heuristic"):
-        raise APIError(400, f"speculative.policy must be fixed, adaptive or heuristic, got "
-                       f"{chosen_policy!r}", param="speculative.policy")
+    if chosen_policy is not None and chosen_policy not in available_policies():
+        raise APIError(400, f"speculative.policy must be one of {', '.join(available_policies())}, "
+                       f"got {chosen_policy!r}", param="speculative.policy")
     for key, value in spec.items():
         if key not in REQUEST_OPTIONS:
             raise APIError(400, f"speculative.{key} cannot be set per request (options a request "

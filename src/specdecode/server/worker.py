@@ -43,7 +43,6 @@ class EngineWorker:
         self.sinks: dict[int, Sink] = {}
         self.thread = threading.Thread(target=self._run, name="specdecode-engine", daemon=True)
         self._stop = False
-        self.steps = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -60,11 +59,6 @@ class EngineWorker:
 
     def abort(self, request_id: int) -> None:
         self.commands.put(("abort", request_id))
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued or running (read from other threads: a snapshot)."""
-        return not self.sinks and self.commands.empty()
 
     def _command(self, kind: str, arg: Any) -> None:
         if kind == "add":
@@ -106,7 +100,6 @@ class EngineWorker:
                 log.exception("engine step failed")
                 self._fail_all(f"the engine failed: {type(err).__name__}: {err}")
                 continue
-            self.steps += 1
             for event in events:
                 sink = self.sinks.get(event.request_id)
                 if event.finished:
