@@ -172,3 +172,44 @@ def test_generate_prompts_file_batches_and_matches_vanilla(tmp_path, tiny_pair):
     empty.write_text("\n")
     none = CliRunner().invoke(main, base + ["--prompts-file", str(empty)])
     assert none.exit_code != 0 and "holds no prompts" in none.output
+
+
+def test_counter_metrics_give_vllm_methods_mat_and_acceptance(tmp_path):
+    base = [answer(1, "a", [[1] * 10, [2] * 10], [1.0, 1.0], [1] * 20, [0])]
+    peer = answer(1, "a", [[1] * 10, [2] * 10], [0.5, 0.5])
+    peer["choices"][0]["spec_counters"] = [
+        {"num_drafts": 4, "num_draft_tokens": 16, "num_accepted_tokens": 6},
+        {"num_drafts": 2, "num_draft_tokens": 8, "num_accepted_tokens": 3}]
+    plain = answer(1, "a", [[1] * 10, [2] * 10], [0.5, 0.5])
+    plain["choices"][0]["spec_counters"] = [{"num_drafts": 0, "num_draft_tokens": 0,
+                                             "num_accepted_tokens": 0}] * 2
+    write(tmp_path, "vanilla", base)
+    write(tmp_path, "vllm-ngram", [peer])
+    write(tmp_path, "vllm", [plain])
+    report = build_report(tmp_path, ["vanilla", "vllm-ngram", "vllm"], {}, oracle=None)
+    cell = report["table"]["vllm-ngram"][OVERALL]
+    assert cell["mat"] == pytest.approx(1 + 9 / 6) and cell["acceptance_rate"] == pytest.approx(9 / 24)
+    assert report["table"]["vllm"][OVERALL]["mat"] == 1.0
+    peer["choices"][0]["spec_counters"].pop()  # one turn without counters: no MAT at all
+    write(tmp_path, "vllm-ngram", [peer])
+    again = build_report(tmp_path, ["vanilla", "vllm-ngram"], {}, oracle=None)
+    assert again["table"]["vllm-ngram"][OVERALL]["mat"] is None
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("vanilla,vllm-ngram:warp=1", "unknown options ['warp']"),
+    ("vanilla,vllm:num_draft_tokens=3", "takes no options"),
+    ("vanilla,vllm-specdecode-lookahead", "unknown method"),
+])
+def test_bench_vllm_methods_check_their_options(tmp_path, tiny_pair, methods, message):
+    result = CliRunner().invoke(main, ["bench", "--target", str(tiny_pair / "target"),
+                                       "--methods", methods, "--out", str(tmp_path)])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_bench_vllm_methods_need_an_interpreter_with_vllm(tmp_path, tiny_pair):
+    result = CliRunner().invoke(main, ["bench", "--target", str(tiny_pair / "target"),
+                                       "--methods", "vanilla,vllm", "--out", str(tmp_path),
+                                       "--vllm-python", "/bin/false"])
+    assert result.exit_code != 0 and "--vllm-python" in result.output, result.output
+    assert not (tmp_path / "answers").exists()

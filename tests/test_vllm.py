@@ -71,3 +71,37 @@ def test_proposer_outputs_equal_vllm_without_speculation(vanilla, proposer):
     left = set(live[-1].requests)
     assert not (left & first) and len(left) <= 8
     del llm
+
+
+def test_benchmark_vllm_methods_write_valid_jsonl(tmp_path):
+    """``specdecode bench`` with vLLM peers on two questions: Spec-Bench JSONL like every method's,
+    outputs equal to our vanilla (greedy), MAT from vLLM's counters, ranked in the report."""
+    import json
+
+    from click.testing import CliRunner
+
+    from specdecode.bench.runner import method_file
+    from specdecode.cli import main
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in (
+        {"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Another one."]},
+        {"question_id": 2, "category": "rag", "turns": ["Summarize: the fox jumps over the dog."]})))
+    methods = ["vanilla", "vllm", "vllm-ngram", "vllm-specdecode-suffix:num_draft_tokens=3"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench", "--questions", str(questions), "--max-new-tokens",
+                                       "24", "--methods", ",".join(methods), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    vanilla = [json.loads(x) for x in method_file(out, "vanilla").read_text().splitlines()]
+    for spec in methods[1:]:
+        rows = [json.loads(x) for x in method_file(out, spec).read_text().splitlines()]
+        assert [r["question_id"] for r in rows] == [1, 2]
+        for row, base in zip(rows, vanilla):
+            assert set(row) >= {"question_id", "category", "model_id", "choices", "tstamp"}
+            choice = row["choices"][0]
+            assert len(choice["turns"]) == len(choice["new_tokens"]) == len(choice["wall_time"])
+            assert all(w > 0 for w in choice["wall_time"])
+            assert choice["token_ids"] == base["choices"][0]["token_ids"]
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert set(summary["ranking"]) == set(methods[1:]) and not summary["flagged"]
+    assert summary["mat"]["vllm"] == 1.0 and summary["mat"]["vllm-ngram"] >= 1.0

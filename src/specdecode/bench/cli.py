@@ -48,7 +48,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
               help="Comma-separated methods: vanilla; our drafters, each optionally with options "
                    "as name:key=value:key=value (e.g. ngram:max_n=4:num_draft_tokens=6); oracle "
                    "(proposes vanilla's output: the physical bound); hf-pld and hf-assisted "
-                   "(transformers' prompt lookup and assisted generation).")
+                   "(transformers' prompt lookup and assisted generation); vllm, vllm-ngram and "
+                   "vllm-specdecode-ngram|suffix|sam (vLLM's engine in a subprocess: alone, with "
+                   "its own prompt lookup, with our drafters as its proposers).")
 @click.option("--datastore", type=click.Path(path_type=Path), default=None,
               help="REST datastore directory (`specdecode datastore build`); given, the default "
                    "methods include rest, and every rest method without datastore=... uses it.")
@@ -80,12 +82,15 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
                    "plus transformers' padded batch generate (hf-batch); writes batch.md and "
                    "batch.json (aggregate tokens/s, latency, per-row equality with batch-1 "
                    "vanilla).")
+@click.option("--vllm-python", default=None, metavar="PYTHON",
+              help="Interpreter that runs the vLLM methods' engines (it must import vllm and "
+                   "specdecode; default: this one).")
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
 def bench(target, draft_model, methods, datastore, questions_file, categories, limit_per_category,
           max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed, repeats, out_dir, quick,
-          allow_lossy, threads, batch_sizes, report_only) -> None:
+          allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
     JSONL (Spec-Bench schema), report.json, report.md and plots to --out. The last line printed is a
     one-line JSON summary."""
@@ -94,6 +99,7 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
     from specdecode.bench.methods import Settings, check_specs, needs_draft, parse_spec
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
+    from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
     from specdecode.cli import int_list, load_models, quiet_transformers
     from specdecode.models.hf import context_length
 
@@ -124,6 +130,13 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
         check_specs(specs, has_draft=draft_model is not None or target is None)
         cats = [c.strip() for c in categories.split(",")] if categories else None
         questions = load_questions(questions_file, cats, limit_per_category)
+        uses_vllm = any(is_vllm(parse_spec(m)[0]) for m in specs)
+        if uses_vllm and batch_sizes is not None:
+            raise SpecDecodeError("vLLM methods run in the per-question benchmark only (for vLLM "
+                                  "with every request in flight: python -m "
+                                  "specdecode.integrations.vllm_bench)")
+        if uses_vllm:
+            check_vllm_importable(vllm_python or sys.executable)
         model, draft, tokenizer = load_models(target, draft_model, draft_needed)
         model_id = Path(target).name if target else "specdecode-demo-target"
         draft_id = (Path(draft_model).name if draft_model else
@@ -155,12 +168,27 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                      sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
-                     datastore=str(datastore) if datastore else None, policy=policy)
+                     datastore=str(datastore) if datastore else None, policy=policy,
+                     vllm=vllm_engine(target, model, vllm_python) if uses_vllm else None)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
                                 context_length(model.config), repeats, model_id)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
     write_report(out_dir, settings, skipped, allow_lossy)
+
+
+def vllm_engine(target: str | None, model, python: str | None):
+    """Where the vLLM methods' engines load the same target and tokenizer."""
+    from specdecode.bench.vllm_peer import Engine
+    from specdecode.models.hf import context_length
+
+    if target is None:
+        from specdecode.demo import demo_dir
+
+        target_dir, tokenizer_dir = str(demo_dir() / "target"), str(demo_dir() / "tokenizer")
+    else:
+        target_dir = tokenizer_dir = str(Path(target).resolve())
+    return Engine(target_dir, tokenizer_dir, context_length(model.config), python or sys.executable)
 
 
 def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Path, model_id: str,

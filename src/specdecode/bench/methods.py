@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 import specdecode as sd
+from specdecode.bench import vllm_peer
 from specdecode.drafters.mix import DEFAULT_SOURCES
 from specdecode.drafters.suffix_tree import SuffixStore
 from specdecode.types import SpecDecodeError
@@ -30,6 +31,7 @@ class Outcome:
     drafted: int | None = None
     drafted_per_step: list[int] | None = None
     planned_per_step: list[int] | None = None  # the policy's depth per step (0: a plain step)
+    counters: dict | None = None  # vLLM's per-answer speculation counters (no per-step lengths)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Settings:
     pad_token_id: int = 0
     datastore: str | None = None
     policy: str | None = None  # for methods without their own policy=...; None: the API default
+    vllm: vllm_peer.Engine | None = None  # where vLLM methods find the model
     extra: dict = field(default_factory=dict)
 
 
@@ -66,8 +69,9 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 
 def is_lossless(spec: str) -> bool:
-    """Ours are lossless by construction (and checked); transformers' are measured."""
-    return parse_spec(spec)[0] not in HF_METHODS
+    """Ours are lossless by construction (and checked); transformers' and vLLM's are measured."""
+    name = parse_spec(spec)[0]
+    return name not in HF_METHODS and not vllm_peer.is_vllm(name)
 
 
 def drafters_of(name: str, options: dict) -> list[str]:
@@ -85,11 +89,14 @@ def needs_draft(spec: str) -> bool:
 def check_specs(specs: list[str], has_draft: bool) -> None:
     from specdecode.policies import available_policies
 
-    known = set(sd.available()) | {"vanilla", *HF_METHODS}
+    known = set(sd.available()) | {"vanilla", *HF_METHODS, *vllm_peer.VLLM_METHODS}
     for spec in specs:
         name, options = parse_spec(spec)
         if name not in known:
             raise SpecDecodeError(f"unknown method {name!r}; known: {', '.join(sorted(known))}")
+        if vllm_peer.is_vllm(name):
+            vllm_peer.speculative_config(name, options, 4)  # bad options fail before any work
+            continue
         if "policy" in options and (name in HF_METHODS or
                                     options["policy"] not in available_policies()):
             raise SpecDecodeError(f"method {spec!r}: policy must be one of "
@@ -173,7 +180,21 @@ def run_hf(spec: str, s: Settings, prompt: list[int]) -> Outcome:
     return Outcome(out[0, len(prompt):].tolist(), wall)
 
 
+def run_vllm(spec: str, s: Settings, prompt: list[int]) -> Outcome:
+    name, options = parse_spec(spec)
+    if s.vllm is None:
+        raise SpecDecodeError(f"method {spec!r} needs the vLLM engine settings")
+    engine = vllm_peer.worker(spec, name, options, s.vllm, s.num_draft_tokens)
+    tokens, wall, counters = engine.generate(prompt, max_tokens=s.max_new_tokens,
+                                             temperature=s.temperature, top_k=s.top_k,
+                                             top_p=s.top_p, seed=s.seed)
+    return Outcome(tokens, wall, counters=counters)
+
+
 def run_method(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
-    if parse_spec(spec)[0] in HF_METHODS:
+    name = parse_spec(spec)[0]
+    if name in HF_METHODS:
         return run_hf(spec, s, prompt)
+    if vllm_peer.is_vllm(name):
+        return run_vllm(spec, s, prompt)
     return run_ours(spec, s, prompt, reference)

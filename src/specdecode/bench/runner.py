@@ -91,6 +91,8 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
             if out.drafted_per_step is not None:
                 rec["drafted_per_step"].append(out.drafted_per_step)
                 rec["planned_per_step"].append(out.planned_per_step)
+            if out.counters is not None:
+                rec.setdefault("spec_counters", []).append(out.counters)
             if out.accept_lengths is not None:
                 rec["decoding_steps"].append(len(out.accept_lengths))
                 rec["accept_lengths"].extend(out.accept_lengths)
