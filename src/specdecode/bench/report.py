@@ -3,7 +3,7 @@
 - speedup (Spec-Bench): mean over questions of new_tokens_q / wall_time_q (turns summed), method
   over vanilla, on the questions both answered.
 - MAT: mean accept length over all steps (accepted draft tokens + the bonus token); vanilla = 1.
-  Methods that report no steps (vLLM) give 1 + accepted / drafts from their counters instead.
+  Methods that report no steps (vLLM) give tokens / (tokens - accepted) from their counters.
 - acceptance rate: accepted draft tokens / drafted tokens.
 - identical: fraction of vanilla's questions whose every turn is token-identical to vanilla's (a
   question the method did not answer counts as different).
@@ -64,16 +64,23 @@ def metrics(base: dict[int, dict], answers: dict[int, dict], qids: list[int]) ->
 
 def counter_metrics(rows: list[dict]) -> tuple[float | None, float | None]:
     """(MAT, acceptance rate) from per-answer counters where a method reports no per-step accept
-    lengths (vLLM): MAT = 1 + accepted / drafts (vLLM's mean acceptance length; 1.0 when nothing
-    was drafted), acceptance = accepted / draft tokens."""
-    counts = [c for row in rows for c in row["choices"][0].get("spec_counters", [])]
-    if not rows or len(counts) != sum(len(row["choices"][0]["turns"]) for row in rows):
+    lengths (vLLM). Every step emits its accepted draft tokens + 1, so an answer of N tokens with A
+    accepted took N - A steps (at least one per draft plus the prefill's: vLLM counts accepted
+    tokens a final step cut at max_tokens): MAT = tokens / steps, as for our methods (steps
+    without a draft count, vanilla = 1). Acceptance = accepted / draft tokens."""
+    counts, tokens = [], []
+    for row in rows:
+        choice = row["choices"][0]
+        counts += choice.get("spec_counters", [])
+        tokens += choice["new_tokens"]
+    if not rows or len(counts) != len(tokens):
         return None, None
-    drafts = sum(c.get("num_drafts", 0) for c in counts)
-    draft_tokens = sum(c.get("num_draft_tokens", 0) for c in counts)
     accepted = sum(c.get("num_accepted_tokens", 0) for c in counts)
-    mat = round(1 + accepted / drafts, 4) if drafts else 1.0
-    return mat, (round(accepted / draft_tokens, 4) if draft_tokens else None)
+    draft_tokens = sum(c.get("num_draft_tokens", 0) for c in counts)
+    steps = sum(max(n - c.get("num_accepted_tokens", 0), c.get("num_drafts", 0) + 1, 1)
+                for n, c in zip(tokens, counts))
+    return (round(sum(tokens) / steps, 4),
+            round(accepted / draft_tokens, 4) if draft_tokens else None)
 
 
 def build_report(out_dir: Path, specs: list[str], lossless: dict[str, bool], oracle: str | None,

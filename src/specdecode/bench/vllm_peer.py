@@ -15,8 +15,9 @@ the same Spec-Bench JSONL, checked against our vanilla like every other method. 
 
 The worker runs with ``--vllm-python`` (default: this interpreter), which must import ``vllm`` and
 ``specdecode``. vLLM reports no per-request steps; its counters per answer (drafts, draft tokens,
-accepted tokens) give these methods' MAT as vLLM defines its mean acceptance length, 1 +
-accepted / drafts, and their acceptance rate, accepted / draft tokens.
+accepted tokens) give these methods' MAT as ours is defined (tokens / steps, a step without a
+draft included; steps = tokens - accepted) and their acceptance rate (accepted / draft tokens).
+vLLM's own "mean acceptance length", 1 + accepted / drafts, leaves out steps without a draft.
 """
 
 from __future__ import annotations
