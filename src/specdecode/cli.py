@@ -12,6 +12,7 @@ from specdecode.bench.cli import bench
 from specdecode.datastore_cli import datastore
 from specdecode.server.cli import bench_serve, serve
 from specdecode.train.cli import train_demo
+from specdecode.train.drafter_cli import train_drafter
 from specdecode.types import SpecDecodeError
 
 
@@ -348,6 +349,7 @@ def export_demo_cmd(work_dir: Path) -> None:
 
 
 main.add_command(train_demo)
+main.add_command(train_drafter)
 main.add_command(bench)
 main.add_command(datastore)
 main.add_command(serve)

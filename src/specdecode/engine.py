@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from specdecode.drafters.base import DraftContext, Drafter
 from specdecode.models.hf import TargetModel
 from specdecode.policies.base import Budget, Policy, StepRecord
@@ -35,10 +37,12 @@ class Sequence:
     """One request in the loop. ``tokens`` are its committed tokens (prompt, then output); its cache
     row holds all but the last (the pending token). ``stats`` is filled as it goes.
 
-    Two optional drafter hooks, declared rather than type-checked: ``feedback_topk`` (an int > 0:
+    Optional drafter hooks, declared rather than type-checked: ``feedback_topk`` (an int > 0:
     each verdict then carries the target's top-k ids at every verified row, see ``TargetFeedback``,
-    and the first proposal those of the prompt) and ``finish(output)``, called once when the request
-    ends, however it ends (cross-request stores learn there).
+    and the first proposal those of the prompt), ``feedback_hidden`` (True: each proposal gets the
+    target's features of the committed tokens it has not seen yet, ``DraftContext.hidden``) and
+    ``finish(output)``, called once when the request ends, however it ends (cross-request stores
+    learn there).
 
     ``policy`` (default ``fixed``) sets each step's budget; when it says 0 nodes the step is a plain
     step and the drafter is neither asked nor told (it catches up from ``ctx.tokens`` next time).
@@ -63,6 +67,8 @@ class Sequence:
         self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(62)
         self.rng = TorchRandom(self.seed)
         self.feedback_topk = int(getattr(self.drafter, "feedback_topk", 0) or 0)
+        self.feedback_hidden = bool(getattr(self.drafter, "feedback_hidden", False))
+        self.hidden: list = []  # target features of committed tokens not yet given to the drafter
         self.prefill_topk = None
         self.warned = False
         self.start = time.perf_counter()
@@ -108,7 +114,10 @@ class Batch:
         self.seqs.append(seq)
         start = time.perf_counter()
         if len(tokens) > 1:
-            logits = self.target.prefill(seq.row, tokens[:-1], last_only=not seq.feedback_topk)
+            logits = self.target.prefill(seq.row, tokens[:-1], last_only=not seq.feedback_topk,
+                                         hidden=seq.feedback_hidden)
+            if seq.feedback_hidden:
+                seq.hidden.append(self.target.hidden)
             if seq.feedback_topk:
                 seq.prefill_topk = logits.topk(min(seq.feedback_topk, logits.size(-1)),
                                                dim=-1).indices
@@ -145,12 +154,15 @@ class Batch:
         for seq in self.seqs:
             _propose(seq, self.target, len(self.seqs))
         verify_start = time.perf_counter()
+        hidden = any(s.feedback_hidden for s in self.seqs)
         all_logits = self.target.step([s.tokens[-1] for s in self.seqs],
-                                      [s.draft for s in self.seqs])
+                                      [s.draft for s in self.seqs], hidden=hidden)
+        features = self.target.hidden if hidden else [None] * len(self.seqs)
         verify_s = time.perf_counter() - verify_start
         tokens_in_forward = len(self.seqs) * max(len(s.draft) + 1 for s in self.seqs)
-        for seq, logits in zip(list(self.seqs), all_logits):
-            event = _commit(seq, self.target, logits, verify_s, len(self.seqs), tokens_in_forward)
+        for seq, logits, rows in zip(list(self.seqs), all_logits, features):
+            event = _commit(seq, self.target, logits, verify_s, len(self.seqs), tokens_in_forward,
+                            rows)
             events.append((seq, event))
         for seq, event in events:
             if event.finished and seq.row >= 0:
@@ -179,6 +191,9 @@ def _propose(seq: Sequence, target: TargetModel, batch_size: int) -> None:
         ctx = DraftContext(seq.tokens, len(seq.prompt), budget.nodes, budget.depth, seq.params,
                            seq.seed, seq.prefill_topk, budget.min_score)
         seq.prefill_topk = None
+        if seq.feedback_hidden:
+            ctx.hidden = torch.cat(seq.hidden) if seq.hidden else None
+            seq.hidden = []
         try:
             draft = seq.drafter.propose(ctx).limited(budget.nodes, budget.depth)
             draft.validate(target.vocab_size)
@@ -198,13 +213,15 @@ def _propose(seq: Sequence, target: TargetModel, batch_size: int) -> None:
 
 
 def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_size: int,
-            tokens_in_forward: int) -> StepEvent:
+            tokens_in_forward: int, features=None) -> StepEvent:
     """Accept (pure rule), keep the accepted path in the row, feed back, emit."""
     start = time.perf_counter()
     step, draft, proposed = seq.step, seq.draft, not seq.budget.off
     step.verify_s = verify_s
     verdict = verify(draft, logits, seq.params, seq.rng, seq.seed, base_position=len(seq.tokens))
     target.keep(seq.row, verdict.path)
+    if seq.feedback_hidden and features is not None:  # the pending token's and the accepted path's
+        seq.hidden.append(features[[0] + [i + 1 for i in verdict.path]])
     if seq.feedback_topk and proposed:  # computed once, from the logits this step already has
         verdict.feedback = TargetFeedback(
             [seq.tokens[-1]] + draft.tokens.tolist(),

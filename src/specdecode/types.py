@@ -135,12 +135,11 @@ class TargetFeedback:
     before this step), row i + 1 is draft node i, rejected nodes included. ``row_tokens[r]`` is the
     input token of row r and ``topk_ids[r]`` the target's k most likely next tokens after it, best
     first (from the raw logits, so the same ids under greedy and sampling); the same for the prompt
-    comes earlier, with the first proposal (``DraftContext.prefill_topk_ids``). ``hidden_states`` is
-    reserved for feature-level drafters (None today)."""
+    comes earlier, with the first proposal (``DraftContext.prefill_topk_ids``). The target's
+    features travel the other way, with each proposal (``DraftContext.hidden``)."""
 
     row_tokens: list[int]
     topk_ids: torch.Tensor  # [n + 1, k] long
-    hidden_states: torch.Tensor | None = None
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 from specdecode.drafters import (  # noqa: F401  (each module registers its drafter)
     draft_model,
+    eagle,
     layer_skip,
     lookahead,
+    medusa,
     mix,
     ngram,
     none,

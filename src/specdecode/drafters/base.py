@@ -9,6 +9,10 @@ Optional, declared by the drafter and read by the engine with ``getattr``:
   target's top-k next-token ids at each verified row, rejected draft nodes included; and the first
   ``propose`` gets those of the prompt (``ctx.prefill_topk_ids``, from the prefill's logits), so a
   drafter can learn before its first draft. Drafters that do not declare it cost nothing extra.
+- ``feedback_hidden: bool``: when True, every proposal gets ``ctx.hidden``: the target's features
+  (last hidden states after the final norm, what its LM head reads) of the committed tokens the
+  drafter has not been given yet, the prompt's with the first proposal. The target computes them
+  in its prefill and verification forwards anyway; a plain step's come with the next proposal.
 - ``finish(output: list[int])``: called once when the request ends. A store shared across requests
   (SuffixDecoding's global tree, Token Recycling's hot table) is an explicit object with a size
   bound, handed to the drafter by its factory; ``finish`` is where it learns from the request.
@@ -42,6 +46,9 @@ class DraftContext:
     seed: int
     prefill_topk_ids: Any = None  # [len(prompt) - 1, k] tensor, first proposal of a feedback drafter
     min_score: float = 0.0
+    # feature drafters: [m, H] target features of tokens[len(tokens) - 1 - m : len(tokens) - 1]
+    # (every committed token's but the pending last one's, new since the last proposal), or None
+    hidden: Any = None
 
     @property
     def num_generated(self) -> int:

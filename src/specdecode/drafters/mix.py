@@ -81,8 +81,7 @@ def translate(verdict: Verdict, node_map: list[int], num_drafted: int, topk: int
     fb, feedback = verdict.feedback, None
     if topk > 0 and fb is not None and all(m >= 0 for m in node_map):
         rows = [0] + [m + 1 for m in node_map]
-        feedback = TargetFeedback([fb.row_tokens[r] for r in rows], fb.topk_ids[rows, :topk],
-                                  fb.hidden_states)
+        feedback = TargetFeedback([fb.row_tokens[r] for r in rows], fb.topk_ids[rows, :topk])
     return Verdict(path, list(verdict.tokens), num_drafted, feedback)
 
 
@@ -91,6 +90,8 @@ class MixDrafter:
         self.sources = sources
         self.max_nodes, self.spine_nodes = max_nodes, spine_nodes
         self.feedback_topk = max(int(getattr(d, "feedback_topk", 0) or 0) for _, d in sources)
+        # features go to every source (a feature drafter left out of a step starts afresh later)
+        self.feedback_hidden = any(getattr(d, "feedback_hidden", False) for _, d in sources)
         self.last: tuple[Merged, list[int], list[bool]] | None = None
 
     def propose(self, ctx: DraftContext) -> Draft:

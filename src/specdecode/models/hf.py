@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -24,11 +24,14 @@ from specdecode.types import Draft, SpecDecodeError
 
 class TargetModel(Protocol):
     """What the engine needs from a target: rows (one per running request) with their own caches,
-    a prefill per row, one forward for every row's draft, and ``keep`` per row."""
+    a prefill per row, one forward for every row's draft, and ``keep`` per row. Asked with
+    ``hidden=True``, ``prefill`` and ``step`` leave the target's features (last hidden states, the
+    LM head's input) of what they ran in ``hidden``, for feature-level drafters."""
 
     vocab_size: int
     max_length: int | None
     lengths: list[int]
+    hidden: Any
 
     def reserve(self, rows: int, length: int) -> None: ...
 
@@ -36,9 +39,11 @@ class TargetModel(Protocol):
 
     def remove_row(self, row: int) -> int | None: ...
 
-    def prefill(self, row: int, ids: list[int], last_only: bool = False) -> torch.Tensor: ...
+    def prefill(self, row: int, ids: list[int], last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor: ...
 
-    def step(self, roots: list[int], drafts: list[Draft]) -> list[torch.Tensor]: ...
+    def step(self, roots: list[int], drafts: list[Draft], hidden: bool = False
+             ) -> list[torch.Tensor]: ...
 
     def keep(self, row: int, path: list[int]) -> None: ...
 
@@ -193,6 +198,7 @@ class BatchTarget(_Adapter):
         self.cache = SlotCache(int(layers), self.device, self.dtype)
         self.lengths: list[int] = []
         self.before: list[int] = []  # row lengths when the last ``step`` began
+        self.hidden = None  # features of the last prefill / step that asked for them
 
     def reserve(self, rows: int, length: int) -> None:
         """Room for ``rows`` rows of ``length`` slots (allocated once, grown only when short)."""
@@ -218,22 +224,26 @@ class BatchTarget(_Adapter):
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None,
-                 causal: bool = False) -> torch.Tensor:
+                 causal: bool = False, hidden: bool = False) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         with rows_attention(self.model.config, chunks, causal):
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
                              attention_mask=mask.to(self.device), past_key_values=self.cache,
-                             use_cache=True, **extra)
+                             use_cache=True, output_hidden_states=hidden, **extra)
+        # the last layer's output after the final norm: what the LM head reads
+        self.hidden = out.hidden_states[-1] if hidden else None
         return out.logits.float()
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(visible.shape, dtype=self.dtype)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
 
-    def prefill(self, row: int, ids: list[int], last_only: bool = False) -> torch.Tensor:
+    def prefill(self, row: int, ids: list[int], last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor:
         """Causal forward of ``ids`` after row ``row``'s cached tokens; logits [len(ids), V] (with
-        ``last_only``, at least the last row)."""
+        ``last_only``, at least the last row). With ``hidden``, ``self.hidden`` is then the
+        target's features (last hidden states) of every id, [len(ids), H]."""
         past, q = self.lengths[row], len(ids)
         self.cache.reserve(len(self.lengths), past + q)
         cache = self.cache
@@ -241,14 +251,17 @@ class BatchTarget(_Adapter):
         visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
         logits = self._forward(torch.tensor([ids]), torch.arange(past, past + q)[None],
                                self._additive(visible)[None, None], last_only,
-                               causal=past == 0 and q > 1)
+                               causal=past == 0 and q > 1, hidden=hidden)
+        if hidden:
+            self.hidden = self.hidden[0]
         self.lengths[row] = past + q
         return logits[0]
 
-    def step(self, roots: list[int], drafts: list[Draft]) -> list[torch.Tensor]:
+    def step(self, roots: list[int], drafts: list[Draft], hidden: bool = False
+             ) -> list[torch.Tensor]:
         """One forward over every row: row r's pending token ``roots[r]`` and ``drafts[r]``.
         Returns logits [len(drafts[r]) + 1, V] per row. Rows' lengths grow by their draft + 1 until
-        ``keep``."""
+        ``keep``. With ``hidden``, ``self.hidden`` is then each row's features [len + 1, H]."""
         b = len(self.lengths)
         if len(roots) != b or len(drafts) != b:
             raise ValueError(f"step needs one root and one draft per row ({b} rows)")
@@ -276,9 +289,11 @@ class BatchTarget(_Adapter):
         try:
             chunks = plan_chunks((lens + q).tolist()) if b > 1 else None
             logits = self._forward(ids, positions, self._additive(visible)[:, None],
-                                   chunks=chunks)
+                                   chunks=chunks, hidden=hidden)
         finally:
             cache.index = None
+        if hidden:
+            self.hidden = [self.hidden[r, :sizes[r]] for r in range(b)]
         self.before = list(self.lengths)
         for r in range(b):
             self.lengths[r] += sizes[r]

@@ -1,0 +1,159 @@
+"""Trained drafter heads that read the target's features (its last hidden states): their networks,
+and saving / loading them (``head.safetensors`` in fp16 + ``head.json``).
+
+- ``EagleHead`` follows EAGLE-1 (Li et al., "EAGLE: Speculative Sampling Requires Rethinking
+  Feature Uncertainty", ICML 2024): ``fc`` maps [embedding of token t+1; feature f_t] to the model
+  width, then one pre-norm decoder layer (RoPE self-attention + SwiGLU MLP) predicts the feature
+  f_{t+1}; the target's own (frozen) LM head turns it into token probabilities. It runs
+  autoregressively over features, with its own KV cache.
+- ``MedusaHeads`` follows Medusa-1 (Cai et al., "Medusa: Simple LLM Inference Acceleration
+  Framework with Multiple Decoding Heads", ICML 2024): head d (1..K) is a residual SiLU block and
+  its own LM head on f_t, predicting token t+1+d; the target is frozen.
+
+The target's embeddings and LM head are never stored here: heads are loaded against a target.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specdecode.types import SpecDecodeError
+
+HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding of ``x`` [B, heads, T, d] at ``positions`` [B, T] (halves
+    rotated, as Llama does)."""
+    half = x.size(-1) // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+    angles = positions.float()[:, None, :, None] * freqs
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+class EagleHead(nn.Module):
+    """One EAGLE-1 draft layer. ``forward(embeds, features, positions, visible, past)``: inputs
+    [B, T, H] (token embeddings and the features they follow), absolute positions [B, T],
+    ``visible`` [B, T, P + T] (bool: which of the ``past`` keys then the new ones each input sees)
+    and ``past`` (keys, values) [B, heads, P, d] or None. Returns the predicted features [B, T, H]
+    and the new (keys, values) of the T inputs."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int,
+                 rope_theta: float = 10000.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise SpecDecodeError(f"hidden_size {hidden_size} is not a multiple of num_heads "
+                                  f"{num_heads}")
+        self.config = {"kind": "eagle", "hidden_size": hidden_size, "num_heads": num_heads,
+                       "intermediate_size": intermediate_size, "rope_theta": rope_theta,
+                       "eps": eps}
+        self.heads, self.head_dim, self.theta = num_heads, hidden_size // num_heads, rope_theta
+        self.fc = nn.Linear(2 * hidden_size, hidden_size)
+        self.attn_norm = RMSNorm(hidden_size, eps)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.out = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(hidden_size, eps)
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                visible: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, h = embeds.shape
+        x = self.fc(torch.cat([embeds, features], -1))
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, self.head_dim).unbind(2)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        new = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+        x = x + self.out(attn.transpose(1, 2).reshape(b, t, h))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
+        return x + self.down(nn.functional.silu(gate) * up), new
+
+
+class MedusaHeads(nn.Module):
+    """K Medusa-1 heads: ``forward(features [..., H])`` -> logits [K, ..., V]; head d predicts
+    the token d + 1 places after the one the target's own head predicts."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.config = {"kind": "medusa", "hidden_size": hidden_size, "vocab_size": vocab_size,
+                       "num_heads": num_heads}
+        self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False)
+                                      for _ in range(num_heads))
+        for block in self.blocks:  # a block starts as the identity (Medusa's zero init)
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def init_from(self, lm_head: nn.Module) -> None:
+        """Every head's LM head starts as the target's (Medusa-1)."""
+        with torch.no_grad():
+            for head in self.lm_heads:
+                head.weight.copy_(lm_head.weight)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(features + nn.functional.silu(block(features)))
+                            for block, head in zip(self.blocks, self.lm_heads)])
+
+
+def head_target_info(target_model) -> dict:
+    """What a head must match in its target."""
+    emb = target_model.get_input_embeddings().weight
+    return {"hidden_size": int(emb.shape[1]), "vocab_size": int(emb.shape[0])}
+
+
+def save_head(head: nn.Module, out: Path, target_model, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(out / HEAD_FILE))
+    config = {**head.config, "target": head_target_info(target_model), **(extra or {})}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def load_head(directory: Path | str, kind: str, target_model) -> tuple[nn.Module, dict]:
+    """A head saved by ``save_head``, in fp32, checked against ``target_model``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists() or not (directory / HEAD_FILE).exists():
+        raise SpecDecodeError(f"no {kind} head in {str(directory)!r} (expected {CONFIG_FILE} and "
+                              f"{HEAD_FILE}; train one with `specdecode train-drafter --kind "
+                              f"{kind}`)")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config.get("kind") != kind:
+        raise SpecDecodeError(f"{str(directory)!r} holds a {config.get('kind')!r} head, not {kind!r}")
+    wanted = head_target_info(target_model)
+    if config.get("target", {}) | wanted != config.get("target", {}):
+        raise SpecDecodeError(f"the {kind} head in {str(directory)!r} was trained for a target with "
+                              f"{config.get('target')}; this target has {wanted}")
+    head = build_head(config)
+    head.load_state_dict({k: v.float() for k, v in load_file(str(directory / HEAD_FILE)).items()})
+    return head.eval(), config
+
+
+def build_head(config: dict) -> nn.Module:
+    if config["kind"] == "eagle":
+        return EagleHead(config["hidden_size"], config["num_heads"], config["intermediate_size"],
+                         config.get("rope_theta", 10000.0), config.get("eps", 1e-6))
+    return MedusaHeads(config["hidden_size"], config["vocab_size"], config["num_heads"])

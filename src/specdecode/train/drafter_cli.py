@@ -1,0 +1,112 @@
+"""`specdecode train-drafter`: train a drafter for a target (EAGLE head, Medusa heads), and the
+corpus it trains on, tokenized with the target's own tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) token arrays of the demo corpus (ShareGPT + Python's standard library,
+    see ``train/corpus.py``) in ``tokenizer``'s ids: the first ``train_tokens`` training tokens in
+    corpus order, validation split by document hash. Cached in ``data_dir`` per tokenizer."""
+    from tqdm import tqdm
+
+    from specdecode.train.corpus import all_documents, is_validation
+
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    key = hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    meta_file = data_dir / "corpus.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("tokenizer") == key and meta.get("train_tokens", 0) >= train_tokens:
+            return (np.load(data_dir / "train.npy", mmap_mode="r"),
+                    np.load(data_dir / "val.npy", mmap_mode="r"))
+    eot = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    counts = {"train": 0, "val": 0}
+    batch: list[tuple[str, str]] = []
+    bar = tqdm(total=train_tokens, desc="tokenizing corpus", unit="tok", unit_scale=True)
+
+    def flush() -> None:
+        ids = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+        for (doc_id, _), row in zip(batch, ids):
+            split = "val" if is_validation(doc_id) else "train"
+            parts[split].append(np.asarray(row + [eot], dtype=np.int32))
+            counts[split] += len(row) + 1
+            if split == "train":
+                bar.update(len(row) + 1)
+        batch.clear()
+
+    for doc in all_documents():
+        batch.append(doc)
+        if len(batch) == 256:
+            flush()
+            if counts["train"] >= train_tokens:
+                break
+    if batch:
+        flush()
+    bar.close()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    for split, arr in arrays.items():
+        np.save(data_dir / f"{split}.npy", arr)
+    meta_file.write_text(json.dumps({"tokenizer": key, "train_tokens": counts["train"],
+                                     "val_tokens": counts["val"]}))
+    return arrays["train"], arrays["val"]
+
+
+@click.command("train-drafter")
+@click.option("--kind", type=click.Choice(["eagle", "medusa"]), required=True,
+              help="eagle: an EAGLE-1 feature head (one decoder layer); medusa: Medusa-1 heads.")
+@click.option("--target", default=None, help="Target model directory (default: the demo target).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output directory: checkpoint.pt, summary.json and head/ (the drafter's "
+                   "head=... option). Rerun the same command to resume.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Where the tokenized corpus is cached (default: OUT/data).")
+@click.option("--corpus-tokens", type=int, default=8_000_000, show_default=True,
+              help="Training tokens to tokenize from the corpus.")
+@click.option("--steps", type=int, default=600, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--medusa-heads", type=int, default=3, show_default=True,
+              help="Medusa: number of heads (draft depth).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+@click.option("--time-budget", type=float, default=0.0,
+              help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
+def train_drafter(kind, target, out_dir, data_dir, corpus_tokens, steps, batch_size, seq_len, lr,
+                  medusa_heads, seed, threads, time_budget) -> None:
+    """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
+    and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
+    from specdecode.cli import load_models
+    from specdecode.train.heads import HeadConfig, train_head
+    from specdecode.types import SpecDecodeError
+
+    if min(steps, batch_size, seq_len, medusa_heads) < 1 or lr <= 0:
+        raise click.UsageError("--steps, --batch-size, --seq-len, --medusa-heads and --lr must be "
+                               "positive")
+    try:
+        model, _, tokenizer = load_models(target, None, False)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
+    train_data, val_data = corpus_arrays(tokenizer, data_dir or out_dir / "data", corpus_tokens)
+    if min(train_data.size, val_data.size) <= seq_len + 1:
+        raise click.ClickException(f"the corpus is shorter than --seq-len {seq_len}")
+    cfg = HeadConfig(kind=kind, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                     medusa_heads=medusa_heads, seed=seed, threads=threads,
+                     time_budget_s=time_budget * 60)
+    try:
+        summary = train_head(model, train_data, val_data, out_dir, cfg)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    summary["target"] = target or "specdecode-demo-target"
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))

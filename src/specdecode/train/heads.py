@@ -1,0 +1,227 @@
+"""Train EAGLE and Medusa heads on a frozen target (``specdecode train-drafter --kind eagle|medusa``).
+
+Each step draws ``batch_size`` windows of ``seq_len + 1`` tokens from the corpus (generator seeded by
+(seed, step), so a resumed run continues exactly), runs the frozen target once to get its features
+F (last hidden states after the final norm) and its next-token distributions P, and trains:
+
+- EAGLE-1 (Li et al., ICML 2024): the head reads (F_t + uniform noise in [-0.1, 0.1], embedding of
+  token t+1) and predicts F_{t+1}; loss = SmoothL1(prediction, F_{t+1}) + 0.1 * cross-entropy of
+  the target's LM head on the prediction against P_{t+1} (the paper's weights and input noise).
+- Medusa-1 (Cai et al., ICML 2024): head d reads F_t and predicts token t+1+d; loss = sum over d of
+  0.8^(d-1) * cross-entropy against the target's own distribution P_{t+d} (self-distillation, as
+  the paper recommends when the corpus is not the target's own output).
+
+The learning rate warms up then decays by cosine, by step count only; AdamW; checkpoints every
+``checkpoint_every`` steps and at the time budget. At the end: held-out loss and top-1 agreement
+with the target per depth (Medusa: the top-k accuracy table that shapes its static tree).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from specdecode.models.heads import EagleHead, MedusaHeads, save_head
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "eagle"
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup: int = 30
+    weight_decay: float = 0.0
+    medusa_heads: int = 3
+    seed: int = 0
+    threads: int = 0
+    time_budget_s: float = 0.0
+    checkpoint_every: int = 50
+    eval_batches: int = 8
+    tree_nodes: int = 32  # Medusa: paths kept in the static tree
+
+
+def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0) -> torch.Tensor:
+    gen = np.random.default_rng([cfg.seed, step, salt])
+    starts = gen.integers(0, data.size - cfg.seq_len - 1, size=cfg.batch_size)
+    return torch.from_numpy(np.stack([data[s:s + cfg.seq_len] for s in starts]).astype(np.int64))
+
+
+def lr_at(step: int, cfg: HeadConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def target_pass(target, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen target's features [B, T, H] and log-probabilities [B, T, V]."""
+    out = target(input_ids=ids, output_hidden_states=True)
+    return out.hidden_states[-1].float(), torch.log_softmax(out.logits.float(), -1)
+
+
+def new_head(kind: str, target, cfg: HeadConfig) -> nn.Module:
+    config = target.config
+    hidden = int(target.get_input_embeddings().weight.shape[1])
+    if kind == "eagle":
+        heads = int(getattr(config, "num_attention_heads", 0) or max(1, hidden // 64))
+        inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+        theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+        return EagleHead(hidden, heads, inter, theta)
+    vocab = int(target.get_output_embeddings().weight.shape[0])
+    head = MedusaHeads(hidden, vocab, cfg.medusa_heads)
+    head.init_from(target.get_output_embeddings())
+    return head
+
+
+def soft_ce(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against the distribution exp(target_logp), per position."""
+    return -(target_logp.exp() * torch.log_softmax(logits, -1)).sum(-1)
+
+
+def eagle_loss(head: EagleHead, target, ids: torch.Tensor, feats: torch.Tensor,
+               logp: torch.Tensor, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, top-1 agreement with the target) over the pairs (F_t, token t+1)."""
+    b, t = ids.shape
+    inputs = feats[:, :-1]
+    if noise:
+        inputs = inputs + (torch.rand_like(inputs) - 0.5) * 0.2
+    with torch.no_grad():
+        embeds = target.get_input_embeddings()(ids[:, 1:]).float()
+    positions = torch.arange(1, t)[None].expand(b, -1)
+    causal = torch.ones(t - 1, t - 1, dtype=torch.bool).tril()[None].expand(b, -1, -1)
+    pred, _ = head(embeds, inputs, positions, causal)
+    logits = nn.functional.linear(pred, target.get_output_embeddings().weight.float())
+    reg = nn.functional.smooth_l1_loss(pred, feats[:, 1:])
+    cls = soft_ce(logits, logp[:, 1:]).mean()
+    agree = (logits.argmax(-1) == logp[:, 1:].argmax(-1)).float().mean()
+    return reg + 0.1 * cls, agree
+
+
+def medusa_loss(heads: MedusaHeads, feats: torch.Tensor, logp: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, top-1 agreement of head 1 with the target)."""
+    all_logits = heads(feats)  # [K, B, T, V]
+    loss, agree = feats.new_zeros(()), feats.new_zeros(())
+    for d in range(1, all_logits.size(0) + 1):
+        logits, target = all_logits[d - 1, :, :-d], logp[:, d:]
+        loss = loss + 0.8 ** (d - 1) * soft_ce(logits, target).mean()
+        if d == 1:
+            agree = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+    return loss, agree
+
+
+@torch.no_grad()
+def evaluate(kind: str, head: nn.Module, target, data: np.ndarray, cfg: HeadConfig,
+             topk: int = 4) -> dict:
+    """Held-out loss and agreement; Medusa also its top-k accuracy table (per depth, per rank: how
+    often that rank's token is the target's argmax)."""
+    head.eval()
+    losses, agrees = [], []
+    hits = np.zeros((cfg.medusa_heads, topk))
+    count = np.zeros(cfg.medusa_heads)
+    for i in range(cfg.eval_batches):
+        ids = batch_at(data, i, cfg, salt=1)
+        feats, logp = target_pass(target, ids)
+        if kind == "eagle":
+            loss, agree = eagle_loss(head, target, ids, feats, logp, noise=False)
+        else:
+            loss, agree = medusa_loss(head, feats, logp)
+            all_logits = head(feats)
+            for d in range(1, all_logits.size(0) + 1):
+                ranked = all_logits[d - 1, :, :-d].topk(topk, -1).indices
+                truth = logp[:, d:].argmax(-1, keepdim=True)
+                hits[d - 1] += (ranked == truth).float().sum((0, 1)).numpy()
+                count[d - 1] += truth.numel()
+        losses.append(loss.item())
+        agrees.append(agree.item())
+    head.train()
+    out = {"val_loss": round(float(np.mean(losses)), 4),
+           "val_top1_agreement": round(float(np.mean(agrees)), 4)}
+    if kind == "medusa":
+        out["topk_accuracy"] = (hits / count[:, None]).round(4).tolist()
+    return out
+
+
+def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Path,
+               cfg: HeadConfig) -> dict:
+    """Train (or resume) a head on ``target`` (frozen); saves it to ``out_dir/head`` and returns
+    the summary."""
+    from specdecode.drafters.medusa import static_tree
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = target.float().eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    head = new_head(cfg.kind, target, cfg).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.weight_decay)
+    ckpt = out_dir / "checkpoint.pt"
+    step, elapsed, history = 0, 0.0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was written with other settings; use another --out")
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        torch.set_rng_state(state["rng"])
+        tqdm.write(f"resumed from step {step}")
+
+    def save() -> None:
+        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": elapsed, "history": history, "config": asdict(cfg),
+                    "rng": torch.get_rng_state()}, ckpt)
+
+    n_params = sum(p.numel() for p in head.parameters())
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind} head ({n_params / 1e6:.2f}M)")
+    start = time.perf_counter() - elapsed
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ids = batch_at(train_data, step, cfg)
+        feats, logp = target_pass(target, ids)
+        if cfg.kind == "eagle":
+            loss, agree = eagle_loss(head, target, ids, feats, logp, noise=True)
+        else:
+            loss, agree = medusa_loss(head, feats, logp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{agree.item():.2f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            history.append({"step": step, "loss": round(loss.item(), 4),
+                            "agreement": round(agree.item(), 4), "elapsed_s": round(elapsed, 1)})
+            save()
+        if cfg.time_budget_s and elapsed >= cfg.time_budget_s and step < cfg.steps:
+            save()
+            tqdm.write(f"time budget reached at step {step}; rerun the same command to resume")
+            break
+    bar.close()
+    result = evaluate(cfg.kind, head, target, val_data, cfg)
+    extra = {"trained": {"steps": step, "tokens": step * tokens_per_step}}
+    if cfg.kind == "medusa":
+        extra["tree"] = static_tree(result["topk_accuracy"], cfg.tree_nodes)
+        extra["topk_accuracy"] = result["topk_accuracy"]
+    save_head(head, out_dir / "head", target, extra)
+    return {"kind": cfg.kind, "parameters": n_params, "steps": step,
+            "tokens_seen": step * tokens_per_step, "wall_time_s": round(elapsed, 1),
+            "finished": step >= cfg.steps, **result, "history": history, "config": asdict(cfg),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
