@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 from conftest import make_prompts, vanilla
-from drafters_for_tests import AntiOracle, Exploding, FlakyPolicy, OraclePrefixTree, steep_adaptive
+from drafters_for_tests import (
+    AntiOracle,
+    Exploding,
+    FlakyPolicy,
+    OraclePrefixTree,
+    steep_adaptive,
+    trained_heads,
+)
 
 import specdecode as sd
 from specdecode.datastore import build_datastore_from_token_docs
@@ -31,6 +38,7 @@ def datastore(models, tmp_path_factory) -> str:
 
 def drafter_matrix(target, other, reference, seed, datastore=None):
     """(label, drafter, options) for every registered drafter plus the test-only patterns."""
+    eagle, medusa = trained_heads(target)
     return [
         ("ngram", "ngram", {"num_draft_tokens": 4}),
         ("ngram-unigram-k8", "ngram", {"num_draft_tokens": 8, "min_n": 1, "max_n": 1}),
@@ -59,6 +67,11 @@ def drafter_matrix(target, other, reference, seed, datastore=None):
         ("mix-ngram+self-draft", "mix", {"sources": "ngram+draft-model", "draft_model": target,
                                          "max_nodes": 8, "num_draft_tokens": 3}),
         ("oracle", "oracle", {"continuation": reference, "num_draft_tokens": 5}),
+        ("eagle", "eagle", {"head": eagle}),
+        ("eagle-deep-narrow", "eagle", {"head": eagle, "num_draft_tokens": 8, "topk": 2,
+                                        "max_nodes": 10}),
+        ("medusa", "medusa", {"head": medusa}),
+        ("mix-ngram+eagle", "mix", {"sources": "ngram+eagle", "head": eagle}),
         ("none", "none", {}),
         ("oracle-prefix-tree", OraclePrefixTree(reference, 96, seed), {}),
         ("anti-oracle", AntiOracle(reference, 96), {}),

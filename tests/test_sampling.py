@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_prompts, tiny_model
-from drafters_for_tests import FlakyPolicy, eager_adaptive
+from drafters_for_tests import FlakyPolicy, eager_adaptive, trained_heads
 from scipy.stats import chi2
 
 import specdecode as sd
@@ -96,6 +96,10 @@ CASES = {
     "draft-model-rejection-flaky": ("draft-model", {"num_draft_tokens": 3, "policy": "flaky"}),
     "ngram-point-mass-heuristic": ("ngram", {"num_draft_tokens": 3, "policy": "heuristic"}),
     "suffix-tree-flaky": ("suffix", {"store": "fresh", "policy": "flaky"}),
+    # feature heads: EAGLE's sampled tree (recursive rejection), Medusa's top-k tree (point mass)
+    "eagle-sampled-tree": ("eagle", {"num_draft_tokens": 2, "topk": 2, "max_nodes": 4}),
+    "eagle-sampled-tree-flaky": ("eagle", {"num_draft_tokens": 3, "policy": "flaky"}),
+    "medusa-point-mass-tree": ("medusa", {"max_nodes": 6}),
 }
 
 
@@ -127,6 +131,8 @@ def test_rejection_sampling_matches_target_distribution(pair, corpus, case):
     if options.get("policy") in ("flaky", "eager"):  # one object, shared by the samples
         options = dict(options, policy=FlakyPolicy(0) if options["policy"] == "flaky"
                        else eager_adaptive())
+    if drafter in ("eagle", "medusa"):
+        options = dict(options, head=trained_heads(target)[drafter == "medusa"])
     if options.get("store") == "fresh":  # learns across the samples, from this test only
         options = dict(options, store=SuffixStore())
     samples = sample(target, drafter, options)
@@ -164,6 +170,7 @@ def test_negative_control_accept_always_fails(pair, monkeypatch):
 def test_coupled_sampling_is_bit_identical_to_vanilla(settings):
     target = tiny_model("qwen2", seed=5)
     other = tiny_model("qwen2", seed=6, layers=1)
+    eagle, medusa = trained_heads(target)
     for seed, prompt in enumerate(make_prompts(6)):
         common = dict(max_new_tokens=20, seed=seed, sampling="coupled", eos_token_id=[], **settings)
         reference = sd.generate(target, prompt, drafter="none", **common).token_ids
@@ -176,6 +183,8 @@ def test_coupled_sampling_is_bit_identical_to_vanilla(settings):
             "layer-skip": sd.generate(target, prompt, drafter="layer-skip", num_layers=2, **common),
             "oracle": sd.generate(target, prompt, drafter="oracle", continuation=reference,
                                   **common),
+            "eagle": sd.generate(target, prompt, drafter="eagle", head=eagle, **common),
+            "medusa": sd.generate(target, prompt, drafter="medusa", head=medusa, **common),
         }
         for name, out in runs.items():
             assert out.token_ids == reference, name

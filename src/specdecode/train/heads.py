@@ -152,6 +152,12 @@ def evaluate(kind: str, head: nn.Module, target, data: np.ndarray, cfg: HeadConf
     return out
 
 
+def _shaping(config: dict) -> dict:
+    """The settings that shape the weights (not when to stop, where to log or how many threads)."""
+    return {k: v for k, v in config.items()
+            if k not in ("time_budget_s", "threads", "checkpoint_every", "eval_batches")}
+
+
 def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Path,
                cfg: HeadConfig) -> dict:
     """Train (or resume) a head on ``target`` (frozen); saves it to ``out_dir/head`` and returns
@@ -172,7 +178,7 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     step, elapsed, history = 0, 0.0, []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(cfg):
+        if _shaping(state["config"]) != _shaping(asdict(cfg)):
             raise ValueError(f"{ckpt} was written with other settings; use another --out")
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])

@@ -1,0 +1,150 @@
+"""Feature-level drafters: the target-feature channel, EAGLE / Medusa heads and their trainer."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_prompts, tiny_model, vanilla
+
+import specdecode as sd
+from specdecode.drafters.medusa import prior_tree, static_tree
+from specdecode.models.heads import EagleHead, MedusaHeads, load_head, save_head
+from specdecode.policies.fixed import FixedPolicy
+from specdecode.scheduler import Scheduler
+from specdecode.train.heads import HeadConfig, train_head
+from specdecode.types import Draft, SpecDecodeError
+
+
+class FeatureRecorder:
+    """Checks each proposal's features against a fresh forward over the committed tokens."""
+
+    feedback_hidden = True
+
+    def __init__(self, target) -> None:
+        self.target, self.seen, self.checked = target, 0, 0
+
+    def propose(self, ctx):
+        if ctx.hidden is not None:
+            with torch.no_grad():
+                out = self.target(input_ids=torch.tensor([ctx.tokens]), output_hidden_states=True)
+            fresh = out.hidden_states[-1][0]
+            m = len(ctx.hidden)
+            assert self.seen + m == len(ctx.tokens) - 1, "features skipped or repeated"
+            torch.testing.assert_close(ctx.hidden, fresh[self.seen:self.seen + m])
+            self.seen += m
+            self.checked += m
+        depth = min(3, ctx.max_depth)  # a wrong-ish chain, so paths of every length are accepted
+        return Draft.chain([(ctx.tokens[-1] + i) % 96 for i in range(depth)])
+
+    def observe(self, verdict) -> None:
+        pass
+
+
+class EveryOther(FixedPolicy):
+    """Plain steps every other step: their features must come with the next proposal."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def plan(self, max_nodes, max_depth):
+        self.n += 1
+        budget = super().plan(max_nodes, max_depth)
+        return budget if self.n % 2 else type(budget)(0, 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_features_are_the_targets_own_for_every_committed_token(arch):
+    target = tiny_model(arch, seed=2)
+    prompts = make_prompts(6)
+    for plain_steps in (False, True):  # a plain step's features come with the next proposal
+        scheduler = Scheduler(target, max_batch_size=3)
+        recorders = [FeatureRecorder(target) for _ in prompts]
+        ids = [scheduler.add_request(p, drafter=r, max_new_tokens=12, eos_token_id=[],
+                                     policy=EveryOther() if plain_steps else "fixed")
+               for p, r in zip(prompts, recorders)]
+        while scheduler.has_unfinished():
+            scheduler.step()
+        for prompt, rid in zip(prompts, ids):
+            assert scheduler.release(rid)[0] == vanilla(target, prompt, 12)
+        assert all(r.checked > 0 for r in recorders)
+
+
+def _data(target, n: int = 24, length: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rows = [sd.generate(target, [int(rng.integers(96))], drafter="none", max_new_tokens=length - 1,
+                        temperature=1.0, seed=i, eos_token_id=[]).token_ids for i in range(n)]
+    return np.asarray([t for row in rows for t in row], dtype=np.int64)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, kind):
+    target = tiny_model("llama", seed=2)
+    data = _data(target)
+    cfg = HeadConfig(kind=kind, steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=4,
+                     eval_batches=2, checkpoint_every=10)
+    untrained = train_head(copy.deepcopy(target), data, data, tmp_path / "zero",
+                           HeadConfig(**{**cfg.__dict__, "steps": 1}))
+    full = train_head(copy.deepcopy(target), data, data, tmp_path / "full", cfg)
+    assert full["val_loss"] < untrained["val_loss"] - 0.05
+    assert full["val_top1_agreement"] > untrained["val_top1_agreement"]
+    # stopped by the time budget after a checkpoint, then resumed: the same weights
+    parts = tmp_path / "parts"
+    stopped = train_head(copy.deepcopy(target), data, data, parts,
+                         HeadConfig(**{**cfg.__dict__, "time_budget_s": 1e-9}))
+    assert not stopped["finished"] and stopped["steps"] == 1
+    resumed = train_head(copy.deepcopy(target), data, data, parts, cfg)
+    assert resumed["finished"] and resumed["steps"] == 40
+    a = load_head(tmp_path / "full" / "head", kind, target)[0].state_dict()
+    b = load_head(parts / "head", kind, target)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((parts / "head" / "head.json").read_text())
+    assert config["trained"]["steps"] == 40
+    if kind == "medusa":  # the tree comes from the measured accuracies, best paths first
+        assert config["tree"] == static_tree(config["topk_accuracy"], cfg.tree_nodes)
+    with pytest.raises(ValueError, match="other settings"):
+        train_head(copy.deepcopy(target), data, data, parts, HeadConfig(**{**cfg.__dict__,
+                                                                          "lr": 1e-3}))
+
+
+def test_static_tree_is_best_first_and_closed_under_prefixes():
+    accuracy = [[0.5, 0.2, 0.1], [0.4, 0.1, 0.05], [0.3, 0.1, 0.0]]
+    tree = static_tree(accuracy, 12)
+    assert len(tree) == 12 and len({tuple(p) for p in tree}) == 12
+    def score(path):
+        return float(np.prod([accuracy[d][i] for d, i in enumerate(path)]))
+    for n, path in enumerate(tree):
+        assert len(path) == 1 or path[:-1] in tree[:n]  # any leading slice is a tree
+    left_out = [[i] for i in range(3)] + [p + [i] for p in tree if len(p) < 3 for i in range(3)]
+    best_left = max(score(p) for p in left_out if p not in tree)
+    assert min(score(p) for p in tree) >= best_left  # nothing better was left out
+    assert all(len(p) <= 2 for p in prior_tree(2, 10))
+
+
+def test_heads_refuse_a_target_they_were_not_trained_for(tmp_path):
+    target = tiny_model("llama", seed=2)
+    head = MedusaHeads(32, 96, 2)
+    save_head(head, tmp_path / "m", target)
+    other = tiny_model("llama", vocab=80, seed=2)
+    with pytest.raises(SpecDecodeError, match="trained for a target"):
+        sd.generate(other, [1, 2, 3], drafter="medusa", head=str(tmp_path / "m"))
+    with pytest.raises(SpecDecodeError, match="holds a 'medusa' head"):
+        sd.generate(target, [1, 2, 3], drafter="eagle", head=str(tmp_path / "m"))
+    with pytest.raises(SpecDecodeError, match="no eagle head"):
+        sd.generate(target, [1, 2, 3], drafter="eagle", head=str(tmp_path / "nothing"))
+    with pytest.raises(SpecDecodeError, match="needs a head trained for this target"):
+        sd.generate(target, [1, 2, 3], drafter="eagle")
+
+
+def test_saved_heads_round_trip_in_fp16(tmp_path):
+    target = tiny_model("llama", seed=2)
+    head = EagleHead(32, 4, 64)
+    save_head(head, tmp_path / "e", target)
+    loaded, config = load_head(tmp_path / "e", "eagle", target)
+    assert config["target"] == {"hidden_size": 32, "vocab_size": 96}
+    for name, value in head.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value.half().float())
