@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import make_prompts, tiny_model, vanilla
 
 import specdecode as sd
