@@ -147,3 +147,36 @@ def test_saved_heads_round_trip_in_fp16(tmp_path):
     assert config["target"] == {"hidden_size": 32, "vocab_size": 96}
     for name, value in head.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value.half().float())
+
+
+def test_train_drafter_cli_trains_a_head_the_drafter_then_uses(tmp_path, monkeypatch):
+    """`specdecode train-drafter` on a saved tiny target with its tokenizer (the corpus replaced
+    by a few documents): summary, head, resumable; the head then drafts losslessly."""
+    from click.testing import CliRunner
+
+    import specdecode.train.corpus as corpus
+    from specdecode.cli import main
+    from specdecode.train.prepare import train_tokenizer
+
+    texts = [f"Document {i}: the quick brown fox {i % 7} jumps over the lazy dog. " * 8
+             for i in range(200)]
+    monkeypatch.setattr(corpus, "all_documents", lambda: ((f"d{i}", t) for i, t in
+                                                          enumerate(texts)))
+    tok = train_tokenizer(texts[:50], 120, tmp_path / "target")
+    model = tiny_model("llama", vocab=len(tok), seed=2, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "target")
+    args = ["train-drafter", "--kind", "eagle", "--target", str(tmp_path / "target"), "--out",
+            str(tmp_path / "out"), "--steps", "6", "--batch-size", "2", "--seq-len", "16",
+            "--corpus-tokens", "4000"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["finished"] and summary["tokens_seen"] == 6 * 2 * 16
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "resumed from step 6" in again.output
+    prompt = tok("the quick brown fox")["input_ids"]
+    out = sd.generate(model, prompt, drafter="eagle", head=str(tmp_path / "out" / "head"),
+                      max_new_tokens=16, eos_token_id=[])
+    assert out.token_ids == vanilla(model, prompt, 16) and out.stats.drafted > 0
+    bad = CliRunner().invoke(main, args[:-2] + ["--corpus-tokens", "4000", "--steps", "0"])
+    assert bad.exit_code != 0 and "must be positive" in bad.output

@@ -52,6 +52,12 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
     if batch:
         flush()
     bar.close()
+    if not parts["train"]:
+        raise click.ClickException("the corpus yielded no documents")
+    if not parts["val"]:  # a small corpus without a hashed-out document: hold out its last ones
+        take = max(1, len(parts["train"]) // 50) if len(parts["train"]) > 1 else 0
+        parts["val"] = parts["train"][len(parts["train"]) - take:] or parts["train"][-1:]
+        parts["train"] = parts["train"][:len(parts["train"]) - take] or parts["train"]
     data_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     for split, arr in arrays.items():
@@ -62,49 +68,72 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
 
 
 @click.command("train-drafter")
-@click.option("--kind", type=click.Choice(["eagle", "medusa"]), required=True,
-              help="eagle: an EAGLE-1 feature head (one decoder layer); medusa: Medusa-1 heads.")
+@click.option("--kind", type=click.Choice(["distill", "eagle", "medusa"]), required=True,
+              help="distill: DistillSpec on-policy distillation of a draft model; eagle: an "
+                   "EAGLE-1 feature head (one decoder layer); medusa: Medusa-1 heads.")
 @click.option("--target", default=None, help="Target model directory (default: the demo target).")
+@click.option("--draft-model", default=None,
+              help="distill: the draft model to start from (default: the demo draft).")
+@click.option("--loss", type=click.Choice(["tvd", "kl"]), default="tvd", show_default=True,
+              help="distill: total variation distance or forward KL to the target.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Output directory: checkpoint.pt, summary.json and head/ (the drafter's "
-                   "head=... option). Rerun the same command to resume.")
+              help="Output directory: checkpoint.pt, summary.json and head/ (the eagle / medusa "
+                   "drafters' head=... option) or model/ (distill: a draft model directory). "
+                   "Rerun the same command to resume.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Where the tokenized corpus is cached (default: OUT/data).")
 @click.option("--corpus-tokens", type=int, default=8_000_000, show_default=True,
               help="Training tokens to tokenize from the corpus.")
 @click.option("--steps", type=int, default=600, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True,
+              help="Window length (distill: half corpus prompt, half the draft's own samples).")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate (default: 1e-3 for heads, 3e-4 for distill).")
 @click.option("--medusa-heads", type=int, default=3, show_default=True,
               help="Medusa: number of heads (draft depth).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
 @click.option("--time-budget", type=float, default=0.0,
               help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
-def train_drafter(kind, target, out_dir, data_dir, corpus_tokens, steps, batch_size, seq_len, lr,
-                  medusa_heads, seed, threads, time_budget) -> None:
+def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tokens, steps,
+                  batch_size, seq_len, lr, medusa_heads, seed, threads, time_budget) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
     from specdecode.cli import load_models
+    from specdecode.train.distill import DistillConfig, distill
     from specdecode.train.heads import HeadConfig, train_head
     from specdecode.types import SpecDecodeError
 
+    lr = lr if lr is not None else (3e-4 if kind == "distill" else 1e-3)
     if min(steps, batch_size, seq_len, medusa_heads) < 1 or lr <= 0:
         raise click.UsageError("--steps, --batch-size, --seq-len, --medusa-heads and --lr must be "
                                "positive")
     try:
-        model, _, tokenizer = load_models(target, None, False)
+        model, draft, tokenizer = load_models(target, draft_model, kind == "distill")
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
     train_data, val_data = corpus_arrays(tokenizer, data_dir or out_dir / "data", corpus_tokens)
     if min(train_data.size, val_data.size) <= seq_len + 1:
         raise click.ClickException(f"the corpus is shorter than --seq-len {seq_len}")
-    cfg = HeadConfig(kind=kind, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                     medusa_heads=medusa_heads, seed=seed, threads=threads,
-                     time_budget_s=time_budget * 60)
     try:
-        summary = train_head(model, train_data, val_data, out_dir, cfg)
+        if kind == "distill":
+            if draft is None:
+                raise click.ClickException("distill needs a draft model (--draft-model DIR)")
+            if draft.get_output_embeddings().weight.shape[0] != \
+                    model.get_output_embeddings().weight.shape[0]:
+                raise click.ClickException("the draft's vocabulary differs from the target's")
+            half = max(1, seq_len // 2)
+            dcfg = DistillConfig(loss=loss, steps=steps, batch_size=batch_size, prompt_len=half,
+                                 gen_len=seq_len - half, lr=lr, seed=seed, threads=threads,
+                                 time_budget_s=time_budget * 60)
+            summary = distill(model, draft, train_data, val_data, out_dir, dcfg, tokenizer)
+            summary["draft"] = draft_model or "specdecode-demo-draft"
+        else:
+            cfg = HeadConfig(kind=kind, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                             lr=lr, medusa_heads=medusa_heads, seed=seed, threads=threads,
+                             time_budget_s=time_budget * 60)
+            summary = train_head(model, train_data, val_data, out_dir, cfg)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     summary["target"] = target or "specdecode-demo-target"

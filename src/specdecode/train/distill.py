@@ -1,0 +1,192 @@
+"""Distil a draft model from a frozen target (``specdecode train-drafter --kind distill``).
+
+DistillSpec (Zhou et al., "DistillSpec: Improving Speculative Decoding via Knowledge
+Distillation", ICLR 2024): train the draft on the sequences it will meet while drafting, i.e. its
+own samples (on-policy data), to match the target's next-token distributions, with the divergence
+as a choice: total variation distance (``tvd``: 1 - TVD is exactly the expected acceptance rate of
+one sampled draft token) or forward KL (``kl``).
+
+Each step: ``batch_size`` corpus windows of ``prompt_len`` tokens (generator seeded by (seed,
+step)); the draft (no gradient) samples ``gen_len`` tokens after each at temperature 1 (torch
+generator seeded by (seed, step) too); the frozen target scores the whole sequences; the loss is
+the divergence between the target's and the draft's next-token distributions at every position
+that predicts a generated token. AdamW, warm-up then cosine decay by step count; checkpoints every
+``checkpoint_every`` steps and at the time budget, so a stopped run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+LOSSES = ("tvd", "kl")
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "tvd"
+    steps: int = 600
+    batch_size: int = 16
+    prompt_len: int = 64
+    gen_len: int = 64
+    lr: float = 3e-4
+    warmup: int = 30
+    seed: int = 0
+    threads: int = 0
+    time_budget_s: float = 0.0
+    checkpoint_every: int = 50
+    eval_batches: int = 8
+
+
+def divergence(target_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-position divergence between the target's distribution and the draft's."""
+    draft_logp = torch.log_softmax(draft_logits.float(), -1)
+    if loss == "tvd":
+        return 0.5 * (target_logp.exp() - draft_logp.exp()).abs().sum(-1)
+    return (target_logp.exp() * (target_logp - draft_logp)).sum(-1)
+
+
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def prompts_at(data: np.ndarray, step: int, cfg: DistillConfig, salt: int = 0) -> torch.Tensor:
+    gen = np.random.default_rng([cfg.seed, step, salt])
+    starts = gen.integers(0, data.size - cfg.prompt_len - 1, size=cfg.batch_size)
+    return torch.from_numpy(np.stack([data[s:s + cfg.prompt_len] for s in starts]).astype(np.int64))
+
+
+@torch.no_grad()
+def on_policy(draft, prompts: torch.Tensor, cfg: DistillConfig, step: int, salt: int = 0
+              ) -> torch.Tensor:
+    """The prompts followed by ``gen_len`` tokens the draft samples (temperature 1, no top-k)."""
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
+    draft.eval()
+    cache = DynamicCache()
+    logits = draft(input_ids=prompts, past_key_values=cache, use_cache=True).logits[:, -1]
+    out = [prompts]
+    for _ in range(cfg.gen_len):
+        probs = torch.softmax(logits.float(), -1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        out.append(nxt)
+        logits = draft(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    draft.train()
+    return torch.cat(out, 1)
+
+
+def step_loss(target, draft, seqs: torch.Tensor, cfg: DistillConfig
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence, expected acceptance sum(min(p, q))) over the positions predicting generated
+    tokens."""
+    first = cfg.prompt_len - 1
+    with torch.no_grad():
+        target_logp = torch.log_softmax(target(input_ids=seqs).logits[:, first:-1].float(), -1)
+    draft_logits = draft(input_ids=seqs).logits[:, first:-1]
+    loss = divergence(target_logp, draft_logits, cfg.loss).mean()
+    with torch.no_grad():
+        accept = torch.minimum(target_logp.exp(), torch.softmax(draft_logits.float(), -1))
+        accept = accept.sum(-1).mean()
+    return loss, accept
+
+
+def distill(target, draft, train_data: np.ndarray, val_data: np.ndarray, out_dir: Path,
+            cfg: DistillConfig, tokenizer=None) -> dict:
+    """Train (or resume) ``draft`` against the frozen ``target``; saves it to ``out_dir/model``
+    (fp16 safetensors, with the tokenizer) and returns the summary."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target, draft = target.float().eval(), draft.float().train()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ckpt = out_dir / "checkpoint.pt"
+    step, elapsed, history = 0, 0.0, []
+    shaping = {k: v for k, v in asdict(cfg).items()
+               if k not in ("time_budget_s", "threads", "checkpoint_every", "eval_batches")}
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["shaping"] != shaping:
+            raise ValueError(f"{ckpt} was written with other settings; use another --out")
+        draft.load_state_dict(state["draft"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        tqdm.write(f"resumed from step {step}")
+    before = evaluate(target, draft, val_data, cfg) if step == 0 else None
+
+    def save() -> None:
+        torch.save({"draft": draft.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": elapsed, "history": history, "shaping": shaping,
+                    "before": before}, ckpt)
+
+    if before is None:
+        before = torch.load(ckpt, weights_only=False).get("before")
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"distill draft ({cfg.loss})")
+    start = time.perf_counter() - elapsed
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        seqs = on_policy(draft, prompts_at(train_data, step, cfg), cfg, step)
+        loss, accept = step_loss(target, draft, seqs, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", accept=f"{accept.item():.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            history.append({"step": step, "loss": round(loss.item(), 4),
+                            "expected_acceptance": round(accept.item(), 4),
+                            "elapsed_s": round(elapsed, 1)})
+            save()
+        if cfg.time_budget_s and elapsed >= cfg.time_budget_s and step < cfg.steps:
+            save()
+            tqdm.write(f"time budget reached at step {step}; rerun the same command to resume")
+            break
+    bar.close()
+    after = evaluate(target, draft, val_data, cfg)
+    model_dir = out_dir / "model"
+    draft.to(torch.float16).save_pretrained(model_dir)
+    draft.float()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
+    tokens = cfg.batch_size * (cfg.prompt_len + cfg.gen_len)
+    return {"kind": "distill", "loss": cfg.loss, "steps": step, "finished": step >= cfg.steps,
+            "tokens_seen": step * tokens, "generated_tokens": step * cfg.batch_size * cfg.gen_len,
+            "wall_time_s": round(elapsed, 1), "before": before, "after": after,
+            "history": history, "config": asdict(cfg), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+@torch.no_grad()
+def evaluate(target, draft, data: np.ndarray, cfg: DistillConfig) -> dict:
+    """On held-out prompts and the draft's own continuations: the divergence, the expected
+    acceptance of a sampled token (sum of min(p, q)) and the greedy agreement (argmax match)."""
+    losses, accepts, agrees = [], [], []
+    first = cfg.prompt_len - 1
+    for i in range(cfg.eval_batches):
+        seqs = on_policy(draft, prompts_at(data, i, cfg, salt=1), cfg, i, salt=1)
+        loss, accept = step_loss(target, draft, seqs, cfg)
+        t = target(input_ids=seqs).logits[:, first:-1].argmax(-1)
+        d = draft(input_ids=seqs).logits[:, first:-1].argmax(-1)
+        losses.append(loss.item())
+        accepts.append(accept.item())
+        agrees.append((t == d).float().mean().item())
+    return {"val_divergence": round(float(np.mean(losses)), 4),
+            "val_expected_acceptance": round(float(np.mean(accepts)), 4),
+            "val_greedy_agreement": round(float(np.mean(agrees)), 4)}
