@@ -180,3 +180,31 @@ def test_train_drafter_cli_trains_a_head_the_drafter_then_uses(tmp_path, monkeyp
     assert out.token_ids == vanilla(model, prompt, 16) and out.stats.drafted > 0
     bad = CliRunner().invoke(main, args[:-2] + ["--corpus-tokens", "4000", "--steps", "0"])
     assert bad.exit_code != 0 and "must be positive" in bad.output
+
+
+@pytest.mark.parametrize("loss", ["tvd", "kl"])
+def test_distillation_brings_the_draft_closer_and_resumes_exactly(tmp_path, loss):
+    from specdecode.train.distill import DistillConfig, distill
+
+    target = tiny_model("llama", seed=2, dtype=torch.float32)
+    draft = tiny_model("llama", seed=3, layers=1, dtype=torch.float32)
+    data = _data(target)
+    cfg = DistillConfig(loss=loss, steps=30, batch_size=8, prompt_len=8, gen_len=16, lr=3e-3,
+                        warmup=3, eval_batches=2, checkpoint_every=10)
+    full = distill(target, copy.deepcopy(draft), data, data, tmp_path / "full", cfg)
+    assert full["after"]["val_divergence"] < full["before"]["val_divergence"] - 0.02
+    assert full["after"]["val_expected_acceptance"] > full["before"]["val_expected_acceptance"]
+    parts = tmp_path / "parts"
+    stopped = distill(target, copy.deepcopy(draft), data, data, parts,
+                      DistillConfig(**{**cfg.__dict__, "time_budget_s": 1e-9}))
+    assert stopped["steps"] == 1 and not stopped["finished"]
+    resumed = distill(target, copy.deepcopy(draft), data, data, parts, cfg)
+    assert resumed["after"] == full["after"] and resumed["before"] == full["before"]
+    # the distilled draft is a plain draft model: lossless as ever
+    from specdecode.models.hf import load_causal_lm
+
+    model = load_causal_lm(str(parts / "model"))
+    prompt = make_prompts(4)[3]
+    out = sd.generate(target, prompt, drafter="draft-model", draft_model=model,
+                      max_new_tokens=16, eos_token_id=[])
+    assert out.token_ids == vanilla(target, prompt, 16)

@@ -13,7 +13,8 @@ import click
 from specdecode.types import SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
-                   "oracle,hf-pld,hf-assisted")
+                   "eagle,medusa,oracle,hf-pld,hf-assisted")
+HEAD_METHODS = (",eagle,", ",medusa,")  # trained heads: shipped for the demo target only
 
 
 def cpu_name() -> str:
@@ -118,8 +119,12 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
     max_new_tokens = max_new_tokens or 128
     if batch_sizes is not None:
         sizes = int_list(batch_sizes, "--batch-size", 1, "batch sizes")
-    if datastore is not None and methods == DEFAULT_METHODS:
+    defaults = methods == DEFAULT_METHODS
+    if datastore is not None and defaults:
         methods = methods.replace(",mix,", ",rest,mix,")
+    if target is not None and defaults:  # other targets name their heads (eagle:head=DIR)
+        for head in HEAD_METHODS:
+            methods = methods.replace(head, ",")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
     specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
                                          parse_spec(m)[0] == "oracle"))

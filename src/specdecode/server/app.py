@@ -43,9 +43,11 @@ from specdecode.types import SpecDecodeError
 log = logging.getLogger("specdecode.server")
 
 # Drafters a request may pick unless the server says otherwise: all that need no server-side
-# resource (oracle needs the answer; rest a datastore; draft-model a draft model).
+# resource (oracle needs the answer; rest a datastore; draft-model a draft model). eagle and medusa
+# use the heads shipped for the demo target (another target's request for them is refused unless
+# the server was started with --drafter eagle -o head=DIR).
 SELF_CONTAINED = ("none", "ngram", "suffix", "sam", "token-recycling", "lookahead", "layer-skip",
-                  "mix")
+                  "mix", "eagle", "medusa")
 
 
 @dataclass
