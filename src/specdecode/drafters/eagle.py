@@ -14,7 +14,8 @@ Proposals are deterministic top-k trees (point mass; greedy, coupled and point-m
 under rejection sampling, children drawn from the head's processed distribution (recursive
 rejection sampling), exactly as ``draft-model``'s dynamic tree. Options: ``head`` (a directory from
 ``specdecode train-drafter --kind eagle``; the shipped head with the demo target),
-``num_draft_tokens`` (depth), ``topk``, ``max_nodes``.
+``num_draft_tokens`` (depth), ``topk``, ``max_nodes``, ``draft_vocab`` (read out only the N
+tokens the corpus uses most, from the head's list; 0: the whole vocabulary; default: the list).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ class EagleDrafter:
     feedback_hidden = True
 
     def __init__(self, target_model, head: EagleHead, num_draft_tokens: int = 5, topk: int = 4,
-                 max_nodes: int = 16) -> None:
+                 max_nodes: int = 16, vocab: torch.Tensor | None = None) -> None:
         if num_draft_tokens < 1 or topk < 1 or max_nodes < 1:
             raise SpecDecodeError("num_draft_tokens, topk and max_nodes must be >= 1")
         self.head, self.depth, self.topk, self.max_nodes = head, num_draft_tokens, topk, max_nodes
         self.embed = target_model.get_input_embeddings()
-        self.lm_head = target_model.get_output_embeddings()
+        self.readout = DraftVocab(target_model.get_output_embeddings().weight, vocab)
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fed = 0  # tokens[1:fed + 1] are in the cache (pair t: feature of t - 1, token t)
         self.start = 0  # the first cached pair's token index
@@ -82,7 +83,7 @@ class EagleDrafter:
         slot: dict[int, int] = {}  # tree node -> index in keys / values / feats
 
         def rank(features: torch.Tensor, positions: list[int]) -> torch.Tensor:
-            probs = draft_distribution(self.lm_head(features), params)
+            probs = self.readout.probs(features, params)
             return coupled_ranking(probs, ctx.seed, positions) if coupled else probs
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
@@ -127,6 +128,43 @@ class EagleDrafter:
         """Nothing to do: the accepted tokens' true features come with the next proposal."""
 
 
+class DraftVocab:
+    """The draft's read-out over a reduced vocabulary (VocabTrim, Goel et al. 2025; FR-Spec, Zhao
+    et al. 2025): logits only for ``vocab`` (the tokens the corpus uses most, listed by the
+    trainer), the rest probability 0, so a vocabulary-sized projection stops dominating a small
+    head's cost. Drafts only; the target still verifies over its whole vocabulary (lossless)."""
+
+    def __init__(self, weight: torch.Tensor, vocab: torch.Tensor | None) -> None:
+        self.size = weight.shape[0]
+        self.vocab = vocab
+        self.weight = weight if vocab is None else weight[vocab].contiguous()
+
+    def probs(self, features: torch.Tensor, params, weight: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """[n, V] draft probabilities (processed like the target's when sampling)."""
+        logits = torch.nn.functional.linear(features, self.weight if weight is None else weight)
+        small = draft_distribution(logits, params)
+        if self.vocab is None:
+            return small
+        full = small.new_zeros(small.shape[0], self.size)
+        return full.index_copy_(1, self.vocab, small)
+
+    def trim(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.vocab is None else weight[self.vocab].contiguous()
+
+
+def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tensor | None:
+    """The first ``size`` ids of the head's most-used-token list (None: all of it; 0 or a head
+    without a list: the whole vocabulary)."""
+    ids = config.get("draft_vocab")
+    if not ids or size == 0:
+        return None
+    if size is not None and size < 1:
+        raise SpecDecodeError(f"draft_vocab must be >= 0, got {size}")
+    ids = [int(i) for i in ids[:size] if 0 <= int(i) < vocab_size]
+    return torch.tensor(sorted(ids)) if ids and len(ids) < vocab_size else None
+
+
 def demo_head_dir(kind: str, target_model) -> Path | None:
     """The shipped head of ``kind`` when ``target_model`` is the demo target, else None."""
     from specdecode.demo import demo_dir
@@ -167,6 +205,8 @@ def resolve_head(kind: str, head, target_model):
 
 @register("eagle")
 def build_eagle(build: BuildContext, head=None, num_draft_tokens: int = 5,
-                topk: int = 4, max_nodes: int = 16) -> EagleDrafter:
-    module, _ = resolve_head("eagle", head, build.target.model)
-    return EagleDrafter(build.target.model, module, num_draft_tokens, topk, max_nodes)
+                topk: int = 4, max_nodes: int = 16, draft_vocab: int | None = None
+                ) -> EagleDrafter:
+    module, config = resolve_head("eagle", head, build.target.model)
+    vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
+    return EagleDrafter(build.target.model, module, num_draft_tokens, topk, max_nodes, vocab)

@@ -13,7 +13,7 @@ stores them with the heads; heads without a tree get one from a generic prior. N
 Top-k proposals are deterministic (point mass: greedy, coupled and point-mass rules are lossless);
 under coupled sampling each depth ranks by the target's keyed noise, as ``draft-model`` does.
 Options: ``head`` (a directory from ``specdecode train-drafter --kind medusa``; the shipped one
-with the demo target), ``max_nodes``.
+with the demo target), ``max_nodes``, ``draft_vocab`` (as ``eagle``'s: a reduced read-out).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
-from specdecode.drafters.draft_model import coupled_ranking, draft_distribution
-from specdecode.drafters.eagle import resolve_head
+from specdecode.drafters.draft_model import coupled_ranking
+from specdecode.drafters.eagle import DraftVocab, resolve_head, vocab_subset
 from specdecode.models.heads import MedusaHeads
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
@@ -53,12 +53,15 @@ def prior_tree(num_heads: int, max_nodes: int, topk: int = 4) -> list[list[int]]
 class MedusaDrafter:
     feedback_hidden = True
 
-    def __init__(self, heads: MedusaHeads, tree: list[list[int]], max_nodes: int = 16) -> None:
+    def __init__(self, heads: MedusaHeads, tree: list[list[int]], max_nodes: int = 16,
+                 vocab: torch.Tensor | None = None) -> None:
         if max_nodes < 1:
             raise SpecDecodeError("max_nodes must be >= 1")
         if not tree or any(not p or len(p) > len(heads.lm_heads) for p in tree):
             raise SpecDecodeError("the Medusa tree needs paths of 1 to num_heads ranks")
         self.heads, self.tree, self.max_nodes = heads, tree, max_nodes
+        self.readout = DraftVocab(heads.lm_heads[0].weight, vocab)
+        self.weights = [self.readout.trim(h.weight) for h in heads.lm_heads]
         self.last: torch.Tensor | None = None  # feature of the token before the pending one
 
     @torch.inference_mode()
@@ -70,7 +73,10 @@ class MedusaDrafter:
         paths = [p for p in self.tree if len(p) <= ctx.max_depth][:min(self.max_nodes, ctx.budget)]
         depth = max(len(p) for p in paths)
         base, params = len(ctx.tokens), ctx.params
-        probs = draft_distribution(self.heads(self.last)[:depth], params)  # [depth, V]
+        rows = [self.readout.probs(self.last + torch.nn.functional.silu(block(self.last))[None],
+                                   params, weight)
+                for block, weight in zip(self.heads.blocks[:depth], self.weights)]
+        probs = torch.cat(rows)  # [depth, V]
         if not params.greedy and params.mode == "coupled":
             probs = coupled_ranking(probs, ctx.seed, list(range(base, base + depth)))
         width = 1 + max(i for p in paths for i in p)
@@ -105,7 +111,9 @@ class MedusaDrafter:
 
 
 @register("medusa")
-def build_medusa(build: BuildContext, head=None, max_nodes: int = 16) -> MedusaDrafter:
+def build_medusa(build: BuildContext, head=None, max_nodes: int = 16,
+                 draft_vocab: int | None = None) -> MedusaDrafter:
     module, config = resolve_head("medusa", head, build.target.model)
     tree = config.get("tree") or prior_tree(len(module.lm_heads), 64)
-    return MedusaDrafter(module, tree, max_nodes)
+    vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
+    return MedusaDrafter(module, tree, max_nodes, vocab)

@@ -133,7 +133,8 @@ class SlotCache:
         self.capacity_rows, self.capacity_len = new_rows, new_len
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
+               cache_kwargs=None, **_) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers >= 5.25 passes the layer's kwargs (``kwargs=``); nothing here needs them
         if self.keys[layer_idx] is None:
             shape = (self.capacity_rows, key_states.shape[1], self.capacity_len, key_states.shape[3])
             self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)

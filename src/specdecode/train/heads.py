@@ -47,6 +47,14 @@ class HeadConfig:
     checkpoint_every: int = 50
     eval_batches: int = 8
     tree_nodes: int = 32  # Medusa: paths kept in the static tree
+    draft_vocab: int = 2048  # the most-used tokens listed for a reduced read-out (0: none)
+
+
+def most_used(data: np.ndarray, vocab_size: int, n: int) -> list[int]:
+    """The ``n`` most frequent token ids of ``data`` (ties by id), those that occur at all."""
+    counts = np.bincount(np.asarray(data, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))
+    return [int(i) for i in order[:n] if counts[i] > 0]
 
 
 def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0) -> torch.Tensor:
@@ -223,6 +231,9 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     bar.close()
     result = evaluate(cfg.kind, head, target, val_data, cfg)
     extra = {"trained": {"steps": step, "tokens": step * tokens_per_step}}
+    vocab_size = int(target.get_output_embeddings().weight.shape[0])
+    if 0 < cfg.draft_vocab < vocab_size:
+        extra["draft_vocab"] = most_used(train_data, vocab_size, cfg.draft_vocab)
     if cfg.kind == "medusa":
         extra["tree"] = static_tree(result["topk_accuracy"], cfg.tree_nodes)
         extra["topk_accuracy"] = result["topk_accuracy"]
