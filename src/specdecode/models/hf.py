@@ -178,7 +178,10 @@ class _Adapter:
         self.max_length = context_length(model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.can_slice_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self.can_slice_logits = "logits_to_keep" in params
+        # transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns per call)
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
 
 class BatchTarget(_Adapter):
@@ -230,8 +233,8 @@ class BatchTarget(_Adapter):
         with rows_attention(self.model.config, chunks, causal):
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
-                             attention_mask=mask.to(self.device), past_key_values=self.cache,
-                             use_cache=True, output_hidden_states=hidden, **extra)
+                             attention_mask=mask.to(self.device), use_cache=True,
+                             output_hidden_states=hidden, **{self.cache_arg: self.cache}, **extra)
         # the last layer's output after the final norm: what the LM head reads
         self.hidden = out.hidden_states[-1] if hidden else None
         return out.logits.float()
@@ -339,7 +342,7 @@ class HFModel(_Adapter):
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         out = self.model(input_ids=torch.tensor([ids], device=self.device),
                          position_ids=positions[None].to(self.device), attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, **extra)
+                         use_cache=True, **{self.cache_arg: self.cache}, **extra)
         self.length += len(ids)
         return out.logits[0].float()
 

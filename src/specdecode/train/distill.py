@@ -73,14 +73,17 @@ def on_policy(draft, prompts: torch.Tensor, cfg: DistillConfig, step: int, salt:
 
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
     draft.eval()
-    cache = DynamicCache()
-    logits = draft(input_ids=prompts, past_key_values=cache, use_cache=True).logits[:, -1]
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(draft.forward).parameters else "past_key_values"
+    cache = {name: DynamicCache()}  # transformers 5.25 renamed past_key_values to cache
+    logits = draft(input_ids=prompts, use_cache=True, **cache).logits[:, -1]
     out = [prompts]
     for _ in range(cfg.gen_len):
         probs = torch.softmax(logits.float(), -1)
         nxt = torch.multinomial(probs, 1, generator=generator)
         out.append(nxt)
-        logits = draft(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = draft(input_ids=nxt, use_cache=True, **cache).logits[:, -1]
     draft.train()
     return torch.cat(out, 1)
 
