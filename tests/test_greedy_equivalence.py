@@ -68,6 +68,7 @@ def drafter_matrix(target, other, reference, seed, datastore=None):
                                          "max_nodes": 8, "num_draft_tokens": 3}),
         ("oracle", "oracle", {"continuation": reference, "num_draft_tokens": 5}),
         ("eagle", "eagle", {"head": eagle}),
+        ("eagle-dynamic-tree", "eagle", {"head": eagle, "topk": 4, "max_nodes": 16}),
         ("eagle-deep-narrow", "eagle", {"head": eagle, "num_draft_tokens": 8, "topk": 2,
                                         "max_nodes": 10}),
         ("medusa", "medusa", {"head": medusa}),

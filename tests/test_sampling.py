@@ -98,7 +98,7 @@ CASES = {
     "suffix-tree-flaky": ("suffix", {"store": "fresh", "policy": "flaky"}),
     # feature heads: EAGLE's sampled tree (recursive rejection), Medusa's top-k tree (point mass)
     "eagle-sampled-tree": ("eagle", {"num_draft_tokens": 2, "topk": 2, "max_nodes": 4}),
-    "eagle-sampled-tree-flaky": ("eagle", {"num_draft_tokens": 3, "policy": "flaky"}),
+    "eagle-sampled-tree-flaky": ("eagle", {"num_draft_tokens": 3, "topk": 4, "policy": "flaky"}),
     "medusa-point-mass-tree": ("medusa", {"max_nodes": 6}),
 }
 

@@ -1,5 +1,9 @@
 """``eagle``: an EAGLE-1 draft head (Li et al., ICML 2024) on the target's own features, drafting
-EAGLE-2's dynamic tree (Li et al., EMNLP 2024) with ``dynamic_tree.build_tree``.
+EAGLE-2's dynamic tree (Li et al., EMNLP 2024) with ``dynamic_tree.build_tree``; with ``topk`` 1
+(the default) that tree is a chain of the head's best tokens. On the demo target on 2 CPU cores
+the chain is the fastest shape: a verified node costs about as much as a drafted one and the
+head's second choices are rarely right (README, "Trained drafters"); on a GPU, where extra nodes
+verify almost free, ``topk=4:max_nodes=16`` is EAGLE-2's setting.
 
 The head reads pairs (target feature f_t, embedding of token t+1) and predicts f_{t+1}; the target's
 frozen LM head maps a predicted feature to next-token probabilities (``models/heads.py``). The
@@ -14,7 +18,8 @@ Proposals are deterministic top-k trees (point mass; greedy, coupled and point-m
 under rejection sampling, children drawn from the head's processed distribution (recursive
 rejection sampling), exactly as ``draft-model``'s dynamic tree. Options: ``head`` (a directory from
 ``specdecode train-drafter --kind eagle``; the shipped head with the demo target),
-``num_draft_tokens`` (depth), ``topk``, ``max_nodes``, ``draft_vocab`` (read out only the N
+``num_draft_tokens`` (depth), ``topk`` (1: a chain of the head's best tokens, the default; > 1:
+EAGLE-2's dynamic tree), ``max_nodes``, ``draft_vocab`` (read out only the N
 tokens the corpus uses most, from the head's list; 0: the whole vocabulary; default: the list).
 """
 
@@ -35,7 +40,7 @@ from specdecode.types import Draft, SpecDecodeError, Verdict
 class EagleDrafter:
     feedback_hidden = True
 
-    def __init__(self, target_model, head: EagleHead, num_draft_tokens: int = 5, topk: int = 4,
+    def __init__(self, target_model, head: EagleHead, num_draft_tokens: int = 5, topk: int = 1,
                  max_nodes: int = 16, vocab: torch.Tensor | None = None) -> None:
         if num_draft_tokens < 1 or topk < 1 or max_nodes < 1:
             raise SpecDecodeError("num_draft_tokens, topk and max_nodes must be >= 1")
@@ -205,7 +210,7 @@ def resolve_head(kind: str, head, target_model):
 
 @register("eagle")
 def build_eagle(build: BuildContext, head=None, num_draft_tokens: int = 5,
-                topk: int = 4, max_nodes: int = 16, draft_vocab: int | None = None
+                topk: int = 1, max_nodes: int = 16, draft_vocab: int | None = None
                 ) -> EagleDrafter:
     module, config = resolve_head("eagle", head, build.target.model)
     vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
