@@ -1,7 +1,9 @@
 """Measure the shipped demo pair and write its model card: `python -m specdecode.train.card`.
 
 Numbers: validation loss/perplexity (from training), distinct-2 ratio of greedy outputs on 20
-Spec-Bench prompts (first 128 tokens), MAT of our drafters on those prompts, five samples.
+Spec-Bench prompts (first 128 tokens), MAT of our drafters on those prompts (the trained ones
+included), the trained drafters' training summaries (the JSON files stored beside their weights),
+five samples.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def distinct2(tokens: list[int]) -> float:
 def measure(num_prompts: int = 20, max_new_tokens: int = 128) -> dict:
     demo = load_demo()
     questions = load_questions()
+    drafters = {"draft-model": {"draft_model": demo.draft, "num_draft_tokens": 4},
+                "ngram": {"num_draft_tokens": 4},
+                "layer-skip": {"num_layers": 3, "num_draft_tokens": 4},
+                "eagle": {}, "medusa": {}}  # the trained heads at their defaults
     step = len(questions) // num_prompts
     chosen = [questions[i * step] for i in range(num_prompts)]
     rows = []
@@ -38,10 +44,9 @@ def measure(num_prompts: int = 20, max_new_tokens: int = 128) -> dict:
         row = {"question_id": q.question_id, "category": q.category, "prompt": q.turns[0],
                "distinct2": distinct2(greedy.token_ids),
                "text": demo.tokenizer.decode(greedy.token_ids, skip_special_tokens=False)}
-        for name, kwargs in (("draft-model", {"draft_model": demo.draft}), ("ngram", {}),
-                             ("layer-skip", {"num_layers": 3})):
+        for name, kwargs in drafters.items():
             out = sd.generate(demo.target, ids, drafter=name, max_new_tokens=max_new_tokens,
-                              num_draft_tokens=4, **kwargs)
+                              policy="fixed", **kwargs)
             row[f"mat_{name}"] = out.stats.mat
         rows.append(row)
     summary = json.loads((demo_dir() / "training_summary.json").read_text())
@@ -51,9 +56,62 @@ def measure(num_prompts: int = 20, max_new_tokens: int = 128) -> dict:
             "distinct2_mean": statistics.fmean(r["distinct2"] for r in rows),
             "distinct2_min": min(r["distinct2"] for r in rows),
             "distinct2_max": max(r["distinct2"] for r in rows),
-            **{f"mat_{n}": statistics.fmean(r[f"mat_{n}"] for r in rows)
-               for n in ("draft-model", "ngram", "layer-skip")},
+            **{f"mat_{n}": statistics.fmean(r[f"mat_{n}"] for r in rows) for n in drafters},
+            "drafters": drafter_summaries(),
             "torch": torch.__version__}
+
+
+def drafter_summaries() -> dict:
+    """The shipped trained drafters' training summaries: ``eagle``, ``medusa`` (one each) and
+    ``distill`` (the distillation stages of the shipped draft, in order)."""
+    root = demo_dir()
+    distill = json.loads((root / "draft" / "distill_summary.json").read_text())
+    return {"eagle": json.loads((root / "eagle" / "training_summary.json").read_text()),
+            "medusa": json.loads((root / "medusa" / "training_summary.json").read_text()),
+            "distill": distill if isinstance(distill, list) else [distill]}
+
+
+def data_text(s: dict) -> str:
+    c = s["config"]
+    if s["kind"] == "distill":
+        target_rows = c.get("target_rows", 0)
+        who = (f"{c['batch_size'] - target_rows} rows sampled by the draft, {target_rows} written "
+               f"by the target (half greedy)" if target_rows else "all sampled by the draft")
+        return f"{c['batch_size']} x ({c['prompt_len']} corpus + {c['gen_len']} generated: {who})"
+    if c.get("data", "corpus") == "target":
+        gen = c["seq_len"] - c["prompt_len"]
+        return (f"{c['batch_size']} x ({c['prompt_len']} corpus + {gen} written by the target, "
+                f"half greedy, half sampled)")
+    return f"{c['batch_size']} x {c['seq_len']} corpus tokens"
+
+
+def render_drafters(m: dict) -> str:
+    d = m["drafters"]
+
+    def row(name: str, s: dict, result: str, mat: str) -> str:
+        return (f"| {name} | {data_text(s)} | {s['steps']} | {s['tokens_seen'] / 1e6:.2f}M | "
+                f"{s['wall_time_s'] / 60:.1f} min ({s['threads']} threads) | {result} | {mat} |")
+
+    e, med = d["eagle"], d["medusa"]
+    lines = ["| drafter | data per step (tokens) | steps | tokens | wall time | held-out result | "
+             "MAT (20 prompts) |", "|---|---|---|---|---|---|---|",
+             row(f"`eagle` head ({e['parameters'] / 1e6:.2f}M)", e,
+                 f"top-1 agreement with the target {e['val_top1_agreement']:.3f}",
+                 f"{m['mat_eagle']:.2f}"),
+             row(f"`medusa` heads ({med['parameters'] / 1e6:.2f}M, "
+                 f"{med['config']['medusa_heads']} heads)", med,
+                 "top-1 accuracy by head " + " / ".join(f"{a[0]:.3f}"
+                                                        for a in med["topk_accuracy"]),
+                 f"{m['mat_medusa']:.2f}")]
+    for i, s in enumerate(d["distill"]):
+        last = i == len(d["distill"]) - 1
+        lines.append(row(f"draft, distillation stage {i + 1} ({s['loss']})", s,
+                         f"expected acceptance {s['before']['val_expected_acceptance']:.3f} -> "
+                         f"{s['after']['val_expected_acceptance']:.3f}, greedy agreement "
+                         f"{s['before']['val_greedy_agreement']:.3f} -> "
+                         f"{s['after']['val_greedy_agreement']:.3f}",
+                         f"{m['mat_draft-model']:.2f} (shipped)" if last else ""))
+    return "\n".join(lines)
 
 
 def render(m: dict, template: str) -> str:
@@ -75,10 +133,14 @@ def render(m: dict, template: str) -> str:
         f"prompts, EOS ignored): mean {m['distinct2_mean']:.3f} "
         f"(min {m['distinct2_min']:.3f}, max {m['distinct2_max']:.3f}).",
         f"- Mean accepted tokens per step (MAT, k = 4, greedy) on the same prompts: "
-        f"draft-model {m['mat_draft-model']:.2f}, ngram {m['mat_ngram']:.2f}, "
-        f"layer-skip (first 3 of the target's 6 layers) {m['mat_layer-skip']:.2f}.",
+        f"draft-model (the distilled draft) {m['mat_draft-model']:.2f}, ngram "
+        f"{m['mat_ngram']:.2f}, layer-skip (first 3 of the target's 6 layers) "
+        f"{m['mat_layer-skip']:.2f}; the trained heads at their defaults: eagle (chain of 5) "
+        f"{m['mat_eagle']:.2f}, medusa ({m['drafters']['medusa']['config']['medusa_heads']} "
+        f"heads, 16-node tree) {m['mat_medusa']:.2f}.",
     ])
-    return template.replace("{{NUMBERS}}", numbers).replace("{{SAMPLES}}", samples)
+    return (template.replace("{{NUMBERS}}", numbers).replace("{{SAMPLES}}", samples)
+            .replace("{{DRAFTERS}}", render_drafters(m)))
 
 
 def main() -> None:

@@ -8,7 +8,10 @@ one sampled draft token) or forward KL (``kl``).
 
 Each step: ``batch_size`` corpus windows of ``prompt_len`` tokens (generator seeded by (seed,
 step)); the draft (no gradient) samples ``gen_len`` tokens after each at temperature 1 (torch
-generator seeded by (seed, step) too); the frozen target scores the whole sequences; the loss is
+generator seeded by (seed, step) too), except the first ``target_rows`` rows, which the target
+continues (half of them greedily, the other half sampled): DistillSpec's mix of student- and
+teacher-generated data, which puts the target's own greedy paths (what greedy speculative decoding
+verifies) into the data; the frozen target scores the whole sequences; the loss is
 the divergence between the target's and the draft's next-token distributions at every position
 that predicts a generated token. AdamW, warm-up then cosine decay by step count; checkpoints every
 ``checkpoint_every`` steps and at the time budget, so a stopped run resumes exactly.
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from specdecode.train.rollout import continue_rows
 
 LOSSES = ("tvd", "kl")
 
@@ -42,6 +47,7 @@ class DistillConfig:
     time_budget_s: float = 0.0
     checkpoint_every: int = 50
     eval_batches: int = 8
+    target_rows: int = 0  # rows per batch the target continues (half greedy) instead of the draft
 
 
 def divergence(target_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str) -> torch.Tensor:
@@ -65,27 +71,22 @@ def prompts_at(data: np.ndarray, step: int, cfg: DistillConfig, salt: int = 0) -
     return torch.from_numpy(np.stack([data[s:s + cfg.prompt_len] for s in starts]).astype(np.int64))
 
 
-@torch.no_grad()
-def on_policy(draft, prompts: torch.Tensor, cfg: DistillConfig, step: int, salt: int = 0
+def on_policy(target, draft, prompts: torch.Tensor, cfg: DistillConfig, step: int, salt: int = 0
               ) -> torch.Tensor:
-    """The prompts followed by ``gen_len`` tokens the draft samples (temperature 1, no top-k)."""
-    from transformers import DynamicCache
-
+    """The prompts followed by ``gen_len`` generated tokens: the first ``target_rows`` rows written
+    by the target (the first half of them greedily, the rest sampled at temperature 1), the others
+    sampled by the draft at temperature 1 (no top-k)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
-    draft.eval()
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(draft.forward).parameters else "past_key_values"
-    cache = {name: DynamicCache()}  # transformers 5.25 renamed past_key_values to cache
-    logits = draft(input_ids=prompts, use_cache=True, **cache).logits[:, -1]
-    out = [prompts]
-    for _ in range(cfg.gen_len):
-        probs = torch.softmax(logits.float(), -1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        out.append(nxt)
-        logits = draft(input_ids=nxt, use_cache=True, **cache).logits[:, -1]
-    draft.train()
-    return torch.cat(out, 1)
+    n_target = min(cfg.target_rows, prompts.size(0))
+    parts = []
+    if n_target < prompts.size(0):
+        rest = prompts[n_target:]
+        parts.append(continue_rows(draft, rest, cfg.gen_len,
+                                   torch.zeros(rest.size(0), dtype=torch.bool), generator))
+    if n_target:
+        greedy = torch.arange(n_target) < (n_target + 1) // 2
+        parts.insert(0, continue_rows(target, prompts[:n_target], cfg.gen_len, greedy, generator))
+    return torch.cat(parts)
 
 
 def step_loss(target, draft, seqs: torch.Tensor, cfg: DistillConfig
@@ -142,7 +143,7 @@ def distill(target, draft, train_data: np.ndarray, val_data: np.ndarray, out_dir
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        seqs = on_policy(draft, prompts_at(train_data, step, cfg), cfg, step)
+        seqs = on_policy(target, draft, prompts_at(train_data, step, cfg), cfg, step)
         loss, accept = step_loss(target, draft, seqs, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,7 +184,7 @@ def evaluate(target, draft, data: np.ndarray, cfg: DistillConfig) -> dict:
     losses, accepts, agrees = [], [], []
     first = cfg.prompt_len - 1
     for i in range(cfg.eval_batches):
-        seqs = on_policy(draft, prompts_at(data, i, cfg, salt=1), cfg, i, salt=1)
+        seqs = on_policy(target, draft, prompts_at(data, i, cfg, salt=1), cfg, i, salt=1)
         loss, accept = step_loss(target, draft, seqs, cfg)
         t = target(input_ids=seqs).logits[:, first:-1].argmax(-1)
         d = draft(input_ids=seqs).logits[:, first:-1].argmax(-1)

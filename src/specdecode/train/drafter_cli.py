@@ -80,24 +80,35 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
               help="Output directory: checkpoint.pt, summary.json and head/ (the eagle / medusa "
                    "drafters' head=... option) or model/ (distill: a draft model directory). "
                    "Rerun the same command to resume.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--corpus-cache", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Where the tokenized corpus is cached (default: OUT/data).")
 @click.option("--corpus-tokens", type=int, default=8_000_000, show_default=True,
               help="Training tokens to tokenize from the corpus.")
 @click.option("--steps", type=int, default=600, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True,
-              help="Window length (distill: half corpus prompt, half the draft's own samples).")
+              help="Window length (distill: half corpus prompt, half generated continuation).")
 @click.option("--lr", type=float, default=None,
               help="Peak learning rate (default: 1e-3 for heads, 3e-4 for distill).")
 @click.option("--medusa-heads", type=int, default=3, show_default=True,
               help="Medusa: number of heads (draft depth).")
+@click.option("--data", "data_kind", type=click.Choice(["corpus", "target"]), default="corpus",
+              show_default=True,
+              help="eagle / medusa: train on corpus windows, or on short corpus prompts continued by "
+                   "the target itself (half greedy, half sampled at temperature 1: the text the "
+                   "heads meet when drafting; slower per step).")
+@click.option("--prompt-len", type=int, default=64, show_default=True,
+              help="--data target: corpus tokens before the target's continuation.")
+@click.option("--target-rows", type=int, default=0, show_default=True,
+              help="distill: rows of each batch the target continues (half greedy, half sampled) "
+                   "instead of the draft.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
 @click.option("--time-budget", type=float, default=0.0,
               help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
 def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tokens, steps,
-                  batch_size, seq_len, lr, medusa_heads, seed, threads, time_budget) -> None:
+                  batch_size, seq_len, lr, medusa_heads, data_kind, prompt_len, target_rows, seed,
+                  threads, time_budget) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
     from specdecode.cli import load_models
@@ -106,9 +117,14 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
     from specdecode.types import SpecDecodeError
 
     lr = lr if lr is not None else (3e-4 if kind == "distill" else 1e-3)
-    if min(steps, batch_size, seq_len, medusa_heads) < 1 or lr <= 0:
-        raise click.UsageError("--steps, --batch-size, --seq-len, --medusa-heads and --lr must be "
-                               "positive")
+    if min(steps, batch_size, seq_len, medusa_heads, prompt_len) < 1 or lr <= 0:
+        raise click.UsageError("--steps, --batch-size, --seq-len, --medusa-heads, --prompt-len and "
+                               "--lr must be positive")
+    if data_kind == "target" and prompt_len >= seq_len:
+        raise click.UsageError(f"--prompt-len {prompt_len} leaves nothing for the target to write "
+                               f"in --seq-len {seq_len}")
+    if not 0 <= target_rows <= batch_size:
+        raise click.UsageError(f"--target-rows must be between 0 and --batch-size ({batch_size})")
     try:
         model, draft, tokenizer = load_models(target, draft_model, kind == "distill")
     except SpecDecodeError as err:
@@ -126,13 +142,14 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
             half = max(1, seq_len // 2)
             dcfg = DistillConfig(loss=loss, steps=steps, batch_size=batch_size, prompt_len=half,
                                  gen_len=seq_len - half, lr=lr, seed=seed, threads=threads,
-                                 time_budget_s=time_budget * 60)
+                                 time_budget_s=time_budget * 60, target_rows=target_rows)
             summary = distill(model, draft, train_data, val_data, out_dir, dcfg, tokenizer)
             summary["draft"] = draft_model or "specdecode-demo-draft"
         else:
             cfg = HeadConfig(kind=kind, steps=steps, batch_size=batch_size, seq_len=seq_len,
                              lr=lr, medusa_heads=medusa_heads, seed=seed, threads=threads,
-                             time_budget_s=time_budget * 60)
+                             time_budget_s=time_budget * 60, data=data_kind,
+                             prompt_len=prompt_len)
             summary = train_head(model, train_data, val_data, out_dir, cfg)
     except ValueError as err:
         raise click.ClickException(str(err)) from None

@@ -1,7 +1,10 @@
 """Train EAGLE and Medusa heads on a frozen target (``specdecode train-drafter --kind eagle|medusa``).
 
-Each step draws ``batch_size`` windows of ``seq_len + 1`` tokens from the corpus (generator seeded by
-(seed, step), so a resumed run continues exactly), runs the frozen target once to get its features
+Each step draws ``batch_size`` windows of ``seq_len`` tokens (generator seeded by (seed, step), so a
+resumed run continues exactly): corpus text, or with ``data="target"`` short corpus prompts continued
+by the target itself, half greedily and half sampled (self-distillation: Medusa-2 trains on the
+target's own outputs, and what the heads must predict at decoding time is the target's own text);
+then it runs the frozen target once to get its features
 F (last hidden states after the final norm) and its next-token distributions P, and trains:
 
 - EAGLE-1 (Li et al., ICML 2024): the head reads (F_t + uniform noise in [-0.1, 0.1], embedding of
@@ -29,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from specdecode.models.heads import EagleHead, MedusaHeads, save_head
+from specdecode.train.rollout import continue_rows
 
 
 @dataclass
@@ -48,6 +52,8 @@ class HeadConfig:
     eval_batches: int = 8
     tree_nodes: int = 32  # Medusa: paths kept in the static tree
     draft_vocab: int = 2048  # the most-used tokens listed for a reduced read-out (0: none)
+    data: str = "corpus"  # or "target": corpus prompts continued by the target (self-distillation)
+    prompt_len: int = 64  # data="target": corpus tokens before the target's continuation
 
 
 def most_used(data: np.ndarray, vocab_size: int, n: int) -> list[int]:
@@ -57,10 +63,23 @@ def most_used(data: np.ndarray, vocab_size: int, n: int) -> list[int]:
     return [int(i) for i in order[:n] if counts[i] > 0]
 
 
-def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0) -> torch.Tensor:
+DATA_KINDS = ("corpus", "target")
+
+
+def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0,
+             target=None) -> torch.Tensor:
+    """Step ``step``'s windows of ``seq_len`` tokens: corpus text, or (``data="target"``)
+    ``prompt_len`` corpus tokens continued by the target, the first half of the rows greedily and
+    the rest sampled at temperature 1 (the text the heads draft on at decoding time)."""
     gen = np.random.default_rng([cfg.seed, step, salt])
-    starts = gen.integers(0, data.size - cfg.seq_len - 1, size=cfg.batch_size)
-    return torch.from_numpy(np.stack([data[s:s + cfg.seq_len] for s in starts]).astype(np.int64))
+    prompt = cfg.seq_len if cfg.data == "corpus" else min(cfg.prompt_len, cfg.seq_len - 1)
+    starts = gen.integers(0, data.size - prompt - 1, size=cfg.batch_size)
+    ids = torch.from_numpy(np.stack([data[s:s + prompt] for s in starts]).astype(np.int64))
+    if cfg.data == "corpus":
+        return ids
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
+    greedy = torch.arange(cfg.batch_size) < (cfg.batch_size + 1) // 2
+    return continue_rows(target, ids, cfg.seq_len - prompt, greedy, generator)
 
 
 def lr_at(step: int, cfg: HeadConfig) -> float:
@@ -138,7 +157,7 @@ def evaluate(kind: str, head: nn.Module, target, data: np.ndarray, cfg: HeadConf
     hits = np.zeros((cfg.medusa_heads, topk))
     count = np.zeros(cfg.medusa_heads)
     for i in range(cfg.eval_batches):
-        ids = batch_at(data, i, cfg, salt=1)
+        ids = batch_at(data, i, cfg, salt=1, target=target)
         feats, logp = target_pass(target, ids)
         if kind == "eagle":
             loss, agree = eagle_loss(head, target, ids, feats, logp, noise=False)
@@ -172,6 +191,8 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     the summary."""
     from specdecode.drafters.medusa import static_tree
 
+    if cfg.data not in DATA_KINDS:
+        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}, not {cfg.data!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +227,7 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids = batch_at(train_data, step, cfg)
+        ids = batch_at(train_data, step, cfg, target=target)
         feats, logp = target_pass(target, ids)
         if cfg.kind == "eagle":
             loss, agree = eagle_loss(head, target, ids, feats, logp, noise=True)
