@@ -124,6 +124,27 @@ def test_bench_end_to_end_writes_every_file(tmp_path, tiny_pair):
     assert rebuilt.exit_code == 0 and json.loads(rebuilt.output.strip().splitlines()[-1]) == summary
 
 
+def test_a_method_can_name_its_own_draft_model(tmp_path, tiny_pair):
+    """draft-model:draft_model=DIR compares drafts in one interleaved run (no --draft-model)."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hi"]}) + "\n")
+    spec = f"draft-model:draft_model={tiny_pair / 'draft'}"
+    args = ["bench", "--target", str(tiny_pair / "target"), "--questions", str(questions),
+            "--max-new-tokens", "10", "--policy", "fixed", "--methods", f"vanilla,{spec}"]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["identical"][spec] == 1.0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert json.dumps(report).count("draft_model=") > 0
+    missing = CliRunner().invoke(main, args[:-1] + [f"vanilla,draft-model:draft_model={tmp_path}",
+                                                    "--out", str(tmp_path / "bad")])
+    assert missing.exit_code != 0 and "draft model path" in missing.output
+    unnamed = CliRunner().invoke(main, args[:-1] + ["vanilla,draft-model", "--out",
+                                                    str(tmp_path / "none")])
+    assert unnamed.exit_code != 0 and "needs a draft model" in unnamed.output
+
+
 def test_bench_rejects_unknown_methods(tmp_path, tiny_pair):
     result = CliRunner().invoke(main, ["bench", "--target", str(tiny_pair / "target"),
                                        "--methods", "vanilla,warp-drive", "--out", str(tmp_path)])

@@ -129,8 +129,28 @@ def test_target_continuations_are_its_greedy_output_or_seeded_samples():
     corpus = batch_at(data, 3, HeadConfig(batch_size=4, seq_len=20))
     windows = {tuple(data[i:i + 20].tolist()) for i in range(data.size - 19)}
     assert corpus.shape == (4, 20) and all(tuple(row) in windows for row in corpus.tolist())
+    every = batch_at(data, 3, HeadConfig(batch_size=4, seq_len=20, data="target", prompt_len=6,
+                                         greedy_share=1.0), target=target)
+    assert all(row[6:] == vanilla(target, row[:6], 14) for row in every.tolist())
     with pytest.raises(ValueError, match="data must be one of"):
         train_head(target, data, data, Path("unused"), HeadConfig(data="mine"))
+
+
+def test_a_second_stage_starts_from_the_saved_head(tmp_path):
+    target = tiny_model("llama", seed=2)
+    data = _data(target)
+    cfg = HeadConfig(kind="medusa", steps=5, batch_size=4, seq_len=16, lr=3e-3, warmup=1,
+                     eval_batches=1)
+    train_head(copy.deepcopy(target), data, data, tmp_path / "one", cfg)
+    first = load_head(tmp_path / "one" / "head", "medusa", target)[0].state_dict()
+    still = HeadConfig(**{**cfg.__dict__, "steps": 1, "lr": 1e-30,
+                          "init_head": str(tmp_path / "one" / "head")})
+    train_head(copy.deepcopy(target), data, data, tmp_path / "two", still)
+    second = load_head(tmp_path / "two" / "head", "medusa", target)[0].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # started there, barely moved
+    with pytest.raises(SpecDecodeError, match="holds a 'medusa' head"):
+        train_head(copy.deepcopy(target), data, data, tmp_path / "three",
+                   HeadConfig(**{**still.__dict__, "kind": "eagle"}))
 
 
 def test_static_tree_is_best_first_and_closed_under_prefixes():

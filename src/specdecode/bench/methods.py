@@ -83,7 +83,8 @@ def drafters_of(name: str, options: dict) -> list[str]:
 
 def needs_draft(spec: str) -> bool:
     name, options = parse_spec(spec)
-    return name == "hf-assisted" or "draft-model" in drafters_of(name, options)
+    return name == "hf-assisted" or ("draft-model" in drafters_of(name, options)
+                                     and "draft_model" not in options)
 
 
 def check_specs(specs: list[str], has_draft: bool) -> None:
@@ -141,10 +142,25 @@ def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple
     if "suffix" in drafters_of(name, options) and "store" not in options:
         options["store"] = SUFFIX_STORES.setdefault(spec, SuffixStore())
     if "draft-model" in drafters_of(name, options):
-        options["draft_model"] = s.draft
+        options["draft_model"] = draft_model(options.get("draft_model"), s)
     if s.policy is not None and "policy" not in options and name != "vanilla":
         options["policy"] = s.policy
     return drafter, options
+
+
+# Draft models named by a method (draft-model:draft_model=DIR), loaded once per directory.
+DRAFT_MODELS: dict[str, object] = {}
+
+
+def draft_model(path, s: Settings):
+    """The run's draft model (``--draft-model``), or the one a method names, loaded once."""
+    if path is None:
+        return s.draft
+    if str(path) not in DRAFT_MODELS:
+        from specdecode.models.hf import load_causal_lm
+
+        DRAFT_MODELS[str(path)] = load_causal_lm(str(path), what="draft model")
+    return DRAFT_MODELS[str(path)]
 
 
 def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:

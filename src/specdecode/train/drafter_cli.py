@@ -99,6 +99,12 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
                    "heads meet when drafting; slower per step).")
 @click.option("--prompt-len", type=int, default=64, show_default=True,
               help="--data target: corpus tokens before the target's continuation.")
+@click.option("--greedy-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--data target: share of the rows the target continues greedily (the others "
+                   "sampled at temperature 1).")
+@click.option("--init-head", type=click.Path(exists=True, file_okay=False), default=None,
+              help="eagle / medusa: start from this saved head (a second training stage) instead "
+                   "of a fresh one.")
 @click.option("--target-rows", type=int, default=0, show_default=True,
               help="distill: rows of each batch the target continues (half greedy, half sampled) "
                    "instead of the draft.")
@@ -107,8 +113,8 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
 @click.option("--time-budget", type=float, default=0.0,
               help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
 def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tokens, steps,
-                  batch_size, seq_len, lr, medusa_heads, data_kind, prompt_len, target_rows, seed,
-                  threads, time_budget) -> None:
+                  batch_size, seq_len, lr, medusa_heads, data_kind, prompt_len, greedy_share,
+                  init_head, target_rows, seed, threads, time_budget) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
     from specdecode.cli import load_models
@@ -149,7 +155,8 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
             cfg = HeadConfig(kind=kind, steps=steps, batch_size=batch_size, seq_len=seq_len,
                              lr=lr, medusa_heads=medusa_heads, seed=seed, threads=threads,
                              time_budget_s=time_budget * 60, data=data_kind,
-                             prompt_len=prompt_len)
+                             prompt_len=prompt_len, greedy_share=greedy_share,
+                             init_head=init_head or "")
             summary = train_head(model, train_data, val_data, out_dir, cfg)
     except ValueError as err:
         raise click.ClickException(str(err)) from None

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from specdecode.models.heads import EagleHead, MedusaHeads, save_head
+from specdecode.models.heads import EagleHead, MedusaHeads, load_head, save_head
 from specdecode.train.rollout import continue_rows
 
 
@@ -54,6 +54,8 @@ class HeadConfig:
     draft_vocab: int = 2048  # the most-used tokens listed for a reduced read-out (0: none)
     data: str = "corpus"  # or "target": corpus prompts continued by the target (self-distillation)
     prompt_len: int = 64  # data="target": corpus tokens before the target's continuation
+    greedy_share: float = 0.5  # data="target": share of the rows continued greedily (others sampled)
+    init_head: str = ""  # start from this saved head (same kind and target) instead of a fresh one
 
 
 def most_used(data: np.ndarray, vocab_size: int, n: int) -> list[int]:
@@ -69,8 +71,8 @@ DATA_KINDS = ("corpus", "target")
 def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0,
              target=None) -> torch.Tensor:
     """Step ``step``'s windows of ``seq_len`` tokens: corpus text, or (``data="target"``)
-    ``prompt_len`` corpus tokens continued by the target, the first half of the rows greedily and
-    the rest sampled at temperature 1 (the text the heads draft on at decoding time)."""
+    ``prompt_len`` corpus tokens continued by the target (the text the heads draft on at decoding
+    time): the first ``greedy_share`` of the rows greedily, the rest sampled at temperature 1."""
     gen = np.random.default_rng([cfg.seed, step, salt])
     prompt = cfg.seq_len if cfg.data == "corpus" else min(cfg.prompt_len, cfg.seq_len - 1)
     starts = gen.integers(0, data.size - prompt - 1, size=cfg.batch_size)
@@ -78,7 +80,7 @@ def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0,
     if cfg.data == "corpus":
         return ids
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
-    greedy = torch.arange(cfg.batch_size) < (cfg.batch_size + 1) // 2
+    greedy = torch.arange(cfg.batch_size) < round(cfg.batch_size * cfg.greedy_share)
     return continue_rows(target, ids, cfg.seq_len - prompt, greedy, generator)
 
 
@@ -200,7 +202,13 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     for p in target.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    head = new_head(cfg.kind, target, cfg).train()
+    head = new_head(cfg.kind, target, cfg)
+    if cfg.init_head:  # a second stage: start from a saved head of the same shape
+        start_from, _ = load_head(cfg.init_head, cfg.kind, target)
+        if start_from.config != head.config:
+            raise ValueError(f"{cfg.init_head} holds a head of another shape ({start_from.config})")
+        head.load_state_dict(start_from.state_dict())
+    head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     ckpt = out_dir / "checkpoint.pt"
