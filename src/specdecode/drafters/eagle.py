@@ -1,9 +1,9 @@
 """``eagle``: an EAGLE-1 draft head (Li et al., ICML 2024) on the target's own features, drafting
 EAGLE-2's dynamic tree (Li et al., EMNLP 2024) with ``dynamic_tree.build_tree``; with ``topk`` 1
 (the default) that tree is a chain of the head's best tokens. On the demo target on 2 CPU cores
-the chain measured fastest (13 Spec-Bench first turns, greedy: depth-5 chain 1.66x vs vanilla at
-MAT 3.66; topk 4 with 16 nodes 1.24x at MAT 3.55): every extra node lengthens verification and
-the head's second choices are rarely right. Where extra nodes verify almost free (GPUs),
+the chain measured fastest (quick Spec-Bench run, greedy, docs/benchmarks/quick-trained-greedy-cpu:
+chain of 4 1.53x vs vanilla at MAT 3.13; topk 4 with 16 nodes 1.23x at MAT 3.39): every extra
+node lengthens verification and the head's second choices are rarely right. Where extra nodes verify almost free (GPUs),
 ``topk=4:max_nodes=16`` is the EAGLE-2 shape.
 
 The head reads pairs (target feature f_t, embedding of token t+1) and predicts f_{t+1}; the target's

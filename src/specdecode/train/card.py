@@ -61,14 +61,17 @@ def measure(num_prompts: int = 20, max_new_tokens: int = 128) -> dict:
             "torch": torch.__version__}
 
 
-def drafter_summaries() -> dict:
-    """The shipped trained drafters' training summaries: ``eagle``, ``medusa`` (one each) and
-    ``distill`` (the distillation stages of the shipped draft, in order)."""
+def drafter_summaries() -> dict[str, list[dict]]:
+    """The shipped trained drafters' training summaries, stage by stage (a later stage starts from
+    the earlier one's weights): ``eagle``, ``medusa`` and ``distill`` (the shipped draft)."""
     root = demo_dir()
-    distill = json.loads((root / "draft" / "distill_summary.json").read_text())
-    return {"eagle": json.loads((root / "eagle" / "training_summary.json").read_text()),
-            "medusa": json.loads((root / "medusa" / "training_summary.json").read_text()),
-            "distill": distill if isinstance(distill, list) else [distill]}
+    out = {}
+    for kind, path in (("eagle", root / "eagle" / "training_summary.json"),
+                       ("medusa", root / "medusa" / "training_summary.json"),
+                       ("distill", root / "draft" / "distill_summary.json")):
+        stages = json.loads(path.read_text())
+        out[kind] = stages if isinstance(stages, list) else [stages]
+    return out
 
 
 def data_text(s: dict) -> str:
@@ -79,9 +82,9 @@ def data_text(s: dict) -> str:
                f"by the target (half greedy)" if target_rows else "all sampled by the draft")
         return f"{c['batch_size']} x ({c['prompt_len']} corpus + {c['gen_len']} generated: {who})"
     if c.get("data", "corpus") == "target":
-        gen = c["seq_len"] - c["prompt_len"]
-        return (f"{c['batch_size']} x ({c['prompt_len']} corpus + {gen} written by the target, "
-                f"half greedy, half sampled)")
+        gen, share = c["seq_len"] - c["prompt_len"], c.get("greedy_share", 0.5)
+        how = "all greedy" if share == 1 else f"{share:.0%} of rows greedy, the rest sampled"
+        return f"{c['batch_size']} x ({c['prompt_len']} corpus + {gen} written by the target: {how})"
     return f"{c['batch_size']} x {c['seq_len']} corpus tokens"
 
 
@@ -92,25 +95,27 @@ def render_drafters(m: dict) -> str:
         return (f"| {name} | {data_text(s)} | {s['steps']} | {s['tokens_seen'] / 1e6:.2f}M | "
                 f"{s['wall_time_s'] / 60:.1f} min ({s['threads']} threads) | {result} | {mat} |")
 
-    e, med = d["eagle"], d["medusa"]
+    def result(s: dict) -> str:
+        if s["kind"] == "distill":
+            b, a = s["before"], s["after"]
+            return (f"expected acceptance {b['val_expected_acceptance']:.3f} -> "
+                    f"{a['val_expected_acceptance']:.3f}, greedy agreement "
+                    f"{b['val_greedy_agreement']:.3f} -> {a['val_greedy_agreement']:.3f}")
+        if s["kind"] == "medusa":
+            return "top-1 accuracy by head " + " / ".join(f"{a[0]:.3f}" for a in s["topk_accuracy"])
+        return f"top-1 agreement with the target {s['val_top1_agreement']:.3f}"
+
     lines = ["| drafter | data per step (tokens) | steps | tokens | wall time | held-out result | "
-             "MAT (20 prompts) |", "|---|---|---|---|---|---|---|",
-             row(f"`eagle` head ({e['parameters'] / 1e6:.2f}M)", e,
-                 f"top-1 agreement with the target {e['val_top1_agreement']:.3f}",
-                 f"{m['mat_eagle']:.2f}"),
-             row(f"`medusa` heads ({med['parameters'] / 1e6:.2f}M, "
-                 f"{med['config']['medusa_heads']} heads)", med,
-                 "top-1 accuracy by head " + " / ".join(f"{a[0]:.3f}"
-                                                        for a in med["topk_accuracy"]),
-                 f"{m['mat_medusa']:.2f}")]
-    for i, s in enumerate(d["distill"]):
-        last = i == len(d["distill"]) - 1
-        lines.append(row(f"draft, distillation stage {i + 1} ({s['loss']})", s,
-                         f"expected acceptance {s['before']['val_expected_acceptance']:.3f} -> "
-                         f"{s['after']['val_expected_acceptance']:.3f}, greedy agreement "
-                         f"{s['before']['val_greedy_agreement']:.3f} -> "
-                         f"{s['after']['val_greedy_agreement']:.3f}",
-                         f"{m['mat_draft-model']:.2f} (shipped)" if last else ""))
+             "MAT (20 prompts) |", "|---|---|---|---|---|---|---|"]
+    names = {"eagle": "`eagle` head", "medusa": "`medusa` heads", "distill": "draft, distilled"}
+    mats = {"eagle": m["mat_eagle"], "medusa": m["mat_medusa"], "distill": m["mat_draft-model"]}
+    for kind, stages in d.items():
+        for i, s in enumerate(stages):
+            size = (f"{s['parameters'] / 1e6:.2f}M" if "parameters" in s
+                    else f"{m['parameters']['draft'] / 1e6:.2f}M, {s['loss']}")
+            stage = f", stage {i + 1}" if len(stages) > 1 else ""
+            mat = f"{mats[kind]:.2f}" if i == len(stages) - 1 else ""
+            lines.append(row(f"{names[kind]} ({size}{stage})", s, result(s), mat))
     return "\n".join(lines)
 
 
@@ -136,7 +141,7 @@ def render(m: dict, template: str) -> str:
         f"draft-model (the distilled draft) {m['mat_draft-model']:.2f}, ngram "
         f"{m['mat_ngram']:.2f}, layer-skip (first 3 of the target's 6 layers) "
         f"{m['mat_layer-skip']:.2f}; the trained heads at their defaults: eagle (chain of 5) "
-        f"{m['mat_eagle']:.2f}, medusa ({m['drafters']['medusa']['config']['medusa_heads']} "
+        f"{m['mat_eagle']:.2f}, medusa ({m['drafters']['medusa'][-1]['config']['medusa_heads']} "
         f"heads, 16-node tree) {m['mat_medusa']:.2f}.",
     ])
     return (template.replace("{{NUMBERS}}", numbers).replace("{{SAMPLES}}", samples)
