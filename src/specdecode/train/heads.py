@@ -2,9 +2,10 @@
 
 Each step draws ``batch_size`` windows of ``seq_len`` tokens (generator seeded by (seed, step), so a
 resumed run continues exactly): corpus text, or with ``data="target"`` short corpus prompts continued
-by the target itself, half greedily and half sampled (self-distillation: Medusa-2 trains on the
-target's own outputs, and what the heads must predict at decoding time is the target's own text);
-then it runs the frozen target once to get its features
+by the target itself, a ``greedy_share`` of the rows greedily and the rest sampled
+(self-distillation: Medusa-2 trains on the target's own outputs, and what the heads must predict at
+decoding time is the target's own text); ``init_head`` starts from a saved head (a second stage).
+Then it runs the frozen target once to get its features
 F (last hidden states after the final norm) and its next-token distributions P, and trains:
 
 - EAGLE-1 (Li et al., ICML 2024): the head reads (F_t + uniform noise in [-0.1, 0.1], embedding of
