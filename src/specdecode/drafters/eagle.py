@@ -3,8 +3,8 @@ EAGLE-2's dynamic tree (Li et al., EMNLP 2024) with ``dynamic_tree.build_tree``;
 (the default) that tree is a chain of the head's best tokens. On the demo target on 2 CPU cores
 the chain measured fastest (quick Spec-Bench run, greedy, docs/benchmarks/quick-trained-greedy-cpu:
 chain of 4 1.53x vs vanilla at MAT 3.13; topk 4 with 16 nodes 1.23x at MAT 3.39): every extra
-node lengthens verification and the head's second choices are rarely right. Where extra nodes verify almost free (GPUs),
-``topk=4:max_nodes=16`` is the EAGLE-2 shape.
+node lengthens verification and the head's second choices are rarely right. Where extra nodes
+verify almost free (GPUs), ``topk=4:max_nodes=16`` is the EAGLE-2 shape.
 
 The head reads pairs (target feature f_t, embedding of token t+1) and predicts f_{t+1}; the target's
 frozen LM head maps a predicted feature to next-token probabilities (``models/heads.py``). The
