@@ -242,7 +242,7 @@ def test_distillation_brings_the_draft_closer_and_resumes_exactly(tmp_path, loss
         from specdecode.train.distill import on_policy, prompts_at
 
         seqs = on_policy(target, draft, prompts_at(data, 0, cfg), cfg, 0)
-        assert [r[8:] == vanilla(target, r[:8], 16) for r in seqs[:4].tolist()][:2] == [True] * 2
+        assert all(r[8:] == vanilla(target, r[:8], 16) for r in seqs[:2].tolist())
         assert torch.equal(seqs, on_policy(target, draft, prompts_at(data, 0, cfg), cfg, 0))
     full = distill(target, copy.deepcopy(draft), data, data, tmp_path / "full", cfg)
     assert full["after"]["val_divergence"] < full["before"]["val_divergence"] - 0.02

@@ -71,6 +71,18 @@ def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = Fal
     return model.eval()
 
 
+def cache_arg(model) -> str:
+    """How ``model.forward`` names its KV cache (5.25 renamed ``past_key_values``; it warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def fresh_cache(model) -> dict:
+    """A new ``DynamicCache`` for ``model``, as keywords (decoding loops outside the engine)."""
+    from transformers import DynamicCache
+
+    return {cache_arg(model): DynamicCache()}
+
+
 def context_length(config) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
@@ -180,8 +192,7 @@ class _Adapter:
         self.dtype = next(model.parameters()).dtype
         params = inspect.signature(model.forward).parameters
         self.can_slice_logits = "logits_to_keep" in params
-        # transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns per call)
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = cache_arg(model)
 
 
 class BatchTarget(_Adapter):

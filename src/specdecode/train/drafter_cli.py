@@ -95,8 +95,8 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
 @click.option("--data", "data_kind", type=click.Choice(["corpus", "target"]), default="corpus",
               show_default=True,
               help="eagle / medusa: train on corpus windows, or on short corpus prompts continued by "
-                   "the target itself (half greedy, half sampled at temperature 1: the text the "
-                   "heads meet when drafting; slower per step).")
+                   "the target itself (greedily or sampled at temperature 1, see --greedy-share: "
+                   "the text the heads meet when drafting; slower per step).")
 @click.option("--prompt-len", type=int, default=64, show_default=True,
               help="--data target: corpus tokens before the target's continuation.")
 @click.option("--greedy-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,

@@ -9,18 +9,9 @@ step's data is a function of its seed.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-
-def cache_kwargs(model) -> dict:
-    """A fresh KV cache under the name the model's forward takes (transformers 5.25 renamed
-    ``past_key_values`` to ``cache``)."""
-    from transformers import DynamicCache
-
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": DynamicCache()}
+from specdecode.models.hf import fresh_cache
 
 
 @torch.no_grad()
@@ -29,7 +20,7 @@ def continue_rows(model, prompts: torch.Tensor, gen_len: int, greedy: torch.Tens
     """``prompts`` followed by ``gen_len`` tokens of ``model``: [B, P + gen_len]."""
     was_training = model.training
     model.eval()
-    cache = cache_kwargs(model)
+    cache = fresh_cache(model)
     logits = model(input_ids=prompts, use_cache=True, **cache).logits[:, -1]
     out = [prompts]
     for _ in range(gen_len):
