@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
+from specdecode.models.sources import dtype_name, parse_device, parse_dtype, resolve_source
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -49,25 +50,37 @@ class TargetModel(Protocol):
 
 
 def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = False,
-                   dtype: torch.dtype = torch.float32):
-    """A transformers causal LM from an already-loaded model or a local directory (safetensors)."""
+                   dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """A transformers causal LM from an already-loaded model or a source ``resolve_source`` takes
+    (local directory, .gguf file, preset, Hub id), in ``dtype`` (default float32) on ``device``
+    (default cpu). A loaded model is used as it is: asking it for another dtype or device is an
+    error (it is the caller's object; load it that way, or pass a path)."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
     if not isinstance(source, (str, Path)):
         if not hasattr(source, "config") or not callable(source):
-            raise SpecDecodeError(f"{what} must be a transformers causal LM or a local path, "
-                                  f"got {type(source).__name__}")
+            raise SpecDecodeError(f"{what} must be a transformers causal LM or a model source "
+                                  f"(directory, .gguf, preset, Hub id), got {type(source).__name__}")
+        param = next(source.parameters())
+        if dtype is not None and param.dtype != dtype:
+            raise SpecDecodeError(f"{what} is loaded in {dtype_name(param.dtype)} but "
+                                  f"{dtype_name(dtype)} was asked for; load it in that dtype or "
+                                  "pass its path")
+        if device is not None and param.device != device and not (
+                device.index is None and param.device.type == device.type):
+            raise SpecDecodeError(f"{what} is on {param.device} but {device} was asked for; move "
+                                  "it first or pass its path")
         return source.eval()
-    path = Path(source).expanduser()
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise SpecDecodeError(f"{what} path {str(path)!r} is not a directory with a config.json "
-                              "(only local models can be loaded; there is no model hub here)")
+    path = resolve_source(source, what=what)
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa")
+            path, dtype=dtype or torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise SpecDecodeError(f"cannot load {what} from {str(path)!r}: {err}") from err
+    if device is not None:
+        model = model.to(device)
     return model.eval()
 
 
