@@ -78,6 +78,14 @@ def _eos_ids(model, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
+def default_exact(model) -> bool:
+    """Batch-invariant attention by default where it is needed for exactness: half precision
+    (bfloat16, float16), where a token's logits otherwise depend on how many tokens share its
+    forward. float32 keeps the faster batched attention (its differences stay far below every
+    greedy margin the tests and benchmarks meet)."""
+    return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
 def _request_kind(model, drafter, options: dict, params: SamplingParams) -> str:
     """A key for requests that should share what a policy learned: same target object, drafter,
     options (objects by identity) and sampling."""
@@ -94,7 +102,8 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
             policy: str | Policy | None = None, policy_options: dict | None = None,
             trust_remote_code: bool = False, target: BatchTarget | None = None,
-            dtype=None, device=None, **drafter_options: Any) -> Request:
+            dtype=None, device=None, exact: bool | None = None,
+            **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
     ``input_ids``: a list of ints, a 1-D tensor (or [1, n]), or a tokenizer's output with
@@ -110,7 +119,7 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     if target is None:
         hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code,
                             dtype=dtype, device=device)
-        target = BatchTarget(hf)
+        target = BatchTarget(hf, exact=default_exact(hf) if exact is None else bool(exact))
     elif dtype is not None or device is not None:  # the shared target: it must be what was asked
         load_causal_lm(target.model, what="target model", dtype=dtype, device=device)
     hf = target.model

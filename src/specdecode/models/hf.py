@@ -220,8 +220,9 @@ class BatchTarget(_Adapter):
     inferred from token values. ``remove_row`` frees a row at once (the last row moves into its
     place, so the batch stays a prefix of the buffer and every forward reads a view)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, exact: bool = False) -> None:
         super().__init__(model)
+        self.exact = exact
         layers = getattr(model.config, "num_hidden_layers", None)
         self.cache = SlotCache(int(layers), self.device, self.dtype)
         self.lengths: list[int] = []
@@ -252,9 +253,10 @@ class BatchTarget(_Adapter):
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None,
-                 causal: bool = False, hidden: bool = False) -> torch.Tensor:
+                 causal: bool = False, hidden: bool = False, exact: list | None = None
+                 ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        with rows_attention(self.model.config, chunks, causal):
+        with rows_attention(self.model.config, chunks, causal, exact):
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
                              attention_mask=mask.to(self.device), use_cache=True,
@@ -295,6 +297,8 @@ class BatchTarget(_Adapter):
             raise ValueError(f"step needs one root and one draft per row ({b} rows)")
         sizes = [len(d) + 1 for d in drafts]
         q = max(sizes)
+        if self.exact and b * q == 1:  # a matmul over one token takes another kernel: pad to two
+            q = 2
         lens = torch.tensor(self.lengths)
         kv_len = int(lens.max()) + q
         self.cache.reserve(b, kv_len)
@@ -315,9 +319,10 @@ class BatchTarget(_Adapter):
         cache.rows, cache.start, cache.kv_len = slice(0, b), None, kv_len
         cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
         try:
-            chunks = plan_chunks((lens + q).tolist()) if b > 1 else None
+            chunks = plan_chunks((lens + q).tolist()) if b > 1 and not self.exact else None
             logits = self._forward(ids, positions, self._additive(visible)[:, None],
-                                   chunks=chunks, hidden=hidden)
+                                   chunks=chunks, hidden=hidden,
+                                   exact=self._exact_plan(drafts) if self.exact else None)
         finally:
             cache.index = None
         if hidden:
@@ -326,6 +331,26 @@ class BatchTarget(_Adapter):
         for r in range(b):
             self.lengths[r] += sizes[r]
         return [logits[r, :sizes[r]] for r in range(b)]
+
+    def _exact_plan(self, drafts: list[Draft]) -> list:
+        """Per row: (committed length + 1, [(query column, None for a chain node, else the slots of
+        its tree path in depth order)]), for ``_exact_attention``."""
+        plan = []
+        for length, draft in zip(self.lengths, drafts):
+            prefix = length + 1
+            if draft.is_chain():
+                plan.append((prefix, [(j, None) for j in range(len(draft) + 1)]))
+                continue
+            parents = draft.parents.tolist()
+            queries: list = [(0, None)]
+            for i in range(len(parents)):
+                path, node = [], i
+                while node >= 0:
+                    path.append(prefix + node)
+                    node = parents[node]
+                queries.append((i + 1, torch.tensor(path[::-1], device=self.device)))
+            plan.append((prefix, queries))
+        return plan
 
     @torch.inference_mode()
     def keep(self, row: int, path: list[int]) -> None:
