@@ -80,43 +80,6 @@ def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
 AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
 
 
-def _exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs):
-    """Batch-invariant attention (``BatchTarget(exact=True)``): every query token attends through
-    its own call, over exactly the keys it sees laid out in position order (slots 0..p of its row
-    for a chain; the committed prefix, then its tree path, for a tree node), with no mask: the
-    very call plain decoding makes for that token at that position. Its result therefore does not
-    depend on how many draft nodes or batch rows share the forward (Thinking Machines, "Defeating
-    Nondeterminism in LLM Inference", 2025: fixed reduction order per token). ``_FORWARD.exact``:
-    per row, (its committed length + 1, [(query column, tree path slots or None)])."""
-    b, heads, q, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    out = query.new_zeros(b, q, heads, dim)
-    for r, (prefix, queries) in enumerate(_FORWARD.exact):
-        scratch = None
-        for j, path in queries:
-            if path is None:  # a chain node (or the pending token): a view of its row's slots
-                k, v = key[r:r + 1, :, :prefix + j], value[r:r + 1, :, :prefix + j]
-            else:  # a tree node: the prefix, then its ancestors and itself, in a scratch row
-                if scratch is None:
-                    scratch = (key.new_empty(1, kv_heads, key.shape[2], dim),
-                               value.new_empty(1, kv_heads, key.shape[2], dim))
-                    scratch[0][:, :, :prefix] = key[r:r + 1, :, :prefix]
-                    scratch[1][:, :, :prefix] = value[r:r + 1, :, :prefix]
-                end = prefix + len(path)
-                scratch[0][:, :, prefix:end] = key[r:r + 1].index_select(2, path)
-                scratch[1][:, :, prefix:end] = value[r:r + 1].index_select(2, path)
-                k, v = scratch[0][:, :, :end], scratch[1][:, :, :end]
-            one = query[r, :, j].reshape(1, kv_heads, groups, dim)  # GQA: the group's heads as rows
-            o = torch.nn.functional.scaled_dot_product_attention(one, k, v, scale=scaling)
-            out[r, j] = o.reshape(heads, dim)
-    return out, None
-
-
-AttentionInterface.register(EXACT_ATTENTION, _exact_attention)
-
-
 @contextmanager
 def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bool,
                    exact: list | None = None):

@@ -13,12 +13,14 @@ after which ``keep(path)`` leaves the pending token and the accepted path in the
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
+from specdecode.models.exact import MIN_ROWS, ExactMatmul, exact_plan
 from specdecode.models.sources import dtype_name, parse_device, parse_dtype, resolve_source
 from specdecode.types import Draft, SpecDecodeError
 
@@ -256,7 +258,8 @@ class BatchTarget(_Adapter):
                  causal: bool = False, hidden: bool = False, exact: list | None = None
                  ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        with rows_attention(self.model.config, chunks, causal, exact):
+        mode = ExactMatmul() if exact is not None and self.dtype == torch.float32 else nullcontext()
+        with rows_attention(self.model.config, chunks, causal, exact), mode:
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
                              attention_mask=mask.to(self.device), use_cache=True,
@@ -297,8 +300,8 @@ class BatchTarget(_Adapter):
             raise ValueError(f"step needs one root and one draft per row ({b} rows)")
         sizes = [len(d) + 1 for d in drafts]
         q = max(sizes)
-        if self.exact and b * q == 1:  # a matmul over one token takes another kernel: pad to two
-            q = 2
+        if self.exact and b * q < MIN_ROWS and self.dtype != torch.float32:  # see models/exact.py
+            q = -(-MIN_ROWS // b)
         lens = torch.tensor(self.lengths)
         kv_len = int(lens.max()) + q
         self.cache.reserve(b, kv_len)
@@ -322,7 +325,8 @@ class BatchTarget(_Adapter):
             chunks = plan_chunks((lens + q).tolist()) if b > 1 and not self.exact else None
             logits = self._forward(ids, positions, self._additive(visible)[:, None],
                                    chunks=chunks, hidden=hidden,
-                                   exact=self._exact_plan(drafts) if self.exact else None)
+                                   exact=exact_plan(self.lengths, drafts, self.device)
+                                   if self.exact else None)
         finally:
             cache.index = None
         if hidden:
@@ -331,26 +335,6 @@ class BatchTarget(_Adapter):
         for r in range(b):
             self.lengths[r] += sizes[r]
         return [logits[r, :sizes[r]] for r in range(b)]
-
-    def _exact_plan(self, drafts: list[Draft]) -> list:
-        """Per row: (committed length + 1, [(query column, None for a chain node, else the slots of
-        its tree path in depth order)]), for ``_exact_attention``."""
-        plan = []
-        for length, draft in zip(self.lengths, drafts):
-            prefix = length + 1
-            if draft.is_chain():
-                plan.append((prefix, [(j, None) for j in range(len(draft) + 1)]))
-                continue
-            parents = draft.parents.tolist()
-            queries: list = [(0, None)]
-            for i in range(len(parents)):
-                path, node = [], i
-                while node >= 0:
-                    path.append(prefix + node)
-                    node = parents[node]
-                queries.append((i + 1, torch.tensor(path[::-1], device=self.device)))
-            plan.append((prefix, queries))
-        return plan
 
     @torch.inference_mode()
     def keep(self, row: int, path: list[int]) -> None:

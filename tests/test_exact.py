@@ -1,0 +1,128 @@
+"""The exact (batch-invariant) forward: a token's logits are bitwise the same whether it is computed
+alone, inside a chain or a tree, or as one of several batch rows (bfloat16, float16, float32), so
+every drafter is token-identical to vanilla decoding in half precision too. The negative control:
+the plain batched forward in bfloat16 is not."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+from conftest import ARCHS, make_prompts, tiny_model
+from test_greedy_equivalence import NEVER_ACCEPTED, drafter_matrix
+
+import specdecode as sd
+from specdecode.models.hf import BatchTarget
+from specdecode.types import Draft
+
+
+def _random_draft(rng: random.Random, vocab: int) -> Draft:
+    n = rng.randint(0, 7)
+    if rng.random() < 0.5:  # a chain
+        parents = list(range(-1, n - 1))
+    else:
+        parents = [rng.randint(-1, i - 1) for i in range(n)]
+    return Draft(torch.tensor([rng.randrange(vocab) for _ in range(n)], dtype=torch.long),
+                 torch.tensor(parents, dtype=torch.long))
+
+
+def _path(draft: Draft, node: int) -> list[int]:
+    tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
+    path = []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return path[::-1]
+
+
+def _alone(model, prompt: list[int], path: list[int], exact: bool) -> torch.Tensor:
+    """Logits after ``prompt`` + ``path`` decoded one token per forward (plain decoding)."""
+    target = BatchTarget(model, exact=exact)
+    row = target.add_row(len(prompt) + len(path) + 8)
+    target.prefill(row, prompt[:-1])
+    logits = None
+    for tok in [prompt[-1]] + path:
+        logits = target.step([tok], [Draft.empty()])[0][0]
+        target.keep(row, [])
+    return logits
+
+
+def mismatches(model, exact: bool, trials: int, seed: int) -> int:
+    """Trials with B random rows (random prompts, random chains and trees) in one forward, each
+    node's logits compared bitwise with its path decoded alone; returns the nodes that differ."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    bad = 0
+    for _ in range(trials):
+        rows = rng.randint(1, 4)
+        prompts = [[rng.randrange(vocab) for _ in range(rng.randint(2, 70))] for _ in range(rows)]
+        drafts = [_random_draft(rng, vocab) for _ in range(rows)]
+        target = BatchTarget(model, exact=exact)
+        for prompt in prompts:
+            target.add_row(len(prompt) + 16)
+            target.prefill(len(target.lengths) - 1, prompt[:-1])
+        out = target.step([p[-1] for p in prompts], drafts)
+        for r, (prompt, draft) in enumerate(zip(prompts, drafts)):
+            for node in range(-1, len(draft)):
+                path = _path(draft, node) if node >= 0 else []
+                bad += not torch.equal(out[r][node + 1], _alone(model, prompt, path, exact))
+    return bad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_do_not_depend_on_what_shares_the_forward(arch, dtype):
+    model = tiny_model(arch, seed=3, dtype=dtype, vocab=256)
+    assert mismatches(model, exact=True, trials=20, seed=zlib.crc32(f"{arch}{dtype}".encode())) == 0
+
+
+def test_invariant_with_two_threads():
+    """The kernels may block differently with more threads: bfloat16 again on 2 threads."""
+    model = tiny_model("qwen2", seed=5, dtype=torch.bfloat16, vocab=256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert mismatches(model, exact=True, trials=20, seed=11) == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_negative_control_the_plain_forward_is_not_invariant_in_bfloat16():
+    """Without the exact forward, bfloat16 logits change with what shares the forward (so the
+    test above can fail)."""
+    model = tiny_model("llama", seed=3, dtype=torch.bfloat16, vocab=256)
+    assert mismatches(model, exact=False, trials=12, seed=7) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_drafter_is_token_identical_in_half_precision(dtype):
+    """The greedy drafter matrix in half precision, exact forward on (the default for these
+    dtypes), one architecture per dtype; and batch rows equal their batch-1 runs."""
+    arch = "llama" if dtype == torch.bfloat16 else "qwen2"
+    target = tiny_model(arch, seed=0, dtype=dtype)
+    other = tiny_model(arch, seed=1, layers=1, dtype=dtype)
+    rng = random.Random(4)
+    failures, accepted = [], {}
+    for i, prompt in enumerate(make_prompts(8, seed=9)):
+        max_new = rng.randint(8, 24)
+        reference = sd.generate(target, prompt, drafter="none", max_new_tokens=max_new,
+                                eos_token_id=[]).token_ids
+        for label, drafter, options in drafter_matrix(target, other, reference, i):
+            if label.startswith(("rest", "mix-sam+rest")):
+                continue  # needs a datastore; the model-free drafters' exactness is the forward's
+            out = sd.generate(target, prompt, drafter=drafter, max_new_tokens=max_new,
+                              eos_token_id=[], **options)
+            if out.token_ids != reference:
+                failures.append((label, i))
+            accepted[label] = accepted.get(label, 0) + out.stats.accepted
+    assert not failures, f"outputs differ from vanilla in {dtype}: {failures}"
+    idle = [k for k, n in accepted.items() if n == 0 and k not in NEVER_ACCEPTED]
+    assert not idle, f"never accepted, so nothing was proven for them: {idle}"
+    prompts = make_prompts(6, seed=11)
+    rows = sd.generate_batch(target, prompts, drafter="suffix", max_new_tokens=16, batch_size=3,
+                             eos_token_id=[])
+    for prompt, row in zip(prompts, rows):
+        alone = sd.generate(target, prompt, drafter="none", max_new_tokens=16, eos_token_id=[])
+        assert row.token_ids == alone.token_ids
