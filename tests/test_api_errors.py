@@ -26,7 +26,7 @@ def model():
     (dict(drafter="draft-model"), "needs a draft model"),
     (dict(sampling="nucleus"), "sampling must be"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(draft_model="/nonexistent/dir", drafter="draft-model"), "not a directory"),
+    (dict(draft_model="/nonexistent/dir", drafter="draft-model"), "not a local model directory"),
 ])
 def test_bad_arguments(model, kwargs, message):
     with pytest.raises(SpecDecodeError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -42,7 +42,7 @@ def test_bad_prompts(model):
         sd.generate(model, [1, 500])
     with pytest.raises(SpecDecodeError, match="1-D"):
         sd.generate(model, torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(SpecDecodeError, match="target model path"):
+    with pytest.raises(SpecDecodeError, match="target model .*is not a local model directory"):
         sd.generate("/nonexistent/model", [1])
 
 

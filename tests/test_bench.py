@@ -139,7 +139,7 @@ def test_a_method_can_name_its_own_draft_model(tmp_path, tiny_pair):
     assert json.dumps(report).count("draft_model=") > 0
     missing = CliRunner().invoke(main, args[:-1] + [f"vanilla,draft-model:draft_model={tmp_path}",
                                                     "--out", str(tmp_path / "bad")])
-    assert missing.exit_code != 0 and "draft model path" in missing.output
+    assert missing.exit_code != 0 and "has no config.json" in missing.output
     unnamed = CliRunner().invoke(main, args[:-1] + ["vanilla,draft-model", "--out",
                                                     str(tmp_path / "none")])
     assert unnamed.exit_code != 0 and "needs a draft model" in unnamed.output

@@ -70,7 +70,7 @@ def test_dtype_and_device(files):
     assert len(out.token_ids) == 4
     with pytest.raises(SpecDecodeError, match="loaded in bfloat16 but float32"):
         sd.generate(model, [5, 9, 400], max_new_tokens=2, dtype="float32")
-    with pytest.raises(SpecDecodeError, match="unknown dtype 'float8'.*float32, bfloat16, float16"):
+    with pytest.raises(SpecDecodeError, match="unknown dtype .float8.*float32, bfloat16, float16, float64"):
         parse_dtype("float8")
     with pytest.raises(SpecDecodeError, match="unknown device"):
         sd.generate(str(path), [5, 9], max_new_tokens=2, device="gpu0")

@@ -78,14 +78,6 @@ def _eos_ids(model, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def default_exact(model) -> bool:
-    """Batch-invariant attention by default where it is needed for exactness: half precision
-    (bfloat16, float16), where a token's logits otherwise depend on how many tokens share its
-    forward. float32 keeps the faster batched attention (its differences stay far below every
-    greedy margin the tests and benchmarks meet)."""
-    return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-
-
 def _request_kind(model, drafter, options: dict, params: SamplingParams) -> str:
     """A key for requests that should share what a policy learned: same target object, drafter,
     options (objects by identity) and sampling."""
@@ -119,9 +111,13 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     if target is None:
         hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code,
                             dtype=dtype, device=device)
-        target = BatchTarget(hf, exact=default_exact(hf) if exact is None else bool(exact))
-    elif dtype is not None or device is not None:  # the shared target: it must be what was asked
-        load_causal_lm(target.model, what="target model", dtype=dtype, device=device)
+        target = BatchTarget(hf, exact=exact)
+    else:  # the shared target: it must be what was asked
+        if dtype is not None or device is not None:
+            load_causal_lm(target.model, what="target model", dtype=dtype, device=device)
+        if exact is not None and bool(exact) != target.exact:
+            raise SpecDecodeError(f"this target runs with exact={target.exact}; exact={exact} "
+                                  "needs another target (e.g. another Scheduler)")
     hf = target.model
     prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
     if isinstance(drafter, str):

@@ -42,12 +42,12 @@ class Scheduler:
     options applied to every request unless it overrides them."""
 
     def __init__(self, model, *, max_batch_size: int = 8, trust_remote_code: bool = False,
-                 dtype=None, device=None, **defaults: Any) -> None:
+                 dtype=None, device=None, exact: bool | None = None, **defaults: Any) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise SpecDecodeError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         self.model = load_causal_lm(model, what="target model",
                                     trust_remote_code=trust_remote_code, dtype=dtype, device=device)
-        self.target = BatchTarget(self.model)
+        self.target = BatchTarget(self.model, exact=exact)
         self.batch = Batch(self.target)
         self.max_batch_size = max_batch_size
         self.defaults = defaults
@@ -138,7 +138,9 @@ def generate_batch(model, prompts, *, batch_size: int = 8, progress=None,
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise SpecDecodeError("prompts must be a list of prompts (each a list of token ids)")
     prompts = list(prompts)
-    scheduler = Scheduler(model, max_batch_size=batch_size)
+    place = {k: options.pop(k) for k in ("dtype", "device", "exact", "trust_remote_code")
+             if k in options}
+    scheduler = Scheduler(model, max_batch_size=batch_size, **place)
     ids = [scheduler.add_request(p, **options) for p in prompts]  # every prompt checked first
     steps: dict[int, list[StepStats]] = {rid: [] for rid in ids}
     accept: dict[int, list[int]] = {rid: [] for rid in ids}

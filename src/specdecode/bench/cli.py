@@ -104,6 +104,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
+    from specdecode.models.exact import default_exact
     from specdecode.models.hf import context_length
 
     if report_only:
@@ -175,6 +176,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
             "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats",
             "policy")}, model)
         env["cost_curve_ms"] = cost_curve_ms(model)
+        env["exact"] = default_exact(next(model.parameters()).dtype)
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,

@@ -115,7 +115,9 @@ def markdown(report: dict, environment: dict) -> str:
     lines = ["# specdecode benchmark", "",
              f"Model: `{environment['model_id']}` · draft: `{environment.get('draft_id')}` · "
              f"{environment['cpu']} · torch threads {environment['threads']} · "
-             f"dtype {environment['dtype']} · temperature {environment['temperature']} · "
+             f"dtype {environment['dtype']} "
+             f"({'exact forward' if environment.get('exact') else 'batched forward'}) · "
+             f"device {environment.get('device', 'cpu')} · temperature {environment['temperature']} · "
              f"seed {environment['seed']}", "",
              f"Command: `{environment['command']}`", "",
              f"Questions: {report['questions']} answered by vanilla; skipped "

@@ -28,6 +28,14 @@ from specdecode.models.attention import _FORWARD, EXACT_ATTENTION
 MIN_ROWS = 4  # tokens per exact half-precision forward, at least (see above)
 
 
+def default_exact(dtype: torch.dtype) -> bool:
+    """The exact forward by default where exactness needs it: half precision (bfloat16, float16),
+    where a token's logits otherwise depend on how many tokens share its forward. float32 keeps the
+    batched forward (its differences stay far below the greedy margins met in practice; the exact
+    one costs a row-by-row float32 matmul there)."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 def _exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs):
     """Batch-invariant attention (``BatchTarget(exact=True)``): every query token attends through

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
-from specdecode.models.exact import MIN_ROWS, ExactMatmul, exact_plan
+from specdecode.models.exact import MIN_ROWS, ExactMatmul, default_exact, exact_plan
 from specdecode.models.sources import dtype_name, parse_device, parse_dtype, resolve_source
 from specdecode.types import Draft, SpecDecodeError
 
@@ -222,9 +222,9 @@ class BatchTarget(_Adapter):
     inferred from token values. ``remove_row`` frees a row at once (the last row moves into its
     place, so the batch stays a prefix of the buffer and every forward reads a view)."""
 
-    def __init__(self, model, exact: bool = False) -> None:
+    def __init__(self, model, exact: bool | None = None) -> None:
         super().__init__(model)
-        self.exact = exact
+        self.exact = default_exact(self.dtype) if exact is None else bool(exact)
         layers = getattr(model.config, "num_hidden_layers", None)
         self.cache = SlotCache(int(layers), self.device, self.dtype)
         self.lengths: list[int] = []
