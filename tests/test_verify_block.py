@@ -8,7 +8,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-from test_acceptance_exact import sampled_chain_step, tv_of
 from exact_enumeration import (
     ExactRow,
     chain_parents,
@@ -21,6 +20,7 @@ from exact_enumeration import (
     toy_row,
     tree_step,
 )
+from test_acceptance_exact import sampled_chain_step, tv_of
 
 from specdecode import Draft
 from specdecode.sampling import TorchRandom
