@@ -21,6 +21,10 @@ from fractions import Fraction
 from functools import cache
 from typing import Any
 
+import torch
+from enumerate_rules import enumerate_step as float_enumerate_step
+
+from specdecode.types import Draft
 from specdecode.verify.spectr import recursive_rejection
 from specdecode.verify.tree import children_lists
 
@@ -237,3 +241,44 @@ def token_level(tokens, parents, target_rows, draft_rows, rng) -> tuple[list[int
             return path, rng.categorical(residual)
         node = children[chosen]
         path.append(node)
+
+
+class FloatDraws:
+    """The float harness's scripted source, also drawing from the toy drafter's exact rows."""
+
+    def __init__(self, rng: Any) -> None:
+        self.rng = rng
+
+    def categorical(self, row: Any) -> int:
+        if isinstance(row, ExactRow):
+            row = torch.tensor([float(v) for v in row.values], dtype=torch.float64)
+        return self.rng.categorical(row)
+
+    def bernoulli(self, prob: Any) -> bool:
+        return self.rng.bernoulli(float(prob))
+
+
+def float_entry_gap(verify_fn: Callable, exact_rule: Rule, parents: Sequence[int], vocab: int,
+                    context: tuple[int, ...], replacement: bool = False) -> float:
+    """Largest difference between the step law of the engine entry ``verify_fn(draft,
+    target_probs, rng)`` on float64 tensors (float enumeration) and that of the exact rule
+    (Fractions), over the same toy trees; inf if their supports differ."""
+    exact: dict = {}
+    for (emitted, _), p in enumerate_step(tree_step(exact_rule, parents, vocab,
+                                                    replacement=replacement)(context)).items():
+        exact[emitted] = exact.get(emitted, Fraction(0)) + p
+
+    def as_tensor(row: ExactRow) -> torch.Tensor:
+        return torch.tensor([float(v) for v in row.values], dtype=torch.float64)
+
+    def rule(tokens, parents, target_rows, draft_rows, rng):
+        draft = Draft(torch.tensor(tokens), torch.tensor(parents),
+                      torch.stack([as_tensor(r) for r in draft_rows]))
+        verdict = verify_fn(draft, torch.stack([as_tensor(r) for r in target_rows]), rng)
+        return verdict.path, verdict.tokens[-1]
+
+    make_step = tree_step(rule, parents, vocab, replacement=replacement)
+    floats = float_enumerate_step(lambda rng: make_step(context)(FloatDraws(rng))[0])
+    if set(floats) != set(exact):
+        return float("inf")
+    return max(abs(floats[k] - float(exact[k])) for k in floats)

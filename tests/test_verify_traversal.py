@@ -9,13 +9,12 @@ from fractions import Fraction
 
 import pytest
 import torch
-from enumerate_rules import Scripted
-from enumerate_rules import enumerate_step as float_enumerate_step
 from exact_enumeration import (
     ExactRow,
     chain_parents,
     enumerate_step,
     expected_accepted,
+    float_entry_gap,
     sequence_distribution,
     target_sequence_distribution,
     token_level,
@@ -120,45 +119,8 @@ def test_negative_control_lossy_parent_update_fails(replacement):
 
 
 def test_torch_entry_follows_the_pure_rule():
-    """verify_traversal on float64 tensors, enumerated with the float harness, gives the exact
-    rule's step distribution (to rounding) for a tree drawn without replacement."""
-    vocab, parents, context = 4, [-1, -1, 0, 1], (1,)
-    exact = enumerate_step(tree_step(traversal_accept, parents, vocab, replacement=False)(context))
-    exact_emitted: dict = {}
-    for (emitted, _), p in exact.items():
-        exact_emitted[emitted] = exact_emitted.get(emitted, 0) + p
-
-    def as_tensor(row):
-        return torch.tensor([float(v) for v in row.values], dtype=torch.float64)
-
-    def rule(tokens, parents, target_rows, draft_rows, rng):
-        draft = Draft(torch.tensor(tokens), torch.tensor(parents),
-                      torch.stack([as_tensor(r) for r in draft_rows]))
-        verdict = verify_traversal(draft, torch.stack([as_tensor(r) for r in target_rows]), rng)
-        return verdict.path, verdict.tokens[-1]
-
-    def step(rng):
-        return tree_step(rule, parents, vocab, replacement=False)(context)(rng)[0]
-
-    floats = float_enumerate_step(lambda rng: step(FloatDraws(rng)))
-    assert set(floats) == set(exact_emitted)
-    assert max(abs(floats[k] - float(exact_emitted[k])) for k in floats) < 1e-12
-
-
-class FloatDraws:
-    """The float harness's scripted source, also for the toy drafter's exact rows."""
-
-    def __init__(self, rng: Scripted) -> None:
-        self.rng = rng
-
-    def categorical(self, row):
-        if isinstance(row, ExactRow):
-            return self.rng.categorical(torch.tensor([float(v) for v in row.values],
-                                                     dtype=torch.float64))
-        return self.rng.categorical(row)
-
-    def bernoulli(self, prob):
-        return self.rng.bernoulli(float(prob))
+    """verify_traversal on float64 tensors gives the exact rule's step law (to rounding)."""
+    assert float_entry_gap(verify_traversal, traversal_accept, [-1, -1, 0, 1], 4, (1,)) < 1e-12
 
 
 def test_point_mass_trees_use_the_point_mass_rule():
