@@ -133,3 +133,29 @@ def test_point_mass_trees_use_the_point_mass_rule():
 
 def test_toy_rows_have_zeros():
     assert any(0 in toy_row((t,), 0, 4).values for t in range(4))
+
+
+@pytest.mark.parametrize("rule_name", ["traversal", "recursive-rejection"])
+def test_exact_when_the_shape_depends_on_the_drawn_tokens(rule_name):
+    """As EAGLE-2's sampled dynamic tree: two children drawn at the root, then only the one with
+    the higher draft probability (ties: the first) is expanded, with two children of its own."""
+    vocab = 3
+    rule = traversal_accept if rule_name == "traversal" else token_level
+
+    def make_step(context):
+        def step(rng):
+            root = toy_row(context, 1, vocab)
+            tokens = [rng.categorical(root), rng.categorical(root)]
+            best = 0 if root[tokens[0]] >= root[tokens[1]] else 1
+            below = toy_row(context + (tokens[best],), 1, vocab)
+            tokens += [rng.categorical(below), rng.categorical(below)]
+            parents, rows = [-1, -1, best, best], [root, root, below, below]
+            paths = [(tokens[0],), (tokens[1],), (tokens[best], tokens[2]), (tokens[best], tokens[3])]
+            targets = [toy_row(context, 0, vocab)] + [toy_row(context + p, 0, vocab) for p in paths]
+            path, nxt = rule(tokens, parents, targets, rows, rng)
+            return tuple(tokens[i] for i in path) + (nxt,), len(path)
+
+        return step
+
+    assert total_variation(sequence_distribution(make_step, 6),
+                           target_sequence_distribution(vocab, 6)) == 0

@@ -82,7 +82,7 @@ class DraftModelDrafter:
         params, width, base = ctx.params, self.width, len(ctx.tokens)
         if k < 1:
             return Draft.empty()
-        sampled = not params.greedy and params.mode == "rejection" and width == 1
+        sampled = params.sampled_drafts and width == 1
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
         tokens, parents, rows, scores = [], [], [], []
@@ -148,7 +148,7 @@ class DraftModelDrafter:
             logits = self.model.forward_nodes([tokens[n] for n in frontier], positions, visible)
             return rank(logits, [p + 1 for p in positions])
 
-        sampled = not ctx.params.greedy and ctx.params.mode == "rejection"
+        sampled = ctx.params.sampled_drafts
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
         try:
