@@ -2,8 +2,9 @@
 (Leviathan et al., ICML 2023; Chen et al., 2023), or a dynamic tree (EAGLE-2, Li et al., 2024).
 
 Chain (``tree="chain"``): greedy drafts the draft's argmax; coupled sampling its Gumbel-max under
-the same keyed noise as the target; rejection sampling samples from the processed draft
-distribution, which travels as ``draft_probs``. With ``tree_width`` w > 1 each chain position also
+the same keyed noise as the target; the other sampling rules (rejection, block, traversal, spectr:
+``SamplingParams.sampled_drafts``) sample from the processed draft distribution, which travels as
+``draft_probs``. With ``tree_width`` w > 1 each chain position also
 offers the draft's next w - 1 most likely tokens as leaf siblings (no extra draft forwards).
 
 Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by depth, the
@@ -11,8 +12,9 @@ Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by
 per depth over the expanded nodes, with a tree mask on the draft's cache), then keeps the best
 ``max_nodes``. Under greedy the children are the draft's top-k; under coupled sampling the top-k of
 softmax(log q + g) with the target's keyed Gumbel noise g (the draft's own coupled choice first):
-deterministic proposals (greedy / coupled rules). Under rejection sampling they are drawn from the
-processed draft distribution, independently (their ``draft_probs``; recursive rejection sampling),
+deterministic proposals (greedy / coupled rules). Under the other sampling rules they are drawn
+from the processed draft distribution, independently (their ``draft_probs``; recursive rejection
+sampling, traversal or SpecTr),
 the budget spent while drawing and no drawn node dropped. Depth is
 ``min(num_draft_tokens, ctx.max_depth)``, the node budget ``min(max_nodes, ctx.budget)``, and nodes
 scoring below ``ctx.min_score`` are not expanded.
