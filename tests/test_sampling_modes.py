@@ -108,3 +108,24 @@ def test_server_requests_choose_the_mode():
     name, options, _ = speculation(req, drafter="ngram", options={"num_draft_tokens": 3},
                                    policy=None, allowed=frozenset({"ngram"}))
     assert name == "ngram" and options == {"num_draft_tokens": 3, "sampling": "traversal"}
+
+
+def test_delayed_tree_expansion_drafts_branches_and_stays_exact(pair):
+    """draft-model num_drafts / branch_depth: a chain, then i.i.d. branches; greedy and coupled
+    outputs equal vanilla's tokens; sampled drafts carry draft_probs (chi-square in
+    test_sampling.py)."""
+    target, draft = pair
+    options = dict(drafter="draft-model", draft_model=draft, num_draft_tokens=4, num_drafts=3,
+                   branch_depth=2, max_new_tokens=24, eos_token_id=[])
+    for prompt in make_prompts(4)[:3]:
+        vanilla = sd.generate(target, prompt, drafter="none", max_new_tokens=24, eos_token_id=[])
+        assert sd.generate(target, prompt, **options).token_ids == vanilla.token_ids
+        coupled = dict(temperature=1.0, seed=3, sampling="coupled")
+        assert sd.generate(target, prompt, **options, **coupled).token_ids == sd.generate(
+            target, prompt, drafter="none", max_new_tokens=24, eos_token_id=[], **coupled).token_ids
+    run = sd.generate(target, make_prompts(3)[2], temperature=1.0, seed=2, sampling="traversal",
+                      **options)
+    assert run.steps[0].drafted == 1 + 3 * 3  # 1 spine node, then 3 branches of 3
+    with pytest.raises(SpecDecodeError, match="num_drafts"):
+        sd.generate(target, [1, 2], drafter="draft-model", draft_model=draft, num_drafts=2,
+                    tree="dynamic")

@@ -4,8 +4,12 @@
 Chain (``tree="chain"``): greedy drafts the draft's argmax; coupled sampling its Gumbel-max under
 the same keyed noise as the target; the other sampling rules (rejection, block, traversal, spectr:
 ``SamplingParams.sampled_drafts``) sample from the processed draft distribution, which travels as
-``draft_probs``. With ``tree_width`` w > 1 each chain position also
-offers the draft's next w - 1 most likely tokens as leaf siblings (no extra draft forwards).
+``draft_probs``. With ``tree_width`` w > 1 each chain position also offers the draft's next w - 1
+most likely tokens as leaf siblings (no extra draft forwards). With ``num_drafts`` k > 1 the chain
+branches at depth ``branch_depth`` into k children drawn i.i.d., each continued as a chain (delayed
+tree expansion: Thomas, Kitanovski, Goldblum, Pal, arXiv 2602.16994; multi-draft rules gain most
+deep in the tree; the fixed branch depth keeps it exact); verify it with ``traversal``, ``spectr``
+or ``rejection``.
 
 Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by depth, the
 ``topk`` best nodes by path probability with their ``topk`` likeliest children (one draft forward
@@ -14,8 +18,7 @@ per depth over the expanded nodes, with a tree mask on the draft's cache), then 
 softmax(log q + g) with the target's keyed Gumbel noise g (the draft's own coupled choice first):
 deterministic proposals (greedy / coupled rules). Under the other sampling rules they are drawn
 from the processed draft distribution, independently (their ``draft_probs``; recursive rejection
-sampling, traversal or SpecTr),
-the budget spent while drawing and no drawn node dropped. Depth is
+sampling, traversal or SpecTr), the budget spent while drawing and no drawn node dropped. Depth is
 ``min(num_draft_tokens, ctx.max_depth)``, the node budget ``min(max_nodes, ctx.budget)``, and nodes
 scoring below ``ctx.min_score`` are not expanded.
 
@@ -53,9 +56,14 @@ def coupled_ranking(probs: torch.Tensor, seed: int, positions: list[int]) -> tor
 
 class DraftModelDrafter:
     def __init__(self, model: HFModel, num_draft_tokens: int = 4, tree_width: int = 1,
-                 tree: str = "chain", topk: int = 4, max_nodes: int = 12) -> None:
-        if num_draft_tokens < 1 or tree_width < 1 or topk < 1 or max_nodes < 1:
-            raise SpecDecodeError("num_draft_tokens, tree_width, topk and max_nodes must be >= 1")
+                 tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
+                 branch_depth: int = 1) -> None:
+        if min(num_draft_tokens, tree_width, topk, max_nodes, num_drafts, branch_depth) < 1:
+            raise SpecDecodeError("num_draft_tokens, tree_width, topk, max_nodes, num_drafts and "
+                                  "branch_depth must be >= 1")
+        if num_drafts > 1 and (tree != "chain" or tree_width > 1):
+            raise SpecDecodeError("num_drafts branches a chain (delayed tree expansion): use it "
+                                  "with tree=chain and without tree_width")
         if tree not in TREES:
             raise SpecDecodeError(f"tree must be one of {', '.join(TREES)}, got {tree!r}")
         if tree == "dynamic" and tree_width > 1:
@@ -63,6 +71,7 @@ class DraftModelDrafter:
                                   "max_nodes instead (drop tree_width or use tree=chain)")
         self.model, self.k, self.width = model, num_draft_tokens, tree_width
         self.tree, self.topk, self.max_nodes = tree, topk, max_nodes
+        self.num_drafts, self.branch_depth = num_drafts, branch_depth
         self.model.reset()
         self.rng: TorchRandom | None = None
         self.base = 0  # committed length when the last draft was made
@@ -78,6 +87,8 @@ class DraftModelDrafter:
         self.base = len(ctx.tokens)  # the draft cache holds every committed token
         if self.tree == "dynamic":
             return self._dynamic(ctx, logits, depth)
+        if self.num_drafts > 1:
+            return self._delayed(ctx, logits, depth)
         return self._chain(ctx, logits, min(depth, ctx.budget // self.width))
 
     def _chain(self, ctx: DraftContext, logits: torch.Tensor, k: int) -> Draft:
@@ -122,7 +133,10 @@ class DraftModelDrafter:
         return Draft(torch.tensor(tokens), torch.tensor(parents), draft_probs,
                      scores=torch.tensor(scores, dtype=torch.float64))
 
-    def _dynamic(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+    def _expander(self, ctx: DraftContext, root_logits: torch.Tensor):
+        """``expand(frontier, tokens, parents)`` for tree drafts: the rows choosing the children of
+        each frontier node (one draft forward per call over the frontier, with a tree mask on the
+        draft's cache; the caller crops the tree nodes away at the end)."""
         base = self.base
         slot: dict[int, int] = {}  # tree node -> its cache index
         coupled = not ctx.params.greedy and ctx.params.mode == "coupled"
@@ -150,6 +164,11 @@ class DraftModelDrafter:
             logits = self.model.forward_nodes([tokens[n] for n in frontier], positions, visible)
             return rank(logits, [p + 1 for p in positions])
 
+        return expand
+
+    def _dynamic(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+        base = self.base
+        expand = self._expander(ctx, root_logits)
         sampled = ctx.params.sampled_drafts
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
@@ -163,6 +182,51 @@ class DraftModelDrafter:
             return Draft.empty()
         return Draft(torch.tensor(tree.tokens), torch.tensor(tree.parents), tree.rows,
                      scores=torch.tensor(tree.scores, dtype=torch.float64))
+
+    def _delayed(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+        """Delayed tree expansion: a chain down to ``branch_depth``, where ``num_drafts`` children
+        are drawn i.i.d. (sampling rules; the top ones under greedy / coupled), each continued as
+        a chain. How many nodes each level gets is decided before drawing it (budget
+        ``ctx.budget``); drafting stops after a level whose every node scores below
+        ``ctx.min_score``, no drawn node dropped."""
+        base = self.base
+        expand = self._expander(ctx, root_logits)
+        sampled = ctx.params.sampled_drafts
+        if sampled and self.rng is None:
+            self.rng = TorchRandom(ctx.seed + 0x5EED)
+        tokens: list[int] = []
+        parents: list[int] = []
+        rows: list[torch.Tensor] = []
+        scores: list[float] = []
+        frontier = [-1]
+        try:
+            for level in range(1, depth + 1):
+                width = self.num_drafts if level == self.branch_depth else 1
+                if not frontier or len(tokens) + width * len(frontier) > ctx.budget:
+                    break
+                new = []
+                for node, row in zip(frontier, expand(frontier, tokens, parents)):
+                    if sampled:
+                        drawn = [self.rng.categorical(row) for _ in range(width)]
+                    else:
+                        top = torch.topk(row, min(width, row.numel()))
+                        drawn = [t for p, t in zip(top.values.tolist(), top.indices.tolist()) if p > 0]
+                    for tok in drawn:
+                        new.append(len(tokens))
+                        tokens.append(tok)
+                        parents.append(node)
+                        rows.append(row)
+                        scores.append((scores[node] if node >= 0 else 1.0) * float(row[tok]))
+                frontier = new
+                if max(scores[i] for i in frontier) < ctx.min_score:
+                    break
+        finally:
+            self.model.crop(base)  # the tree nodes leave the cache; the committed tokens stay
+        if not tokens:
+            return Draft.empty()
+        return Draft(torch.tensor(tokens), torch.tensor(parents),
+                     torch.stack(rows) if sampled else None,
+                     scores=torch.tensor(scores, dtype=torch.float64))
 
     def observe(self, verdict: Verdict) -> None:
         # compare tokens, not node indices: a policy may have re-indexed the draft (Draft.subset)
@@ -183,11 +247,12 @@ def check_vocab(target: HFModel, draft: HFModel) -> None:
 
 @register("draft-model")
 def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width: int = 1,
-                      tree: str = "chain", topk: int = 4, max_nodes: int = 12
-                      ) -> DraftModelDrafter:
+                      tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
+                      branch_depth: int = 1) -> DraftModelDrafter:
     if build.draft_model is None:
         raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
                               "--draft-model PATH)")
     draft = HFModel(load_causal_lm(build.draft_model, what="draft model"))
     check_vocab(build.target, draft)
-    return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes)
+    return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes,
+                             num_drafts, branch_depth)
