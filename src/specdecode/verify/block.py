@@ -34,8 +34,7 @@ import torch
 from specdecode.sampling import RandomSource
 from specdecode.types import Draft, Verdict
 from specdecode.verify.rejection import verify_rejection
-
-Row = Any  # a [V] torch tensor, or any row with the same arithmetic (the tests' exact rows)
+from specdecode.verify.tree import Row
 
 
 def block_residual(pi: Any, target_row: Row, draft_row: Row) -> Row:

@@ -35,9 +35,8 @@ import torch
 from specdecode.sampling import RandomSource
 from specdecode.types import Draft, Verdict
 from specdecode.verify.rejection import verify_rejection
-from specdecode.verify.tree import children_lists
+from specdecode.verify.tree import Row, children_lists
 
-Row = Any  # a [V] torch tensor, or any row with the same arithmetic (the tests' exact rows)
 BISECTION_STEPS = 30
 
 
