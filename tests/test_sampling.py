@@ -209,10 +209,11 @@ def test_coupled_differs_across_seeds_and_matches_across_runs():
 # test_new_rules_batch_rows_equal_batch_1).
 RULE_CASES = {
     "block-chain": ("block", {"num_draft_tokens": 3}),
-    "traversal-dynamic-tree": ("traversal", {"num_draft_tokens": 3, "tree": "dynamic", "topk": 2,
-                                             "max_nodes": 5}),
-    # delayed tree expansion: a chain, then 3 i.i.d. branches at depth 2 (SpecTr at the branch)
-    "spectr-delayed-tree": ("spectr", {"num_draft_tokens": 3, "num_drafts": 3, "branch_depth": 2}),
+    # delayed tree expansion: a chain, then 3 branches at depth 2 drawn without replacement
+    "traversal-delayed-tree-without-replacement": ("traversal", {
+        "num_draft_tokens": 3, "num_drafts": 3, "branch_depth": 2, "replacement": False}),
+    "spectr-dynamic-tree": ("spectr", {"num_draft_tokens": 2, "tree": "dynamic", "topk": 3,
+                                       "max_nodes": 5}),
 }
 
 

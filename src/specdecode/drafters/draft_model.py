@@ -6,7 +6,9 @@ the same keyed noise as the target; the other sampling rules (rejection, block, 
 ``SamplingParams.sampled_drafts``) sample from the processed draft distribution, which travels as
 ``draft_probs``. With ``tree_width`` w > 1 each chain position also offers the draft's next w - 1
 most likely tokens as leaf siblings (no extra draft forwards). With ``num_drafts`` k > 1 the chain
-branches at depth ``branch_depth`` into k children drawn i.i.d., each continued as a chain (delayed
+branches at depth ``branch_depth`` into k children drawn i.i.d. (``replacement=False``: without
+replacement, each child's ``draft_probs`` row then excludes its earlier siblings), each continued
+as a chain (delayed
 tree expansion: Thomas, Kitanovski, Goldblum, Pal, arXiv 2602.16994; multi-draft rules gain most
 deep in the tree; the fixed branch depth keeps it exact); verify it with ``traversal``, ``spectr``
 or ``rejection``.
@@ -57,7 +59,7 @@ def coupled_ranking(probs: torch.Tensor, seed: int, positions: list[int]) -> tor
 class DraftModelDrafter:
     def __init__(self, model: HFModel, num_draft_tokens: int = 4, tree_width: int = 1,
                  tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
-                 branch_depth: int = 1) -> None:
+                 branch_depth: int = 1, replacement: bool = True) -> None:
         if min(num_draft_tokens, tree_width, topk, max_nodes, num_drafts, branch_depth) < 1:
             raise SpecDecodeError("num_draft_tokens, tree_width, topk, max_nodes, num_drafts and "
                                   "branch_depth must be >= 1")
@@ -71,7 +73,7 @@ class DraftModelDrafter:
                                   "max_nodes instead (drop tree_width or use tree=chain)")
         self.model, self.k, self.width = model, num_draft_tokens, tree_width
         self.tree, self.topk, self.max_nodes = tree, topk, max_nodes
-        self.num_drafts, self.branch_depth = num_drafts, branch_depth
+        self.num_drafts, self.branch_depth, self.replacement = num_drafts, branch_depth, replacement
         self.model.reset()
         self.rng: TorchRandom | None = None
         self.base = 0  # committed length when the last draft was made
@@ -207,15 +209,16 @@ class DraftModelDrafter:
                 new = []
                 for node, row in zip(frontier, expand(frontier, tokens, parents)):
                     if sampled:
-                        drawn = [self.rng.categorical(row) for _ in range(width)]
+                        drawn, row_of = self._draw(row, width)
                     else:
                         top = torch.topk(row, min(width, row.numel()))
                         drawn = [t for p, t in zip(top.values.tolist(), top.indices.tolist()) if p > 0]
-                    for tok in drawn:
+                        row_of = [row] * len(drawn)
+                    for tok, own in zip(drawn, row_of):
                         new.append(len(tokens))
                         tokens.append(tok)
                         parents.append(node)
-                        rows.append(row)
+                        rows.append(own)
                         scores.append((scores[node] if node >= 0 else 1.0) * float(row[tok]))
                 frontier = new
                 if max(scores[i] for i in frontier) < ctx.min_score:
@@ -227,6 +230,23 @@ class DraftModelDrafter:
         return Draft(torch.tensor(tokens), torch.tensor(parents),
                      torch.stack(rows) if sampled else None,
                      scores=torch.tensor(scores, dtype=torch.float64))
+
+    def _draw(self, row: torch.Tensor, count: int) -> tuple[list[int], list[torch.Tensor]]:
+        """``count`` children from ``row`` and the row each was drawn from: i.i.d., or without
+        replacement (then fewer when the row runs out of tokens)."""
+        if self.replacement:
+            return [self.rng.categorical(row) for _ in range(count)], [row] * count
+        drawn, rows, left = [], [], row
+        for _ in range(count):
+            total = float(left.sum())
+            if total <= 0.0:
+                break
+            left = left / total
+            drawn.append(self.rng.categorical(left))
+            rows.append(left)
+            left = left.clone()
+            left[drawn[-1]] = 0.0
+        return drawn, rows
 
     def observe(self, verdict: Verdict) -> None:
         # compare tokens, not node indices: a policy may have re-indexed the draft (Draft.subset)
@@ -248,11 +268,11 @@ def check_vocab(target: HFModel, draft: HFModel) -> None:
 @register("draft-model")
 def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width: int = 1,
                       tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
-                      branch_depth: int = 1) -> DraftModelDrafter:
+                      branch_depth: int = 1, replacement: bool = True) -> DraftModelDrafter:
     if build.draft_model is None:
         raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
                               "--draft-model PATH)")
     draft = HFModel(load_causal_lm(build.draft_model, what="draft model"))
     check_vocab(build.target, draft)
     return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes,
-                             num_drafts, branch_depth)
+                             num_drafts, branch_depth, replacement)
