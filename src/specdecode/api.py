@@ -78,6 +78,14 @@ def _eos_ids(model, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
+def default_exact(model) -> bool:
+    """Batch-invariant attention by default where it is needed for exactness: half precision
+    (bfloat16, float16), where a token's logits otherwise depend on how many tokens share its
+    forward. float32 keeps the faster batched attention (its differences stay far below every
+    greedy margin the tests and benchmarks meet)."""
+    return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
 def _request_kind(model, drafter, options: dict, params: SamplingParams) -> str:
     """A key for requests that should share what a policy learned: same target object, drafter,
     options (objects by identity) and sampling."""
@@ -94,11 +102,14 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
             policy: str | Policy | None = None, policy_options: dict | None = None,
             trust_remote_code: bool = False, target: BatchTarget | None = None,
+            dtype=None, device=None, exact: bool | None = None,
             **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
     ``input_ids``: a list of ints, a 1-D tensor (or [1, n]), or a tokenizer's output with
-    ``input_ids``. ``target``: the scheduler's shared target over ``model`` (default: a new one)."""
+    ``input_ids``. ``target``: the scheduler's shared target over ``model`` (default: a new one).
+    ``dtype`` / ``device``: how a ``model`` given as a source (directory, .gguf, preset, Hub id) is
+    loaded (float32 on the CPU by default); a loaded model must already be in them."""
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             seed=seed, mode=sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -106,8 +117,11 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     if max_draft_nodes < 0:
         raise SpecDecodeError(f"max_draft_nodes must be >= 0, got {max_draft_nodes}")
     if target is None:
-        hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code)
-        target = BatchTarget(hf)
+        hf = load_causal_lm(model, what="target model", trust_remote_code=trust_remote_code,
+                            dtype=dtype, device=device)
+        target = BatchTarget(hf, exact=default_exact(hf) if exact is None else bool(exact))
+    elif dtype is not None or device is not None:  # the shared target: it must be what was asked
+        load_causal_lm(target.model, what="target model", dtype=dtype, device=device)
     hf = target.model
     prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
     if isinstance(drafter, str):
@@ -157,7 +171,8 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
     ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection", "coupled",
     "block", "traversal" or "spectr": ``SAMPLING_MODES``),
-    ``max_draft_nodes``, ``policy`` (how much to draft each step: "fixed" by default,
+    ``max_draft_nodes``, ``dtype`` / ``device`` (for a ``model`` given as a path, a .gguf, the
+    ``smollm2-135m`` preset or a Hub id), ``policy`` (how much to draft each step: "fixed" by default,
     "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named one), and the drafter's own
     options (e.g. ``num_draft_tokens``).
     """

@@ -9,79 +9,19 @@ from pathlib import Path
 import click
 
 from specdecode.bench.cli import bench
+from specdecode.cli_shared import (
+    encode_prompt,
+    int_list,
+    load_models,
+    model_options,
+    parse_options,
+    quiet_transformers,
+)
 from specdecode.datastore_cli import datastore
 from specdecode.server.cli import bench_serve, serve
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
-
-
-def parse_options(pairs: tuple[str, ...]) -> dict:
-    """``key=value`` drafter options; values parsed as JSON where they can be (ints, floats...)."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--option")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
-
-
-def load_models(target: str | None, draft_model: str | None, need_draft: bool,
-                trust_remote_code: bool = False):
-    """(target model, draft model or None, tokenizer); the demo pair when no target is given.
-    ``trust_remote_code`` stays off unless asked for."""
-    from transformers import AutoTokenizer
-
-    from specdecode.models.hf import load_causal_lm
-
-    if target is None:
-        from specdecode.demo import load_demo
-
-        demo = load_demo()
-        draft = load_causal_lm(draft_model, what="draft model") if draft_model else demo.draft
-        return demo.target, draft if need_draft else None, demo.tokenizer
-    model = load_causal_lm(target, what="target model", trust_remote_code=trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise SpecDecodeError(f"no tokenizer found in {target!r}: {err}") from err
-    draft = (load_causal_lm(draft_model, what="draft model", trust_remote_code=trust_remote_code)
-             if draft_model and need_draft else None)
-    return model, draft, tokenizer
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise SpecDecodeError("--chat needs a tokenizer with a chat template")
-        from specdecode.bench.questions import chat_prompt
-
-        return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-
-
-def int_list(text: str, option: str, minimum: int, what: str) -> list[int]:
-    """A comma-separated list of ints, each >= ``minimum``, or a clear usage error."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of ints",
-                                 param_hint=option) from None
-    if not values or min(values) < minimum:
-        raise click.BadParameter(f"{what} must be >= {minimum}", param_hint=option)
-    return values
-
-
-def quiet_transformers() -> None:
-    """No per-file "Loading weights" bars from transformers: our own output stays readable."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,11 +34,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
+@model_options()
 @click.option("--drafter", default="ngram", show_default=True,
               help="Drafter name (`specdecode drafters` lists them with their options).")
-@click.option("--draft-model", type=str, default=None,
-              help="Draft model directory for --drafter draft-model (default: demo draft).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Many prompts: a text file with one prompt per line, or JSONL "
@@ -129,9 +67,9 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def generate(target, drafter, draft_model, prompt, prompts_file, batch_size, chat, max_new_tokens,
-             temperature, top_k, top_p, seed, sampling, num_draft_tokens, options, policy, compare,
-             as_json, threads, trust_remote_code) -> None:
+def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, batch_size, chat,
+             max_new_tokens, temperature, top_k, top_p, seed, sampling, num_draft_tokens, options,
+             policy, compare, as_json, threads, trust_remote_code) -> None:
     """Generate text with speculative decoding and print the step statistics (one --prompt, or
     many from --prompts-file, batched)."""
     import torch
@@ -154,7 +92,7 @@ def generate(target, drafter, draft_model, prompt, prompts_file, batch_size, cha
         if policy is not None:
             opts["policy"] = policy
         model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model",
-                                              trust_remote_code)
+                                              trust_remote_code, dtype, device)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, sampling=sampling)
         if prompts_file is not None:
@@ -305,14 +243,14 @@ def list_registry(registry: dict) -> None:
 
 
 @main.command("cost-curve")
-@click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
+@model_options(draft=False)
 @click.option("--context", type=int, default=256, show_default=True,
               help="Tokens already in the cache.")
 @click.option("--nodes", default="0,1,2,3,4,6,8,12,16,24,32,48,64", show_default=True,
               help="Comma-separated draft node counts.")
 @click.option("--repeats", type=int, default=15, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-def cost_curve(target, context, nodes, repeats, threads) -> None:
+def cost_curve(target, dtype, device, context, nodes, repeats, threads) -> None:
     """Measure the target's verification cost c(n) (ms per forward over 1 + n tokens), chain and
     tree, and print one JSON line per n. Run it with nothing else busy on the machine."""
     import torch
@@ -324,7 +262,7 @@ def cost_curve(target, context, nodes, repeats, threads) -> None:
     quiet_transformers()
     counts = int_list(nodes, "--nodes", 0, "node counts")
     try:
-        model, _, _ = load_models(target, None, False)
+        model, _, _ = load_models(target, None, False, dtype=dtype, device=device)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and context + max(counts) + 1 > limit:
             raise SpecDecodeError(f"--context {context} + {max(counts)} nodes exceeds the model's "
@@ -332,7 +270,9 @@ def cost_curve(target, context, nodes, repeats, threads) -> None:
         rows = verify_cost_curve(model, sorted(set(counts) | {0}), context, repeats)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
-    env = {"threads": torch.get_num_threads(), "context": context, "torch": torch.__version__}
+    param = next(model.parameters())
+    env = {"threads": torch.get_num_threads(), "context": context, "torch": torch.__version__,
+           "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
     for row in rows:
         click.echo(json.dumps({**row, **env}))
 

@@ -42,11 +42,11 @@ class Scheduler:
     options applied to every request unless it overrides them."""
 
     def __init__(self, model, *, max_batch_size: int = 8, trust_remote_code: bool = False,
-                 **defaults: Any) -> None:
+                 dtype=None, device=None, **defaults: Any) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise SpecDecodeError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         self.model = load_causal_lm(model, what="target model",
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, dtype=dtype, device=device)
         self.target = BatchTarget(self.model)
         self.batch = Batch(self.target)
         self.max_batch_size = max_batch_size

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from specdecode.cli_shared import int_list, load_models, model_id, model_options, quiet_transformers
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
@@ -27,15 +28,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
+def environment(model_id: str, draft_id: str | None, settings: dict, model=None) -> dict:
     import tokenizers
     import torch
     import transformers
 
     import specdecode
 
+    param = next(model.parameters()) if model is not None else None
     return {"model_id": model_id, "draft_id": draft_id, "cpu": cpu_name(),
-            "threads": torch.get_num_threads(), "dtype": "float32",
+            "threads": torch.get_num_threads(),
+            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "float32",
+            "device": str(param.device) if param is not None else "cpu",
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "specdecode": specdecode.__version__,
@@ -43,8 +47,7 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
 
 
 @click.command("bench")
-@click.option("--target", default=None, help="Local target model directory (default: demo target).")
-@click.option("--draft-model", default=None, help="Draft model directory (default: demo draft).")
+@model_options()
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True,
               help="Comma-separated methods: vanilla; our drafters, each optionally with options "
                    "as name:key=value:key=value (e.g. ngram:max_n=4:num_draft_tokens=6); oracle "
@@ -89,9 +92,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict) -> dict:
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
-def bench(target, draft_model, methods, datastore, questions_file, categories, limit_per_category,
-          max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed, repeats, out_dir, quick,
-          allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
+def bench(target, draft_model, dtype, device, methods, datastore, questions_file, categories,
+          limit_per_category, max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed,
+          repeats, out_dir, quick, allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
     JSONL (Spec-Bench schema), report.json, report.md and plots to --out. The last line printed is a
     one-line JSON summary."""
@@ -101,7 +104,6 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
-    from specdecode.cli import int_list, load_models, quiet_transformers
     from specdecode.models.hf import context_length
 
     if report_only:
@@ -142,18 +144,22 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
                                   "specdecode.integrations.vllm_bench)")
         if uses_vllm:
             check_vllm_importable(vllm_python or sys.executable)
-        model, draft, tokenizer = load_models(target, draft_model, draft_needed)
-        model_id = Path(target).name if target else "specdecode-demo-target"
-        draft_id = (Path(draft_model).name if draft_model else
+        model, draft, tokenizer = load_models(target, draft_model, draft_needed, dtype=dtype,
+                                              device=device)
+        target_id = model_id(target, "specdecode-demo-target")
+        draft_id = (model_id(draft_model, "") if draft_model else
                     ("specdecode-demo-draft" if target is None and draft_needed else None))
+        place = next(model.parameters())
+        dtype, device = str(place.dtype).removeprefix("torch."), str(place.device)
         if batch_sizes is not None:
-            run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir, model_id,
+            run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir, target_id,
                            draft_id, max_new_tokens=max_new_tokens,
                            num_draft_tokens=num_draft_tokens, temperature=temperature,
                            seed=seed, sampling=sampling, policy=policy, repeats=repeats,
                            datastore=datastore)
             return
-        settings = {"model_id": model_id, "draft_id": draft_id, "methods": specs,
+        settings = {"model_id": target_id, "draft_id": draft_id, "methods": specs,
+                    "dtype": dtype, "device": device,
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
                     "temperature": temperature,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
@@ -165,9 +171,9 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
             raise SpecDecodeError(f"{out_dir} holds a run with other settings; use another --out "
                                   "(or delete it) to start afresh")
         run_file.write_text(json.dumps(settings))
-        env = environment(model_id, draft_id, {k: settings[k] for k in (
+        env = environment(target_id, draft_id, {k: settings[k] for k in (
             "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats",
-            "policy")})
+            "policy")}, model)
         env["cost_curve_ms"] = cost_curve_ms(model)
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
@@ -176,7 +182,7 @@ def bench(target, draft_model, methods, datastore, questions_file, categories, l
                      datastore=str(datastore) if datastore else None, policy=policy,
                      vllm=vllm_engine(target, model, vllm_python) if uses_vllm else None)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
-                                context_length(model.config), repeats, model_id)
+                                context_length(model.config), repeats, target_id)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
     write_report(out_dir, settings, skipped, allow_lossy)
@@ -192,7 +198,9 @@ def vllm_engine(target: str | None, model, python: str | None):
 
         target_dir, tokenizer_dir = str(demo_dir() / "target"), str(demo_dir() / "tokenizer")
     else:
-        target_dir = tokenizer_dir = str(Path(target).resolve())
+        from specdecode.models.sources import resolve_source
+
+        target_dir = tokenizer_dir = str(resolve_source(target).resolve())
     return Engine(target_dir, tokenizer_dir, context_length(model.config), python or sys.executable)
 
 
@@ -218,7 +226,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     env = environment(model_id, draft_id, {
         "temperature": temperature, "sampling": sampling, "seed": seed,
         "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
-        "repeats": repeats, "policy": policy, "batch_sizes": sizes})
+        "repeats": repeats, "policy": policy, "batch_sizes": sizes}, model)
     rows = run_batch_benchmark(prompts, specs, sizes, s, _eos_ids(model, None), repeats)
     click.echo(write_batch_report(out_dir, rows, env))
     click.echo(json.dumps({"out": str(out_dir), "batch": [

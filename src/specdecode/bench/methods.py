@@ -163,11 +163,14 @@ def draft_model(path, s: Settings):
     """The run's draft model (``--draft-model``), or the one a method names, loaded once."""
     if path is None:
         return s.draft
-    if str(path) not in DRAFT_MODELS:
+    param = next(s.target.parameters())
+    key = f"{path}|{param.dtype}|{param.device}"
+    if key not in DRAFT_MODELS:
         from specdecode.models.hf import load_causal_lm
 
-        DRAFT_MODELS[str(path)] = load_causal_lm(str(path), what="draft model")
-    return DRAFT_MODELS[str(path)]
+        DRAFT_MODELS[key] = load_causal_lm(str(path), what="draft model", dtype=param.dtype,
+                                           device=param.device)
+    return DRAFT_MODELS[key]
 
 
 def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:

@@ -31,6 +31,8 @@ tokens after every verdict and topped up with the new committed tokens at the ne
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
@@ -272,7 +274,11 @@ def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width
     if build.draft_model is None:
         raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
                               "--draft-model PATH)")
-    draft = HFModel(load_causal_lm(build.draft_model, what="draft model"))
+    # a path loads in the target's dtype, on its device; a loaded draft is used as it is
+    source = build.draft_model
+    on_target = {} if not isinstance(source, (str, Path)) else {
+        "dtype": build.target.dtype, "device": build.target.device}
+    draft = HFModel(load_causal_lm(source, what="draft model", **on_target))
     check_vocab(build.target, draft)
     return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes,
                              num_drafts, branch_depth, replacement)

@@ -54,6 +54,7 @@ def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
 # the model was given says the same, at full cost). Per thread: targets in other threads (a server's
 # engine next to the caller's own decoding) never see each other's plan.
 ROWS_ATTENTION = "specdecode_rows"
+EXACT_ATTENTION = "specdecode_exact"
 _FORWARD = threading.local()
 CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
 
@@ -79,23 +80,63 @@ def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
 AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
 
 
+def _exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs):
+    """Batch-invariant attention (``BatchTarget(exact=True)``): every query token attends through
+    its own call, over exactly the keys it sees laid out in position order (slots 0..p of its row
+    for a chain; the committed prefix, then its tree path, for a tree node), with no mask: the
+    very call plain decoding makes for that token at that position. Its result therefore does not
+    depend on how many draft nodes or batch rows share the forward (Thinking Machines, "Defeating
+    Nondeterminism in LLM Inference", 2025: fixed reduction order per token). ``_FORWARD.exact``:
+    per row, (its committed length + 1, [(query column, tree path slots or None)])."""
+    b, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    out = query.new_zeros(b, q, heads, dim)
+    for r, (prefix, queries) in enumerate(_FORWARD.exact):
+        scratch = None
+        for j, path in queries:
+            if path is None:  # a chain node (or the pending token): a view of its row's slots
+                k, v = key[r:r + 1, :, :prefix + j], value[r:r + 1, :, :prefix + j]
+            else:  # a tree node: the prefix, then its ancestors and itself, in a scratch row
+                if scratch is None:
+                    scratch = (key.new_empty(1, kv_heads, key.shape[2], dim),
+                               value.new_empty(1, kv_heads, key.shape[2], dim))
+                    scratch[0][:, :, :prefix] = key[r:r + 1, :, :prefix]
+                    scratch[1][:, :, :prefix] = value[r:r + 1, :, :prefix]
+                end = prefix + len(path)
+                scratch[0][:, :, prefix:end] = key[r:r + 1].index_select(2, path)
+                scratch[1][:, :, prefix:end] = value[r:r + 1].index_select(2, path)
+                k, v = scratch[0][:, :, :end], scratch[1][:, :, :end]
+            one = query[r, :, j].reshape(1, kv_heads, groups, dim)  # GQA: the group's heads as rows
+            o = torch.nn.functional.scaled_dot_product_attention(one, k, v, scale=scaling)
+            out[r, j] = o.reshape(heads, dim)
+    return out, None
+
+
+AttentionInterface.register(EXACT_ATTENTION, _exact_attention)
+
+
 @contextmanager
-def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bool):
+def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bool,
+                   exact: list | None = None):
     """For one forward of a model whose attention is sdpa: run it per row group (``chunks``, when
-    there are several) or plainly causal (``causal``, a fresh row's prefill). The model's config is
-    switched only inside the block and restored after: the user's model is left as it was."""
+    there are several), plainly causal (``causal``, a fresh row's prefill) or per token
+    (``exact``: the plan ``_exact_attention`` reads). The model's config is switched only inside
+    the block and restored after: the user's model is left as it was."""
     original = config._attn_implementation_internal
-    switch = (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa"
+    switch = (causal or exact is not None or (bool(chunks) and len(chunks) > 1)) \
+        and original == "sdpa"
     if not switch:
         yield
         return
-    _FORWARD.chunks, _FORWARD.causal = chunks or [], causal
-    config._attn_implementation_internal = ROWS_ATTENTION
+    _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = chunks or [], causal, exact
+    config._attn_implementation_internal = EXACT_ATTENTION if exact is not None else ROWS_ATTENTION
     try:
         yield
     finally:
         config._attn_implementation_internal = original
-        _FORWARD.chunks, _FORWARD.causal = [], False
+        _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = [], False, None
 
 
 def plan_chunks(need: list[int], overhead: int = CHUNK_OVERHEAD_SLOTS) -> list[tuple[int, int, int]]:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
+from specdecode.models.sources import dtype_name, parse_device, parse_dtype, resolve_source
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -49,25 +50,37 @@ class TargetModel(Protocol):
 
 
 def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = False,
-                   dtype: torch.dtype = torch.float32):
-    """A transformers causal LM from an already-loaded model or a local directory (safetensors)."""
+                   dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """A transformers causal LM from an already-loaded model or a source ``resolve_source`` takes
+    (local directory, .gguf file, preset, Hub id), in ``dtype`` (default float32) on ``device``
+    (default cpu). A loaded model is used as it is: asking it for another dtype or device is an
+    error (it is the caller's object; load it that way, or pass a path)."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
     if not isinstance(source, (str, Path)):
         if not hasattr(source, "config") or not callable(source):
-            raise SpecDecodeError(f"{what} must be a transformers causal LM or a local path, "
-                                  f"got {type(source).__name__}")
+            raise SpecDecodeError(f"{what} must be a transformers causal LM or a model source "
+                                  f"(directory, .gguf, preset, Hub id), got {type(source).__name__}")
+        param = next(source.parameters())
+        if dtype is not None and param.dtype != dtype:
+            raise SpecDecodeError(f"{what} is loaded in {dtype_name(param.dtype)} but "
+                                  f"{dtype_name(dtype)} was asked for; load it in that dtype or "
+                                  "pass its path")
+        if device is not None and param.device != device and not (
+                device.index is None and param.device.type == device.type):
+            raise SpecDecodeError(f"{what} is on {param.device} but {device} was asked for; move "
+                                  "it first or pass its path")
         return source.eval()
-    path = Path(source).expanduser()
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise SpecDecodeError(f"{what} path {str(path)!r} is not a directory with a config.json "
-                              "(only local models can be loaded; there is no model hub here)")
+    path = resolve_source(source, what=what)
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa")
+            path, dtype=dtype or torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise SpecDecodeError(f"cannot load {what} from {str(path)!r}: {err}") from err
+    if device is not None:
+        model = model.to(device)
     return model.eval()
 
 
@@ -207,8 +220,9 @@ class BatchTarget(_Adapter):
     inferred from token values. ``remove_row`` frees a row at once (the last row moves into its
     place, so the batch stays a prefix of the buffer and every forward reads a view)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, exact: bool = False) -> None:
         super().__init__(model)
+        self.exact = exact
         layers = getattr(model.config, "num_hidden_layers", None)
         self.cache = SlotCache(int(layers), self.device, self.dtype)
         self.lengths: list[int] = []
@@ -239,9 +253,10 @@ class BatchTarget(_Adapter):
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None,
-                 causal: bool = False, hidden: bool = False) -> torch.Tensor:
+                 causal: bool = False, hidden: bool = False, exact: list | None = None
+                 ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        with rows_attention(self.model.config, chunks, causal):
+        with rows_attention(self.model.config, chunks, causal, exact):
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
                              attention_mask=mask.to(self.device), use_cache=True,
@@ -282,6 +297,8 @@ class BatchTarget(_Adapter):
             raise ValueError(f"step needs one root and one draft per row ({b} rows)")
         sizes = [len(d) + 1 for d in drafts]
         q = max(sizes)
+        if self.exact and b * q == 1:  # a matmul over one token takes another kernel: pad to two
+            q = 2
         lens = torch.tensor(self.lengths)
         kv_len = int(lens.max()) + q
         self.cache.reserve(b, kv_len)
@@ -302,9 +319,10 @@ class BatchTarget(_Adapter):
         cache.rows, cache.start, cache.kv_len = slice(0, b), None, kv_len
         cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
         try:
-            chunks = plan_chunks((lens + q).tolist()) if b > 1 else None
+            chunks = plan_chunks((lens + q).tolist()) if b > 1 and not self.exact else None
             logits = self._forward(ids, positions, self._additive(visible)[:, None],
-                                   chunks=chunks, hidden=hidden)
+                                   chunks=chunks, hidden=hidden,
+                                   exact=self._exact_plan(drafts) if self.exact else None)
         finally:
             cache.index = None
         if hidden:
@@ -313,6 +331,26 @@ class BatchTarget(_Adapter):
         for r in range(b):
             self.lengths[r] += sizes[r]
         return [logits[r, :sizes[r]] for r in range(b)]
+
+    def _exact_plan(self, drafts: list[Draft]) -> list:
+        """Per row: (committed length + 1, [(query column, None for a chain node, else the slots of
+        its tree path in depth order)]), for ``_exact_attention``."""
+        plan = []
+        for length, draft in zip(self.lengths, drafts):
+            prefix = length + 1
+            if draft.is_chain():
+                plan.append((prefix, [(j, None) for j in range(len(draft) + 1)]))
+                continue
+            parents = draft.parents.tolist()
+            queries: list = [(0, None)]
+            for i in range(len(parents)):
+                path, node = [], i
+                while node >= 0:
+                    path.append(prefix + node)
+                    node = parents[node]
+                queries.append((i + 1, torch.tensor(path[::-1], device=self.device)))
+            plan.append((prefix, queries))
+        return plan
 
     @torch.inference_mode()
     def keep(self, row: int, path: list[int]) -> None:

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import click
 
+from specdecode.cli_shared import (
+    int_list,
+    load_models,
+    model_id,
+    model_options,
+    parse_options,
+    quiet_transformers,
+)
 from specdecode.types import SpecDecodeError
 
 
 @click.command()
-@click.option("--target", type=str, default=None, help="Local model directory (default: demo target).")
-@click.option("--draft-model", type=str, default=None,
-              help="Draft model directory for the draft-model drafter (default with the demo "
-                   "target: the demo draft).")
+@model_options()
 @click.option("--drafter", default="ngram", show_default=True,
               help="Drafter of requests that do not pick one (`specdecode drafters` lists them; "
                    "'none' serves without speculation).")
@@ -38,7 +43,7 @@ from specdecode.types import SpecDecodeError
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def serve(target, draft_model, drafter, options, policy, allow_drafters, max_batch_size,
+def serve(target, draft_model, dtype, device, drafter, options, policy, allow_drafters, max_batch_size,
           max_draft_nodes, served_model_name, host, port, threads, trust_remote_code) -> None:
     """Serve the target over an OpenAI-compatible HTTP API with speculative decoding.
 
@@ -53,7 +58,6 @@ def serve(target, draft_model, drafter, options, policy, allow_drafters, max_bat
     import uvicorn
 
     import specdecode as sd
-    from specdecode.cli import load_models, parse_options, quiet_transformers
     from specdecode.server.app import ServerConfig, create_app
 
     if threads:
@@ -64,9 +68,10 @@ def serve(target, draft_model, drafter, options, policy, allow_drafters, max_bat
     allowed = None
     if allow_drafters is not None:
         allowed = tuple(d.strip() for d in allow_drafters.split(",") if d.strip())
-    name = served_model_name or ("specdecode-demo" if target is None else Path(target).name)
+    name = served_model_name or model_id(target, "specdecode-demo")
     try:
-        model, draft, tokenizer = load_models(target, draft_model, True, trust_remote_code)
+        model, draft, tokenizer = load_models(target, draft_model, True, trust_remote_code, dtype,
+                                              device)
         config = ServerConfig(model_name=name, drafter=drafter,
                               drafter_options=parse_options(options), policy=policy,
                               max_batch_size=max_batch_size, allowed_drafters=allowed,
@@ -76,8 +81,10 @@ def serve(target, draft_model, drafter, options, policy, allow_drafters, max_bat
         app = create_app(model, tokenizer, draft_model=draft, config=config)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"serving {name!r} (drafter {drafter}, batch {max_batch_size}, "
-               f"{torch.get_num_threads()} torch threads) on http://{host}:{port}/v1", err=True)
+    param = next(model.parameters())
+    click.echo(f"serving {name!r} (drafter {drafter}, batch {max_batch_size}, {param.dtype} on "
+               f"{param.device}, {torch.get_num_threads()} torch threads) on "
+               f"http://{host}:{port}/v1", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -102,7 +109,6 @@ def serve(target, draft_model, drafter, options, policy, allow_drafters, max_bat
 def bench_serve(url, serve_args, concurrency, num_requests, max_tokens, specs, rounds, out) -> None:
     """Load test of the server: throughput and time per output token at each concurrency, with
     and without speculation, streaming chat requests over Spec-Bench's first-turn questions."""
-    from specdecode.cli import int_list
     from specdecode.server.load import run_load_test
 
     levels = int_list(concurrency, "--concurrency", 1, "concurrency")

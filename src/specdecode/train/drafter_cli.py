@@ -71,7 +71,8 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
 @click.option("--kind", type=click.Choice(["distill", "eagle", "medusa"]), required=True,
               help="distill: DistillSpec on-policy distillation of a draft model; eagle: an "
                    "EAGLE-1 feature head (one decoder layer); medusa: Medusa-1 heads.")
-@click.option("--target", default=None, help="Target model directory (default: the demo target).")
+@click.option("--target", default=None, help="Target model: a directory, a .gguf file, the preset "
+              "smollm2-135m or a Hub id (default: the demo target).")
 @click.option("--draft-model", default=None,
               help="distill: the draft model to start from (default: the demo draft).")
 @click.option("--loss", type=click.Choice(["tvd", "kl"]), default="tvd", show_default=True,
@@ -117,7 +118,7 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
                   init_head, target_rows, seed, threads, time_budget) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
-    from specdecode.cli import load_models
+    from specdecode.cli_shared import load_models
     from specdecode.train.distill import DistillConfig, distill
     from specdecode.train.heads import HeadConfig, train_head
     from specdecode.types import SpecDecodeError

