@@ -129,3 +129,21 @@ def test_delayed_tree_expansion_drafts_branches_and_stays_exact(pair):
     with pytest.raises(SpecDecodeError, match="num_drafts"):
         sd.generate(target, [1, 2], drafter="draft-model", draft_model=draft, num_drafts=2,
                     tree="dynamic")
+
+
+def test_branches_without_replacement_carry_the_rows_they_were_drawn_from(pair):
+    """Each child's draft_probs row is its parent's row without the earlier siblings,
+    renormalised (the SpecInfer residual on the plain row would be lossy)."""
+    from specdecode.drafters.draft_model import DraftModelDrafter
+    from specdecode.models.hf import HFModel
+
+    drafter = DraftModelDrafter(HFModel(pair[1]), num_drafts=3, replacement=False)
+    drafter.rng = TorchRandom(0)
+    row = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    for _ in range(20):
+        drawn, rows = drafter._draw(row, 5)
+        assert len(drawn) == 3 and len(set(drawn)) == 3 and 3 not in drawn  # support exhausted
+        for i, (tok, own) in enumerate(zip(drawn, rows)):
+            expected = row.clone()
+            expected[drawn[:i]] = 0.0
+            assert torch.allclose(own, expected / expected.sum()) and own[tok] > 0
