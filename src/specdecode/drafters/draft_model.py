@@ -5,13 +5,15 @@ Chain (``tree="chain"``): greedy drafts the draft's argmax; coupled sampling its
 the same keyed noise as the target; the other sampling rules (rejection, block, traversal, spectr:
 ``SamplingParams.sampled_drafts``) sample from the processed draft distribution, which travels as
 ``draft_probs``. With ``tree_width`` w > 1 each chain position also offers the draft's next w - 1
-most likely tokens as leaf siblings (no extra draft forwards). With ``num_drafts`` k > 1 the chain
-branches at depth ``branch_depth`` into k children drawn i.i.d. (``replacement=False``: without
-replacement, each child's ``draft_probs`` row then excludes its earlier siblings), each continued
-as a chain (delayed
-tree expansion: Thomas, Kitanovski, Goldblum, Pal, arXiv 2602.16994; multi-draft rules gain most
-deep in the tree; the fixed branch depth keeps it exact); verify it with ``traversal``, ``spectr``
-or ``rejection``.
+most likely tokens as leaf siblings (no extra draft forwards).
+
+Delayed tree expansion (``num_drafts`` k > 1; Thomas, Kitanovski, Goldblum, Pal, arXiv
+2602.16994): the chain branches at depth ``branch_depth`` into k children drawn i.i.d. (with
+``replacement=False`` without replacement, each child's ``draft_probs`` row then excluding its
+earlier siblings), each continued as a chain. Multi-draft rules gain most deep in the tree, where
+draft and target diverge; a branch depth fixed before drafting keeps it exact. Verify it with
+``sampling="traversal"`` (or ``spectr`` / ``rejection``); under greedy / coupled sampling the
+branches are the top-k children (point masses).
 
 Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by depth, the
 ``topk`` best nodes by path probability with their ``topk`` likeliest children (one draft forward
@@ -189,8 +191,8 @@ class DraftModelDrafter:
 
     def _delayed(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
         """Delayed tree expansion: a chain down to ``branch_depth``, where ``num_drafts`` children
-        are drawn i.i.d. (sampling rules; the top ones under greedy / coupled), each continued as
-        a chain. How many nodes each level gets is decided before drawing it (budget
+        are drawn (``_draw``: i.i.d. or without replacement; the top ones under greedy / coupled),
+        each continued as a chain. How many nodes each level gets is decided before drawing it (budget
         ``ctx.budget``); drafting stops after a level whose every node scores below
         ``ctx.min_score``, no drawn node dropped."""
         base = self.base
