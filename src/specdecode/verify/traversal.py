@@ -83,7 +83,7 @@ def traversal_accept(tokens: Sequence[int], parents: Sequence[int], target_rows:
         excess = (weighted - draft_rows[node]).clamp(min=0)
         value[parent] = update(weighted, draft_rows[node], tokens[node])
         mass = excess.sum()
-        if mass > 0:  # else a_m is now 0: m and its subtree can no longer be accepted
+        if mass > 0:  # else a_m is now 0 (m can no longer be accepted) or we got here by rounding
             target[parent] = excess / mass
         node = parent
 
