@@ -202,3 +202,48 @@ def test_coupled_differs_across_seeds_and_matches_across_runs():
     c = sd.generate(target, prompt, drafter="none", max_new_tokens=30, seed=2, temperature=1.0,
                     sampling="coupled", eos_token_id=[]).token_ids
     assert a == b and a != c
+
+
+# The other exact rules for sampled drafts (verify/block.py, traversal.py, spectr.py), each on the
+# drafts it is made for; rows run batched through the scheduler (each row is its batch-1 run, see
+# test_new_rules_batch_rows_equal_batch_1).
+RULE_CASES = {
+    "block-chain": ("block", {"num_draft_tokens": 3}),
+    # delayed tree expansion: a chain, then 3 branches at depth 2 drawn without replacement
+    "traversal-delayed-tree-without-replacement": ("traversal", {
+        "num_draft_tokens": 3, "num_drafts": 3, "branch_depth": 2, "replacement": False}),
+    "spectr-dynamic-tree": ("spectr", {"num_draft_tokens": 2, "tree": "dynamic", "topk": 3,
+                                       "max_nodes": 5}),
+}
+
+
+def sample_batched(target, options: dict, seeds, batch_size: int = 64) -> list[sd.GenerationResult]:
+    scheduler = sd.Scheduler(target, max_batch_size=batch_size)
+    ids = [scheduler.add_request(PROMPT, max_new_tokens=LENGTH, seed=i, eos_token_id=[], **PARAMS,
+                                 **options) for i in seeds]
+    while scheduler.has_unfinished():
+        scheduler.step()
+    return [scheduler.release(rid) for rid in ids]
+
+
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+def test_new_rules_match_target_distribution(pair, case):
+    target, draft = pair
+    mode, options = RULE_CASES[case]
+    runs = sample_batched(target, dict(options, drafter="draft-model", draft_model=draft,
+                                       sampling=mode), range(SAMPLES))
+    assert sum(stats.accepted for _, stats, _ in runs) > SAMPLES // 10  # the rule really ran
+    assert chi_square_p([tuple(tokens) for tokens, _, _ in runs], exact_distribution(target)) > ALPHA
+
+
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+def test_new_rules_batch_rows_equal_batch_1(pair, case):
+    target, draft = pair
+    mode, options = RULE_CASES[case]
+    options = dict(options, drafter="draft-model", draft_model=draft, sampling=mode)
+    seeds = range(100, 124)
+    batched = sample_batched(target, options, seeds, batch_size=8)
+    for seed, (tokens, _, _) in zip(seeds, batched):
+        alone = sd.generate(target, PROMPT, max_new_tokens=LENGTH, seed=seed, eos_token_id=[],
+                            **PARAMS, **options)
+        assert tokens == alone.token_ids, seed

@@ -165,7 +165,8 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     ``model``: a loaded transformers causal LM or a local directory. ``input_ids``: list of ints
     or 1-D tensor. Keyword arguments: ``drafter`` (registered name or Drafter, default "ngram"),
     ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
-    ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection" or "coupled"),
+    ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection", "coupled",
+    "block", "traversal" or "spectr": ``SAMPLING_MODES``),
     ``max_draft_nodes``, ``dtype`` / ``device`` (for a ``model`` given as a path, a .gguf, the
     ``smollm2-135m`` preset or a Hub id), ``policy`` (how much to draft each step: "fixed" by default,
     "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named one), and the drafter's own

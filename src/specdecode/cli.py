@@ -21,7 +21,7 @@ from specdecode.datastore_cli import datastore
 from specdecode.server.cli import bench_serve, serve
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
-from specdecode.types import SpecDecodeError
+from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,8 +51,10 @@ def main() -> None:
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
-@click.option("--sampling", type=click.Choice(["rejection", "coupled"]), default="rejection",
-              show_default=True, help="coupled: output bit-identical to vanilla with the same seed.")
+@click.option("--sampling", type=click.Choice(list(SAMPLING_MODES)), default="rejection",
+              show_default=True, help="coupled: output bit-identical to vanilla with the same seed; "
+                                      "block / traversal / spectr: other exact rules for sampled "
+                                      "drafts (README).")
 @click.option("--num-draft-tokens", "-k", type=int, default=None, help="Draft length per step.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")
@@ -128,8 +130,8 @@ def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, 
                f"{report['tokens_per_s']:.1f} tokens/s", err=False)
     if compare:
         same = "identical" if report["identical_to_vanilla"] else "DIFFERENT"
-        if sampling == "rejection" and temperature > 0:
-            same += " (rejection sampling matches in distribution, not token by token)"
+        if sampling != "coupled" and temperature > 0:
+            same += f" ({sampling} sampling matches in distribution, not token by token)"
         click.echo(f"[vanilla] {report['vanilla']['tokens_per_s']:.1f} tokens/s; speedup "
                    f"{report['speedup']:.2f}x; output {same}")
 

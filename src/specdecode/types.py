@@ -11,12 +11,20 @@ class SpecDecodeError(ValueError):
     """Bad input detected before decoding starts; the message names the problem."""
 
 
+# Sampling rules (``SamplingParams.mode``); every one is lossless. Under all but "coupled" the
+# drafters that can sample draw their drafts from their processed distributions (``draft_probs``).
+SAMPLING_MODES = ("rejection", "coupled", "block", "traversal", "spectr")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. ``temperature == 0`` means greedy (argmax).
 
-    ``mode`` is ``"rejection"`` (Leviathan/Chen rejection sampling with an engine RNG) or
-    ``"coupled"`` (noise keyed by ``(seed, absolute position)``: output bit-identical to vanilla).
+    ``mode`` (``SAMPLING_MODES``) is ``"rejection"`` (Leviathan/Chen rejection sampling, recursive
+    over tree siblings, with an engine RNG), ``"coupled"`` (noise keyed by ``(seed, absolute
+    position)``: output bit-identical to vanilla), ``"block"`` (block verification of sampled
+    chains), ``"traversal"`` (traversal verification of sampled trees and chains) or ``"spectr"``
+    (SpecTr's k-sequential rule over i.i.d. siblings); see ``verify/`` for each rule's fallback.
     """
 
     temperature: float = 0.0
@@ -32,12 +40,18 @@ class SamplingParams:
             raise SpecDecodeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SpecDecodeError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.mode not in ("rejection", "coupled"):
-            raise SpecDecodeError(f"sampling must be 'rejection' or 'coupled', got {self.mode!r}")
+        if self.mode not in SAMPLING_MODES:
+            raise SpecDecodeError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, "
+                                  f"got {self.mode!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def sampled_drafts(self) -> bool:
+        """Whether drafters able to sample should draw their drafts (with ``draft_probs``)."""
+        return not self.greedy and self.mode != "coupled"
 
 
 @dataclass

@@ -33,7 +33,7 @@ def run_scheduler(spec: str, s: Settings, prompts: list[list[int]], references: 
         drafter, options = method_options(spec, s, reference)
         ids.append(scheduler.add_request(
             prompt, drafter=drafter, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-            top_k=s.top_k, top_p=s.top_p, seed=s.seed, sampling=s.sampling, **options))
+            top_k=s.top_k, top_p=s.top_p, seed=s.seed, **options))
     start = time.perf_counter()
     while scheduler.has_unfinished():
         scheduler.step()

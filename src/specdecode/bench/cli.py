@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from specdecode.cli_shared import int_list, load_models, model_id, model_options, quiet_transformers
-from specdecode.types import SpecDecodeError
+from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
                    "eagle,medusa,oracle,hf-pld,hf-assisted")
@@ -69,7 +69,7 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
               help="Draft-budget policy of every method without its own policy=... (default: "
                    "the library's default).")
 @click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--sampling", type=click.Choice(["rejection", "coupled"]), default="coupled",
+@click.option("--sampling", type=click.Choice(list(SAMPLING_MODES)), default="coupled",
               show_default=True, help="Our sampling rule when --temperature > 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--repeats", type=int, default=1, show_default=True,

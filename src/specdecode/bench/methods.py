@@ -1,8 +1,10 @@
 """Benchmark methods: ours (through the engine), the oracle bound, and transformers' own.
 
-A method spec is ``name`` or ``name:key=value:key=value`` (drafter options, and ``policy``), e.g.
-``ngram:num_draft_tokens=3:max_n=4`` or ``draft-model:tree=dynamic:policy=adaptive``. Every method
-is timed the same way: one call, prefill included, after warm-up.
+A method spec is ``name`` or ``name:key=value:key=value`` (drafter options, ``policy``, and
+``sampling``, the method's own sampling rule, else the run's), e.g.
+``ngram:num_draft_tokens=3:max_n=4``, ``draft-model:tree=dynamic:policy=adaptive`` or
+``draft-model:sampling=block``. Every method is timed the same way: one call, prefill included,
+after warm-up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import specdecode as sd
 from specdecode.bench import vllm_peer
 from specdecode.drafters.mix import DEFAULT_SOURCES
 from specdecode.drafters.suffix_tree import SuffixStore
-from specdecode.types import SpecDecodeError
+from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 HF_METHODS = ("hf-pld", "hf-assisted")
 
@@ -102,6 +104,10 @@ def check_specs(specs: list[str], has_draft: bool) -> None:
                                     options["policy"] not in available_policies()):
             raise SpecDecodeError(f"method {spec!r}: policy must be one of "
                                   f"{', '.join(available_policies())} (our methods only)")
+        if options.get("sampling", SAMPLING_MODES[0]) not in SAMPLING_MODES or \
+                ("sampling" in options and name in HF_METHODS):
+            raise SpecDecodeError(f"method {spec!r}: sampling must be one of "
+                                  f"{', '.join(SAMPLING_MODES)} (our methods only)")
         if needs_draft(spec) and not has_draft:
             raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH)")
     if "vanilla" not in [parse_spec(s)[0] for s in specs]:
@@ -145,6 +151,7 @@ def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple
         options["draft_model"] = draft_model(options.get("draft_model"), s)
     if s.policy is not None and "policy" not in options and name != "vanilla":
         options["policy"] = s.policy
+    options.setdefault("sampling", s.sampling)
     return drafter, options
 
 
@@ -171,7 +178,7 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                      sampling=s.sampling, **options)
+                      **options)
     wall = time.perf_counter() - start
     return Outcome(out.token_ids, wall, out.accept_lengths, out.stats.drafted,
                    [st.drafted for st in out.steps], [st.planned for st in out.steps])

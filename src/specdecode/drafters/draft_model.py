@@ -2,18 +2,27 @@
 (Leviathan et al., ICML 2023; Chen et al., 2023), or a dynamic tree (EAGLE-2, Li et al., 2024).
 
 Chain (``tree="chain"``): greedy drafts the draft's argmax; coupled sampling its Gumbel-max under
-the same keyed noise as the target; rejection sampling samples from the processed draft
-distribution, which travels as ``draft_probs``. With ``tree_width`` w > 1 each chain position also
-offers the draft's next w - 1 most likely tokens as leaf siblings (no extra draft forwards).
+the same keyed noise as the target; the other sampling rules (rejection, block, traversal, spectr:
+``SamplingParams.sampled_drafts``) sample from the processed draft distribution, which travels as
+``draft_probs``. With ``tree_width`` w > 1 each chain position also offers the draft's next w - 1
+most likely tokens as leaf siblings (no extra draft forwards).
+
+Delayed tree expansion (``num_drafts`` k > 1; Thomas, Kitanovski, Goldblum, Pal, arXiv
+2602.16994): the chain branches at depth ``branch_depth`` into k children drawn i.i.d. (with
+``replacement=False`` without replacement, each child's ``draft_probs`` row then excluding its
+earlier siblings), each continued as a chain. Multi-draft rules gain most deep in the tree, where
+draft and target diverge; a branch depth fixed before drafting keeps it exact. Verify it with
+``sampling="traversal"`` (or ``spectr`` / ``rejection``); under greedy / coupled sampling the
+branches are the top-k children (point masses).
 
 Dynamic tree (``tree="dynamic"``): ``dynamic_tree.build_tree`` expands, depth by depth, the
 ``topk`` best nodes by path probability with their ``topk`` likeliest children (one draft forward
 per depth over the expanded nodes, with a tree mask on the draft's cache), then keeps the best
 ``max_nodes``. Under greedy the children are the draft's top-k; under coupled sampling the top-k of
 softmax(log q + g) with the target's keyed Gumbel noise g (the draft's own coupled choice first):
-deterministic proposals (greedy / coupled rules). Under rejection sampling they are drawn from the
-processed draft distribution, independently (their ``draft_probs``; recursive rejection sampling),
-the budget spent while drawing and no drawn node dropped. Depth is
+deterministic proposals (greedy / coupled rules). Under the other sampling rules they are drawn
+from the processed draft distribution, independently (their ``draft_probs``; recursive rejection
+sampling, traversal or SpecTr), the budget spent while drawing and no drawn node dropped. Depth is
 ``min(num_draft_tokens, ctx.max_depth)``, the node budget ``min(max_nodes, ctx.budget)``, and nodes
 scoring below ``ctx.min_score`` are not expanded.
 
@@ -53,9 +62,14 @@ def coupled_ranking(probs: torch.Tensor, seed: int, positions: list[int]) -> tor
 
 class DraftModelDrafter:
     def __init__(self, model: HFModel, num_draft_tokens: int = 4, tree_width: int = 1,
-                 tree: str = "chain", topk: int = 4, max_nodes: int = 12) -> None:
-        if num_draft_tokens < 1 or tree_width < 1 or topk < 1 or max_nodes < 1:
-            raise SpecDecodeError("num_draft_tokens, tree_width, topk and max_nodes must be >= 1")
+                 tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
+                 branch_depth: int = 1, replacement: bool = True) -> None:
+        if min(num_draft_tokens, tree_width, topk, max_nodes, num_drafts, branch_depth) < 1:
+            raise SpecDecodeError("num_draft_tokens, tree_width, topk, max_nodes, num_drafts and "
+                                  "branch_depth must be >= 1")
+        if num_drafts > 1 and (tree != "chain" or tree_width > 1):
+            raise SpecDecodeError("num_drafts branches a chain (delayed tree expansion): use it "
+                                  "with tree=chain and without tree_width")
         if tree not in TREES:
             raise SpecDecodeError(f"tree must be one of {', '.join(TREES)}, got {tree!r}")
         if tree == "dynamic" and tree_width > 1:
@@ -63,6 +77,7 @@ class DraftModelDrafter:
                                   "max_nodes instead (drop tree_width or use tree=chain)")
         self.model, self.k, self.width = model, num_draft_tokens, tree_width
         self.tree, self.topk, self.max_nodes = tree, topk, max_nodes
+        self.num_drafts, self.branch_depth, self.replacement = num_drafts, branch_depth, replacement
         self.model.reset()
         self.rng: TorchRandom | None = None
         self.base = 0  # committed length when the last draft was made
@@ -78,13 +93,15 @@ class DraftModelDrafter:
         self.base = len(ctx.tokens)  # the draft cache holds every committed token
         if self.tree == "dynamic":
             return self._dynamic(ctx, logits, depth)
+        if self.num_drafts > 1:
+            return self._delayed(ctx, logits, depth)
         return self._chain(ctx, logits, min(depth, ctx.budget // self.width))
 
     def _chain(self, ctx: DraftContext, logits: torch.Tensor, k: int) -> Draft:
         params, width, base = ctx.params, self.width, len(ctx.tokens)
         if k < 1:
             return Draft.empty()
-        sampled = not params.greedy and params.mode == "rejection" and width == 1
+        sampled = params.sampled_drafts and width == 1
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
         tokens, parents, rows, scores = [], [], [], []
@@ -122,7 +139,10 @@ class DraftModelDrafter:
         return Draft(torch.tensor(tokens), torch.tensor(parents), draft_probs,
                      scores=torch.tensor(scores, dtype=torch.float64))
 
-    def _dynamic(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+    def _expander(self, ctx: DraftContext, root_logits: torch.Tensor):
+        """``expand(frontier, tokens, parents)`` for tree drafts: the rows choosing the children of
+        each frontier node (one draft forward per call over the frontier, with a tree mask on the
+        draft's cache; the caller crops the tree nodes away at the end)."""
         base = self.base
         slot: dict[int, int] = {}  # tree node -> its cache index
         coupled = not ctx.params.greedy and ctx.params.mode == "coupled"
@@ -150,7 +170,12 @@ class DraftModelDrafter:
             logits = self.model.forward_nodes([tokens[n] for n in frontier], positions, visible)
             return rank(logits, [p + 1 for p in positions])
 
-        sampled = not ctx.params.greedy and ctx.params.mode == "rejection"
+        return expand
+
+    def _dynamic(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+        base = self.base
+        expand = self._expander(ctx, root_logits)
+        sampled = ctx.params.sampled_drafts
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0x5EED)
         try:
@@ -163,6 +188,69 @@ class DraftModelDrafter:
             return Draft.empty()
         return Draft(torch.tensor(tree.tokens), torch.tensor(tree.parents), tree.rows,
                      scores=torch.tensor(tree.scores, dtype=torch.float64))
+
+    def _delayed(self, ctx: DraftContext, root_logits: torch.Tensor, depth: int) -> Draft:
+        """Delayed tree expansion: a chain down to ``branch_depth``, where ``num_drafts`` children
+        are drawn (``_draw``: i.i.d. or without replacement; the top ones under greedy / coupled),
+        each continued as a chain. How many nodes each level gets is decided before drawing it (budget
+        ``ctx.budget``); drafting stops after a level whose every node scores below
+        ``ctx.min_score``, no drawn node dropped."""
+        base = self.base
+        expand = self._expander(ctx, root_logits)
+        sampled = ctx.params.sampled_drafts
+        if sampled and self.rng is None:
+            self.rng = TorchRandom(ctx.seed + 0x5EED)
+        tokens: list[int] = []
+        parents: list[int] = []
+        rows: list[torch.Tensor] = []
+        scores: list[float] = []
+        frontier = [-1]
+        try:
+            for level in range(1, depth + 1):
+                width = self.num_drafts if level == self.branch_depth else 1
+                if not frontier or len(tokens) + width * len(frontier) > ctx.budget:
+                    break
+                new = []
+                for node, row in zip(frontier, expand(frontier, tokens, parents)):
+                    if sampled:
+                        drawn, row_of = self._draw(row, width)
+                    else:
+                        top = torch.topk(row, min(width, row.numel()))
+                        drawn = [t for p, t in zip(top.values.tolist(), top.indices.tolist()) if p > 0]
+                        row_of = [row] * len(drawn)
+                    for tok, own in zip(drawn, row_of):
+                        new.append(len(tokens))
+                        tokens.append(tok)
+                        parents.append(node)
+                        rows.append(own)
+                        scores.append((scores[node] if node >= 0 else 1.0) * float(row[tok]))
+                frontier = new
+                if max(scores[i] for i in frontier) < ctx.min_score:
+                    break
+        finally:
+            self.model.crop(base)  # the tree nodes leave the cache; the committed tokens stay
+        if not tokens:
+            return Draft.empty()
+        return Draft(torch.tensor(tokens), torch.tensor(parents),
+                     torch.stack(rows) if sampled else None,
+                     scores=torch.tensor(scores, dtype=torch.float64))
+
+    def _draw(self, row: torch.Tensor, count: int) -> tuple[list[int], list[torch.Tensor]]:
+        """``count`` children from ``row`` and the row each was drawn from: i.i.d., or without
+        replacement (then fewer when the row runs out of tokens)."""
+        if self.replacement:
+            return [self.rng.categorical(row) for _ in range(count)], [row] * count
+        drawn, rows, left = [], [], row
+        for _ in range(count):
+            total = float(left.sum())
+            if total <= 0.0:
+                break
+            left = left / total
+            drawn.append(self.rng.categorical(left))
+            rows.append(left)
+            left = left.clone()
+            left[drawn[-1]] = 0.0
+        return drawn, rows
 
     def observe(self, verdict: Verdict) -> None:
         # compare tokens, not node indices: a policy may have re-indexed the draft (Draft.subset)
@@ -183,8 +271,8 @@ def check_vocab(target: HFModel, draft: HFModel) -> None:
 
 @register("draft-model")
 def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width: int = 1,
-                      tree: str = "chain", topk: int = 4, max_nodes: int = 12
-                      ) -> DraftModelDrafter:
+                      tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
+                      branch_depth: int = 1, replacement: bool = True) -> DraftModelDrafter:
     if build.draft_model is None:
         raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
                               "--draft-model PATH)")
@@ -194,4 +282,5 @@ def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width
         "dtype": build.target.dtype, "device": build.target.device}
     draft = HFModel(load_causal_lm(source, what="draft model", **on_target))
     check_vocab(build.target, draft)
-    return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes)
+    return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes,
+                             num_drafts, branch_depth, replacement)

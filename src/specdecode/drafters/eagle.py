@@ -119,7 +119,7 @@ class EagleDrafter:
             feats.extend(out[0])
             return rank(out[0], [p + 1 for p in positions])
 
-        sampled = not params.greedy and params.mode == "rejection"
+        sampled = params.sampled_drafts
         if sampled and self.rng is None:
             self.rng = TorchRandom(ctx.seed + 0xEA61E)
         tree = build_tree(expand, topk=self.topk, depth=depth,
