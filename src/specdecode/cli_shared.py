@@ -17,9 +17,9 @@ TARGET_HELP = ("Target model: a local HF directory, a .gguf file (converted once
 DRAFT_HELP = ("Draft model (same sources as --target; same tokenizer as the target). Default: the "
               "demo draft with the demo target.")
 DTYPE_HELP = ("Weights and compute dtype. Lossless means identical to vanilla decoding of the same "
-              "model in the same dtype. Default: float32 (the dtype where every method is exact "
-              "on this engine; bfloat16 is faster on CPUs with AVX512-BF16 but not yet "
-              "batch-invariant).")
+              "model in the same dtype (half precision runs the exact, batch-invariant forward). "
+              "Default: bfloat16 for models of 50M+ parameters on CPUs with native bfloat16 "
+              "(AVX512-BF16/AMX), else float32.")
 DEVICE_HELP = "Where the models run: cpu (default), cuda, cuda:1, mps..."
 
 

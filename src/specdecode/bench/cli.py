@@ -128,6 +128,8 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
     if target is not None and defaults:  # other targets name their heads (eagle:head=DIR)
         for head in HEAD_METHODS:
             methods = methods.replace(head, ",")
+        if draft_model is None:  # and their draft model
+            methods = methods.replace(",draft-model,", ",").replace(",hf-assisted", "")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
     specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
                                          parse_spec(m)[0] == "oracle"))

@@ -21,7 +21,13 @@ import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
 from specdecode.models.exact import MIN_ROWS, ExactMatmul, default_exact, exact_plan
-from specdecode.models.sources import dtype_name, parse_device, parse_dtype, resolve_source
+from specdecode.models.sources import (
+    auto_dtype,
+    dtype_name,
+    parse_device,
+    parse_dtype,
+    resolve_source,
+)
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -54,8 +60,9 @@ class TargetModel(Protocol):
 def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = False,
                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
     """A transformers causal LM from an already-loaded model or a source ``resolve_source`` takes
-    (local directory, .gguf file, preset, Hub id), in ``dtype`` (default float32) on ``device``
-    (default cpu). A loaded model is used as it is: asking it for another dtype or device is an
+    (local directory, .gguf file, preset, Hub id), in ``dtype`` (default: ``auto_dtype``, float32
+    for small models, bfloat16 for large ones on CPUs with native bfloat16) on ``device`` (default
+    cpu). A loaded model is used as it is: asking it for another dtype or device is an
     error (it is the caller's object; load it that way, or pass a path)."""
     dtype, device = parse_dtype(dtype), parse_device(device)
     if not isinstance(source, (str, Path)):
@@ -73,11 +80,14 @@ def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = Fal
                                   "it first or pass its path")
         return source.eval()
     path = resolve_source(source, what=what)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        if dtype is None:
+            dtype = auto_dtype(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code),
+                               device)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, use_safetensors=True,
+            path, dtype=dtype, use_safetensors=True,
             trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise SpecDecodeError(f"cannot load {what} from {str(path)!r}: {err}") from err
