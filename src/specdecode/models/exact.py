@@ -47,27 +47,26 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
     per row, (its committed length + 1, [(query column, tree path slots or None)])."""
     b, heads, q, dim = query.shape
     kv_heads = key.shape[1]
-    groups = heads // kv_heads
+    # each query's heads as [kv heads, group, dim] rows (GQA), contiguous whatever b and q: the
+    # kernel sees the same layout for a token in any forward
+    queries_ = query.transpose(1, 2).reshape(b, q, kv_heads, heads // kv_heads, dim).contiguous()
     out = query.new_zeros(b, q, heads, dim)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     for r, (prefix, queries) in enumerate(_FORWARD.exact):
-        scratch = None
+        keys, values, scratch = key[r:r + 1], value[r:r + 1], None
         for j, path in queries:
             if path is None:  # a chain node (or the pending token): a view of its row's slots
-                k, v = key[r:r + 1, :, :prefix + j], value[r:r + 1, :, :prefix + j]
+                k, v = keys.narrow(2, 0, prefix + j), values.narrow(2, 0, prefix + j)
             else:  # a tree node: the prefix, then its ancestors and itself, in a scratch row
                 if scratch is None:
-                    scratch = (key.new_empty(1, kv_heads, key.shape[2], dim),
-                               value.new_empty(1, kv_heads, key.shape[2], dim))
-                    scratch[0][:, :, :prefix] = key[r:r + 1, :, :prefix]
-                    scratch[1][:, :, :prefix] = value[r:r + 1, :, :prefix]
+                    scratch = (keys.new_empty(keys.shape), values.new_empty(values.shape))
+                    scratch[0][:, :, :prefix] = keys[:, :, :prefix]
+                    scratch[1][:, :, :prefix] = values[:, :, :prefix]
                 end = prefix + len(path)
-                scratch[0][:, :, prefix:end] = key[r:r + 1].index_select(2, path)
-                scratch[1][:, :, prefix:end] = value[r:r + 1].index_select(2, path)
+                scratch[0][:, :, prefix:end] = keys.index_select(2, path)
+                scratch[1][:, :, prefix:end] = values.index_select(2, path)
                 k, v = scratch[0][:, :, :end], scratch[1][:, :, :end]
-            # GQA: the group's heads as rows; contiguous: the kernel may depend on the layout
-            one = query[r, :, j].reshape(1, kv_heads, groups, dim).contiguous()
-            o = torch.nn.functional.scaled_dot_product_attention(one, k, v, scale=scaling)
-            out[r, j] = o.reshape(heads, dim)
+            out[r, j] = sdpa(queries_[r, j, None], k, v, scale=scaling).view(heads, dim)
     return out, None
 
 
