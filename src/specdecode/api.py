@@ -13,6 +13,7 @@ from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
 from specdecode.models.hf import BatchTarget, load_causal_lm
 from specdecode.policies import Policy, make_policy
 from specdecode.types import (
+    DEFAULT_SAMPLING,
     GenerationResult,
     RunStats,
     SamplingParams,
@@ -91,7 +92,7 @@ def _request_kind(model, drafter, options: dict, params: SamplingParams) -> str:
 def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
-            sampling: str = "rejection", max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
+            sampling: str = DEFAULT_SAMPLING, max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
             policy: str | Policy | None = None, policy_options: dict | None = None,
             trust_remote_code: bool = False, target: BatchTarget | None = None,
             dtype=None, device=None, exact: bool | None = None,
@@ -165,8 +166,8 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     ``model``: a loaded transformers causal LM or a local directory. ``input_ids``: list of ints
     or 1-D tensor. Keyword arguments: ``drafter`` (registered name or Drafter, default "ngram"),
     ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
-    ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("rejection", "coupled",
-    "block", "traversal" or "spectr": ``SAMPLING_MODES``),
+    ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("traversal" by default,
+    "rejection", "coupled", "block" or "spectr": ``SAMPLING_MODES``),
     ``max_draft_nodes``, ``dtype`` / ``device`` (for a ``model`` given as a path, a .gguf, the
     ``smollm2-135m`` preset or a Hub id), ``policy`` (how much to draft each step: "fixed" by default,
     "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named one), and the drafter's own

@@ -21,7 +21,7 @@ from specdecode.datastore_cli import datastore
 from specdecode.server.cli import bench_serve, serve
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
-from specdecode.types import SAMPLING_MODES, SpecDecodeError
+from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,10 +51,11 @@ def main() -> None:
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
-@click.option("--sampling", type=click.Choice(list(SAMPLING_MODES)), default="rejection",
-              show_default=True, help="coupled: output bit-identical to vanilla with the same seed; "
-                                      "block / traversal / spectr: other exact rules for sampled "
-                                      "drafts (README).")
+@click.option("--sampling", type=click.Choice(list(SAMPLING_MODES)), default=DEFAULT_SAMPLING,
+              show_default=True, help="The exact rule for sampled drafts: traversal (block "
+                                      "verification on chains), rejection (token-level), block, "
+                                      "spectr; coupled: output bit-identical to vanilla with the "
+                                      "same seed (README).")
 @click.option("--num-draft-tokens", "-k", type=int, default=None, help="Draft length per step.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")
