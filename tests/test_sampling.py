@@ -214,6 +214,8 @@ RULE_CASES = {
         "num_draft_tokens": 3, "num_drafts": 3, "branch_depth": 2, "replacement": False}),
     "spectr-dynamic-tree": ("spectr", {"num_draft_tokens": 2, "tree": "dynamic", "topk": 3,
                                        "max_nodes": 5}),
+    "traversal-dynamic-tree": ("traversal", {"num_draft_tokens": 2, "tree": "dynamic", "topk": 3,
+                                             "max_nodes": 5}),
 }
 
 
