@@ -117,6 +117,17 @@ SPECS: dict[str, dict[str, Option]] = {
              "max_suffix": _count(1, 64)},
     "oracle": {"continuation": _owner(), "num_draft_tokens": DEPTH},
 }
+# drafters that need a resource only the process owner can give (the rest are self-contained;
+# eagle and medusa use the heads shipped for the demo target unless given one)
+NEEDS: dict[str, str] = {"oracle": "continuation", "rest": "datastore",
+                         "draft-model": "a draft model"}
+
+
+def self_contained() -> tuple[str, ...]:
+    """Drafters a server lets requests pick by default: declared here, needing no resource."""
+    return tuple(sorted(set(SPECS) - set(NEEDS)))
+
+
 # options of the request itself that travel with the drafter's (``generate``'s ``sampling``)
 COMMON: dict[str, Option] = {"sampling": Option("text", choices=SAMPLING_MODES)}
 MAX_SOURCES = 4  # drafters in one mix

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from specdecode.api import DEFAULT_POLICY
 from specdecode.bench.questions import chat_prompt
 from specdecode.drafters import available
-from specdecode.drafters.options import Limits
+from specdecode.drafters.options import Limits, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
@@ -49,11 +49,10 @@ from specdecode.types import SpecDecodeError
 log = logging.getLogger("specdecode.server")
 
 # Drafters a request may pick unless the server says otherwise: all that need no server-side
-# resource (oracle needs the answer; rest a datastore; draft-model a draft model). eagle and medusa
-# use the heads shipped for the demo target (another target's request for them is refused unless
-# the server was started with --drafter eagle -o head=DIR).
-SELF_CONTAINED = ("none", "ngram", "suffix", "sam", "token-recycling", "lookahead", "layer-skip",
-                  "mix", "eagle", "medusa")
+# resource (``drafters/options.py``: oracle needs the answer, rest a datastore, draft-model a draft
+# model). eagle and medusa use the heads shipped for the demo target (another target's request for
+# them is refused unless the server was started with --drafter eagle -o head=DIR).
+SELF_CONTAINED = self_contained()
 
 
 @dataclass
