@@ -87,7 +87,8 @@ class Generation:
                 left = None if self.timeout is None else \
                     self.arrived + self.timeout - time.perf_counter()
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), left)
+                    async with asyncio.timeout(left):
+                        event = await self.queue.get()
                 except TimeoutError:
                     self.worker.abort(self.request_id)
                     self.finish_reason = "timeout"
