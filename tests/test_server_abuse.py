@@ -269,8 +269,14 @@ def _leave_early(server, body: dict) -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_that_leaves_before_the_first_byte_frees_its_row(server, stream):
+    aborted = server.state.metrics.success.labels("specdecode-demo", "abort")
+    before = aborted._value.get()
     _leave_early(server, {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0,
                           "stream": stream, "speculative": False})
+    deadline = time.monotonic() + 5
+    while aborted._value.get() == before:  # it reaches the engine, and is aborted there
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.02)
     wait_idle(server, timeout=5)
     assert server.state.worker.scheduler.target.lengths == []
 
