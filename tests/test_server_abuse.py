@@ -346,3 +346,16 @@ def test_the_table_covers_every_drafter_and_the_library_checks_it(demo):
         sd.generate(demo.target, [1, 2, 3], drafter="token-recycling", topk=8192)
     with pytest.raises(sd.SpecDecodeError, match="ngram option max_n"):
         sd.generate(demo.target, [1, 2, 3], drafter="mix", sources="ngram+suffix", max_n=10**6)
+
+
+def test_max_tokens_bounded_without_a_model_context(demo, monkeypatch):
+    """A model that declares no context length still bounds prompt + max_tokens (4096, or
+    --max-model-len)."""
+    import specdecode.server.app as app_module
+
+    monkeypatch.setattr(app_module, "context_length", lambda config: None)
+    for config, bound in [(ServerConfig(), 4096), (ServerConfig(max_model_len=64), 64)]:
+        local = TestClient(create_app(demo.target, demo.tokenizer, config=config))
+        r = local.post("/v1/completions", json={"prompt": "hi", "max_tokens": bound})
+        assert r.status_code == 400 and f"maximum context length is {bound}" in r.text, r.text
+        assert local.get("/v1/models").json()["data"][0]["max_model_len"] == bound
