@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -354,12 +355,12 @@ def create_app(model, tokenizer, *, draft_model=None, config: ServerConfig | Non
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    guard = []
+    if state.config.api_key:  # every route but /health (and /metrics if public) needs the key
+        public = {"/health"} | ({"/metrics"} if state.config.metrics_public else set())
+        guard = [Middleware(ApiKeyGuard, key=state.config.api_key, public=frozenset(public),
+                            metrics=state.metrics)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=guard, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.server = state
-    if not state.config.api_key:
-        return app
-    public = {"/health"} | ({"/metrics"} if state.config.metrics_public else set())
-    guarded = ApiKeyGuard(app, state.config.api_key, frozenset(public), state.metrics)
-    guarded.state = app.state  # type: ignore[attr-defined]  (tests read app.state.server)
-    return guarded  # type: ignore[return-value]
+    return app
