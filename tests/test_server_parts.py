@@ -1,6 +1,7 @@
 """Server parts without HTTP. TextStream: the text is the tokenizer's decoding of the output, cut
 exactly before the first stop string, and what a stream sends adds up to it (nothing sent is ever
-taken back). EngineWorker: a failing step fails only the requests in flight."""
+taken back), with either incremental decoder (``DecodeStream``, the sliding window). EngineWorker:
+a failing step fails only the requests in flight."""
 
 from __future__ import annotations
 
@@ -9,12 +10,22 @@ import random
 import pytest
 
 from specdecode.demo import load_demo
+from specdecode.server import text
 from specdecode.server.text import TextStream
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_demo().tokenizer
+
+
+@pytest.fixture(params=["DecodeStream", "window"])
+def decoder(request, monkeypatch, tokenizer):
+    """Each text test runs with both incremental decoders."""
+    kind = text._Stream if request.param == "DecodeStream" else text._Window
+    monkeypatch.setattr(text, "incremental_decoder", lambda tok, skip=True: kind(tok, skip))
+    assert isinstance(TextStream(tokenizer).decoder, kind)
+    return request.param
 
 
 SAMPLES = ["Hello world, this is a test. ü 日本語 and emoji 🙂 end.",
@@ -37,7 +48,7 @@ def _run(tokenizer, text: str, stop: list[str], rng: random.Random) -> tuple[Tex
 
 
 @pytest.mark.parametrize("sample", SAMPLES)
-def test_stream_adds_up_and_stops_exactly(tokenizer, sample):
+def test_stream_adds_up_and_stops_exactly(tokenizer, sample, decoder):
     rng = random.Random(0)
     full = tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"])
     for trial in range(40):
@@ -54,7 +65,7 @@ def test_stream_adds_up_and_stops_exactly(tokenizer, sample):
             assert stop[0] not in tokenizer.decode(ids[:-1])
 
 
-def test_unfinished_characters_wait(tokenizer):
+def test_unfinished_characters_wait(tokenizer, decoder):
     ids = tokenizer("日本", add_special_tokens=False)["input_ids"]
     stream = TextStream(tokenizer)
     chunks = []
@@ -62,9 +73,26 @@ def test_unfinished_characters_wait(tokenizer):
         stream.add([t])
         chunks.append(stream.pending())
     assert all("\ufffd" not in c for c in chunks) and "".join(chunks) == "日本"
+    cut = TextStream(tokenizer)  # output ends inside a character: as decode, U+FFFD at the end
+    cut.add(ids[:-1])
+    assert cut.pending() + cut.pending(final=True) == tokenizer.decode(ids[:-1])
 
 
-def test_a_possible_stop_prefix_is_held_back(tokenizer):
+def test_decoding_is_incremental(tokenizer, decoder, monkeypatch):
+    """Each new token decodes a few tokens, never the whole output."""
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 20,
+                    add_special_tokens=False)["input_ids"]
+    longest = []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda t, **kw: longest.append(len(t)) or real(t, **kw))
+    stream = TextStream(tokenizer)
+    for t in ids:
+        stream.add([t])
+    assert stream.pending(final=True) == real(ids)
+    assert max(longest, default=0) <= text.WINDOW + 2
+
+
+def test_a_possible_stop_prefix_is_held_back(tokenizer, decoder):
     stream = TextStream(tokenizer, ["STOP"])
     stream.add(tokenizer("hello ST", add_special_tokens=False)["input_ids"])
     assert stream.pending() == "hello "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from specdecode.drafters import BuildContext, Drafter, make_drafter
+from specdecode.drafters.options import Limits, check_options
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
 from specdecode.models.hf import BatchTarget, load_causal_lm
 from specdecode.policies import Policy, make_policy
@@ -121,7 +122,9 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
                                   "needs another target (e.g. another Scheduler)")
     hf = target.model
     prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
-    if isinstance(drafter, str):
+    if isinstance(drafter, str):  # types and bounds (drafters/options.py), then the factory
+        drafter_options = check_options(drafter, drafter_options, Limits(
+            vocab=target.vocab_size, layers=getattr(hf.config, "num_hidden_layers", None)))
         drafter_obj = make_drafter(drafter, BuildContext(target=target, draft_model=draft_model),
                                    **drafter_options)
     elif hasattr(drafter, "propose") and hasattr(drafter, "observe"):

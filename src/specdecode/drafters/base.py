@@ -16,6 +16,10 @@ Optional, declared by the drafter and read by the engine with ``getattr``:
 - ``finish(output: list[int])``: called once when the request ends. A store shared across requests
   (SuffixDecoding's global tree, Token Recycling's hot table) is an explicit object with a size
   bound, handed to the drafter by its factory; ``finish`` is where it learns from the request.
+
+A factory's options are declared in ``options.py`` (type, bound, whether a server's client may set
+it): ``prepare`` checks them there before calling the factory, and the server lets a request set
+only what that table allows.
 """
 
 from __future__ import annotations

@@ -6,17 +6,20 @@ A thin adapter: requests become ``Scheduler.add_request`` calls on the engine th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -24,14 +27,18 @@ from starlette.routing import Route
 from specdecode.api import DEFAULT_POLICY
 from specdecode.bench.questions import chat_prompt
 from specdecode.drafters import available
+from specdecode.drafters.options import Limits, self_contained
+from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
 from specdecode.server.generation import Generation
+from specdecode.server.guard import ApiKeyGuard
 from specdecode.server.metrics import ServerMetrics, SpecCounts
 from specdecode.server.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    load_json,
     message_text,
     parse,
     speculation,
@@ -43,11 +50,10 @@ from specdecode.types import SpecDecodeError
 log = logging.getLogger("specdecode.server")
 
 # Drafters a request may pick unless the server says otherwise: all that need no server-side
-# resource (oracle needs the answer; rest a datastore; draft-model a draft model). eagle and medusa
-# use the heads shipped for the demo target (another target's request for them is refused unless
-# the server was started with --drafter eagle -o head=DIR).
-SELF_CONTAINED = ("none", "ngram", "suffix", "sam", "token-recycling", "lookahead", "layer-skip",
-                  "mix", "eagle", "medusa")
+# resource (``drafters/options.py``: oracle needs the answer, rest a datastore, draft-model a draft
+# model). eagle and medusa use the heads shipped for the demo target (another target's request for
+# them is refused unless the server was started with --drafter eagle -o head=DIR).
+SELF_CONTAINED = self_contained()
 
 
 @dataclass
@@ -61,6 +67,16 @@ class ServerConfig:
     max_batch_size: int = 8
     allowed_drafters: tuple[str, ...] | None = None  # None: SELF_CONTAINED + the server's own
     max_draft_nodes: int | None = None
+    api_key: str | None = None  # every route but /health needs "Authorization: Bearer KEY"
+    metrics_public: bool = False  # /metrics without the key
+    max_body_bytes: int = 2 * 1024 * 1024  # larger bodies get 413
+    max_queue: int = 64  # requests waiting beyond the batch; more get 429
+    request_timeout: float | None = 600.0  # seconds from arrival; then aborted (408)
+    stall_seconds: float = 120.0  # /health is 503 when the engine has work and no step ends
+    max_model_len: int | None = None  # prompt + max_tokens (default: the model's, else 4096)
+
+
+DEFAULT_MODEL_LEN = 4096  # when neither the model nor --max-model-len gives a context length
 
 
 class ServerState:
@@ -69,7 +85,16 @@ class ServerState:
         self.tokenizer = tokenizer
         self.draft_model = draft_model
         self.config = config
-        self.context = context_length(self.model.config)
+        model_len = context_length(self.model.config)
+        self.context = min(x for x in (model_len, config.max_model_len) if x is not None) \
+            if (model_len or config.max_model_len) else DEFAULT_MODEL_LEN
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.limits = Limits(nodes=config.max_draft_nodes or DEFAULT_MAX_DRAFT_NODES,
+                             vocab=int(vocab), layers=getattr(self.model.config,
+                                                              "num_hidden_layers", None))
+        self.vocab = int(vocab)
+        self.in_flight = 0  # requests admitted and not finished (running or queued)
+        self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="specdecode-tokenize")
         allowed = set(config.allowed_drafters or SELF_CONTAINED) | {config.drafter}
         if draft_model is not None and config.allowed_drafters is None:
             allowed.add("draft-model")
@@ -92,35 +117,70 @@ class ServerState:
             raise APIError(400, f"the model {name!r} does not exist; this server serves "
                            f"{self.config.model_name!r}", param="model", kind="not_found_error")
 
+    def check_room(self) -> None:
+        """429 when the queue is full (checked before tokenizing and again when admitting)."""
+        if self.in_flight >= self.config.max_batch_size + self.config.max_queue:
+            raise APIError(429, f"the server is busy ({self.in_flight} requests running or "
+                           f"queued, at most {self.config.max_batch_size} + "
+                           f"{self.config.max_queue}); retry later", kind="rate_limit_error",
+                           headers={"Retry-After": "1"})
+
+    def admit(self, gen: Generation) -> None:
+        self.check_room()
+        self.in_flight += 1
+
+        def done() -> None:
+            self.in_flight -= 1
+
+        gen.on_done = done
+
+    async def run_off_loop(self, fn: Callable, *args):
+        """Tokenizing and chat templates run on one helper thread, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+
     def generation(self, req, prompt: list[int]) -> Generation:
-        if self.context is not None and len(prompt) >= self.context:
+        if len(prompt) >= self.context:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens, "
                            f"but the prompt has {len(prompt)} tokens", param="messages"
                            if isinstance(req, ChatRequest) else "prompt")
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        room = None if self.context is None else self.context - len(prompt)
+        room = self.context - len(prompt)
         if max_tokens is None:
-            max_tokens = room if room is not None else 256
-        elif room is not None and max_tokens > room:
+            max_tokens = room
+        elif max_tokens > room:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens; "
                            f"the prompt has {len(prompt)} and max_tokens asks for {max_tokens} "
                            f"more", param="max_tokens")
         c = self.config
         drafter, options, policy = speculation(req, drafter=c.drafter, options=c.drafter_options,
-                                               policy=c.policy, allowed=self.allowed)
+                                               policy=c.policy, allowed=self.allowed,
+                                               limits=self.limits)
         spec = SpecCounts(drafter, policy or DEFAULT_POLICY)
         options = dict(options, drafter=drafter, policy=policy, max_new_tokens=max_tokens,
                        temperature=req.temperature, top_p=req.top_p,
                        top_k=max(0, req.top_k), seed=req.seed)
+        timeouts = [t for t in (req.timeout, c.request_timeout) if t is not None]
         return Generation(self.worker, self.metrics, self.tokenizer, prompt, options,
-                          stop_strings(req), spec)
+                          stop_strings(req), spec, timeout=min(timeouts) if timeouts else None)
 
 
 async def _body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from None
+    """The body as JSON; 413 past ``max_body_bytes``. A body a little over the limit is read to
+    its end first (so the client, still sending, gets the answer rather than a reset); a larger
+    one is left unread."""
+    limit = request.app.state.server.config.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    drain = 4 * limit if not declared.isdigit() or int(declared) <= 4 * limit else 0
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > drain:
+            break
+    if size > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes")
+    return load_json(b"".join(chunks))
 
 
 def _sse(obj: Any) -> str:
@@ -144,6 +204,7 @@ async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     req = parse(CompletionRequest, await _body(request))
     state.check_model(req.model)
+    state.check_room()
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -151,7 +212,11 @@ async def completions(request: Request) -> Response:
                            f"{len(prompt)})", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        prompt = state.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        prompt = (await state.run_off_loop(
+            lambda text: state.tokenizer(text, add_special_tokens=True), prompt))["input_ids"]
+    elif not prompt or not all(0 <= t < state.vocab for t in prompt):
+        raise APIError(400, "prompt token ids must be a non-empty list of ids in [0, "
+                       f"{state.vocab})", param="prompt")
     return await _respond(request, req, state.generation(req, list(prompt)), chat=False)
 
 
@@ -159,11 +224,12 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     req = parse(ChatRequest, await _body(request))
     state.check_model(req.model)
+    state.check_room()
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
     history = [{"role": m.role, "content": message_text(m)} for m in req.messages]
     try:
-        prompt = chat_prompt(state.tokenizer, history)
+        prompt = await state.run_off_loop(chat_prompt, state.tokenizer, history)
     except Exception as err:  # noqa: BLE001 - a template that refuses these messages
         raise APIError(400, f"the chat template refused these messages: {err}",
                        param="messages") from None
@@ -172,6 +238,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def _respond(request: Request, req, gen: Generation, chat: bool) -> Response:
     """Run ``gen`` and answer in OpenAI's shape: one JSON object, or (``stream``) SSE chunks."""
+    request.app.state.server.admit(gen)
     await gen.start()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created, model = int(time.time()), request.app.state.server.config.model_name
@@ -198,10 +265,28 @@ async def _respond(request: Request, req, gen: Generation, chat: bool) -> Respon
                                        lambda r: body(piece("", r)), include):
                 yield event
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-    text = await gen.complete(request.is_disconnected)
+        return _Stream(gen, events())
+    try:
+        text = await gen.complete(request.is_disconnected)
+    finally:
+        gen.close()
     whole = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
     return JSONResponse(body({**whole, "finish_reason": gen.finish_reason}, usage=gen.usage))
+
+
+class _Stream(StreamingResponse):
+    """An SSE response that aborts its request however the response ends, even when the client
+    left before the first byte (then the body generator never ran)."""
+
+    def __init__(self, gen: Generation, body: AsyncIterator[str]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
 
 
 async def models(request: Request) -> Response:
@@ -212,9 +297,14 @@ async def models(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    alive = request.app.state.server.worker.thread.is_alive()
-    return JSONResponse({"status": "ok" if alive else "engine stopped"},
-                        status_code=200 if alive else 503)
+    state: ServerState = request.app.state.server
+    if not state.worker.thread.is_alive():
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
+    stalled = state.worker.stalled_for()
+    if stalled > state.config.stall_seconds:
+        return JSONResponse({"status": "engine stalled", "seconds_without_a_step":
+                             round(stalled, 1)}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 async def metrics(request: Request) -> Response:
@@ -224,7 +314,7 @@ async def metrics(request: Request) -> Response:
 
 def _error_response(request: Request, err: APIError) -> JSONResponse:
     request.app.state.server.metrics.error(err.status)
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 async def _api_error(request: Request, err: Exception) -> Response:
@@ -242,8 +332,8 @@ async def _http_error(request: Request, err: Exception) -> Response:
 
 
 async def _server_error(request: Request, err: Exception) -> Response:
-    log.exception("request failed")
-    return _error_response(request, APIError(500, f"internal error: {type(err).__name__}: {err}",
+    log.exception("request failed")  # the details stay in the log
+    return _error_response(request, APIError(500, f"internal error ({type(err).__name__})",
                                              kind="server_error"))
 
 
@@ -258,13 +348,19 @@ def create_app(model, tokenizer, *, draft_model=None, config: ServerConfig | Non
         state.worker.start()
         yield
         state.worker.close()
+        state.tokenize_pool.shutdown(wait=False)
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    guard = []
+    if state.config.api_key:  # every route but /health (and /metrics if public) needs the key
+        public = {"/health"} | ({"/metrics"} if state.config.metrics_public else set())
+        guard = [Middleware(ApiKeyGuard, key=state.config.api_key, public=frozenset(public),
+                            metrics=state.metrics)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=guard, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.server = state
     return app

@@ -36,6 +36,22 @@ from specdecode.types import SpecDecodeError
               help="Requests decoded together; more wait in a queue.")
 @click.option("--max-draft-nodes", type=int, default=None,
               help="Cap on draft tokens per request per step (default: the library's, 64).")
+@click.option("--api-key", envvar="SPECDECODE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (and /metrics "
+                   "with --metrics-public); default: $SPECDECODE_API_KEY, else no key.")
+@click.option("--metrics-public", is_flag=True, help="Serve /metrics without the API key.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=2 * 1024 * 1024,
+              show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait beyond the running batch; more get 429.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds from arrival after which a request is aborted "
+                                      "(408); a request's \"timeout\" field may ask for less.")
+@click.option("--stall-seconds", type=click.FloatRange(min=0, min_open=True), default=120.0,
+              show_default=True, help="/health answers 503 when the engine has work but has not "
+                                      "finished a step for this long.")
+@click.option("--max-model-len", type=click.IntRange(2), default=None,
+              help="Tokens of prompt + max_tokens (default: the model's context, else 4096).")
 @click.option("--served-model-name", default=None,
               help="The model id clients send (default: specdecode-demo, or the target "
                    "directory's name).")
@@ -44,7 +60,9 @@ from specdecode.types import SpecDecodeError
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 def serve(target, draft_model, dtype, device, drafter, options, policy, allow_drafters, max_batch_size,
-          max_draft_nodes, served_model_name, host, port, threads, trust_remote_code) -> None:
+          max_draft_nodes, api_key, metrics_public, max_body_bytes, max_queue, request_timeout,
+          stall_seconds, max_model_len, served_model_name, host, port, threads,
+          trust_remote_code) -> None:
     """Serve the target over an OpenAI-compatible HTTP API with speculative decoding.
 
     POST /v1/completions and /v1/chat/completions (streaming with "stream": true), GET /v1/models,
@@ -52,7 +70,8 @@ def serve(target, draft_model, dtype, device, drafter, options, policy, allow_dr
     body field, e.g. "speculative": {"drafter": "suffix", "num_draft_tokens": 4, "policy":
     "adaptive"}, or turn it off with "speculative": false; its response's usage then reports
     drafts, draft tokens, accepted tokens and the mean acceptance length. Every output is exactly
-    what the target alone would produce.
+    what the target alone would produce. Options a request may set and their bounds:
+    specdecode/drafters/options.py.
     """
     import torch
     import uvicorn
@@ -75,9 +94,13 @@ def serve(target, draft_model, dtype, device, drafter, options, policy, allow_dr
         config = ServerConfig(model_name=name, drafter=drafter,
                               drafter_options=parse_options(options), policy=policy,
                               max_batch_size=max_batch_size, allowed_drafters=allowed,
-                              max_draft_nodes=max_draft_nodes)
-        sd.prepare(model, [1, 2, 3], drafter=drafter, draft_model=draft,
-                   policy=policy, **config.drafter_options)  # the server's own options, checked
+                              max_draft_nodes=max_draft_nodes, api_key=api_key or None,
+                              metrics_public=metrics_public, max_body_bytes=max_body_bytes,
+                              max_queue=max_queue, request_timeout=request_timeout,
+                              stall_seconds=stall_seconds, max_model_len=max_model_len)
+        sd.prepare(model, [1, 2, 3], drafter=drafter, draft_model=draft, policy=policy,
+                   **({"max_draft_nodes": max_draft_nodes} if max_draft_nodes else {}),
+                   **config.drafter_options)  # the server's own options, checked
         app = create_app(model, tokenizer, draft_model=draft, config=config)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from specdecode.server.metrics import ServerMetrics, SpecCounts
@@ -20,7 +20,8 @@ FINISH_REASONS = {"eos": "stop", "length": "length"}  # engine's -> OpenAI's
 
 class Generation:
     def __init__(self, worker: EngineWorker, metrics: ServerMetrics, tokenizer, prompt: list[int],
-                 options: dict[str, Any], stop: list[str], spec: SpecCounts) -> None:
+                 options: dict[str, Any], stop: list[str], spec: SpecCounts,
+                 timeout: float | None = None, on_done: Callable[[], None] | None = None) -> None:
         self.worker, self.metrics = worker, metrics
         self.prompt, self.options = prompt, options
         self.text = TextStream(tokenizer, stop)
@@ -31,6 +32,8 @@ class Generation:
         self.arrived = time.perf_counter()
         self.first_token: float | None = None
         self.recorded = False
+        self.timeout = timeout  # seconds from arrival until the request is aborted (408)
+        self.on_done = on_done  # called once when the request leaves the engine (or never entered)
 
     async def start(self) -> None:
         """Hand the request to the engine; a refused request raises a 400 ``APIError``."""
@@ -43,10 +46,32 @@ class Generation:
         try:
             self.request_id = await asyncio.wrap_future(future)
         except SpecDecodeError as err:
+            self._done()
             raise APIError(400, str(err)) from None
         except (ValueError, TypeError) as err:  # a drafter refusing an option value
+            self._done()
             raise APIError(400, f"invalid option for drafter {self.spec.drafter!r}: "
                            f"{type(err).__name__}: {err}") from None
+        except BaseException:  # cancelled while queued: the engine may still add it
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                     or self.worker.abort(f.result()))
+            self._done()
+            raise
+
+    def close(self) -> None:
+        """The response is over however it ended: a request still running is aborted (a stream
+        whose client left before its first byte never started reading ``deltas``)."""
+        if self.finish_reason is None and self.request_id is not None:
+            self.finish_reason = "abort"
+            self.worker.abort(self.request_id)
+        if self.request_id is not None:
+            self._record()
+        self._done()
+
+    def _done(self) -> None:
+        if self.on_done is not None:
+            self.on_done, done = None, self.on_done
+            done()
 
     @property
     def usage(self) -> dict:
@@ -59,10 +84,20 @@ class Generation:
         early (cancellation, a client that went away) aborts the request in the engine."""
         try:
             while self.finish_reason is None:
-                event = await self.queue.get()
+                left = None if self.timeout is None else \
+                    self.arrived + self.timeout - time.perf_counter()
+                try:
+                    async with asyncio.timeout(left):
+                        event = await self.queue.get()
+                except TimeoutError:
+                    self.worker.abort(self.request_id)
+                    self.finish_reason = "timeout"
+                    raise APIError(408, f"the request timed out after {self.timeout:g} s and was "
+                                   "aborted", kind="timeout_error") from None
                 if isinstance(event, Failure):
                     self.finish_reason = "error"
-                    raise APIError(500, event.message, kind="server_error")
+                    raise APIError(500, f"the engine failed while running this request "
+                                   f"({event.kind}); it was aborted", kind="server_error")
                 if event.tokens:
                     self.spec.add(event.stats)
                     if self.first_token is None:
@@ -104,6 +139,7 @@ class Generation:
         return "".join(parts)
 
     def _record(self) -> None:
+        self._done()
         if self.recorded:
             return
         self.recorded = True

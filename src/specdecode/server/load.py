@@ -28,6 +28,12 @@ from typing import Any
 from specdecode.types import SpecDecodeError
 
 
+def _auth() -> dict[str, str]:
+    """The API key header when ``SPECDECODE_API_KEY`` is set (the server reads the same)."""
+    key = os.environ.get("SPECDECODE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,7 +95,7 @@ async def _cell(url: str, model: str, questions: list[str], concurrency: int, ma
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600.0, limits=httpx.Limits(
+    async with httpx.AsyncClient(timeout=600.0, headers=_auth(), limits=httpx.Limits(
             max_connections=concurrency + 2)) as client:
         async def run(q: str) -> dict:
             async with gate:
@@ -133,7 +139,7 @@ def run_load_test(url: str | None, serve_args: str, levels: list[int], num_reque
         proc, url = start_server(serve_args)
     url = url.rstrip("/")
     try:
-        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        model = httpx.get(f"{url}/v1/models", timeout=10, headers=_auth()).json()["data"][0]["id"]
         cells: dict[tuple[int, int], list[dict]] = {}
         asyncio.run(_cell(url, model, ["Hello!", "Hi there."], 2, 8, False))  # warm-up
         bar = tqdm(total=rounds * len(levels) * len(specs), desc="bench-serve", unit="cell")

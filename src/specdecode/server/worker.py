@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ log = logging.getLogger("specdecode.server")
 
 @dataclass
 class Failure:
-    """Sent to a request's sink when the engine failed under it (HTTP 500)."""
+    """Sent to a request's sink when the engine failed under it (HTTP 500). ``message`` is for the
+    log: it may name other requests of the batch; a client gets only ``kind`` (the error's type)."""
 
     message: str
+    kind: str = "error"
 
 
 Sink = Callable[[RequestEvent | Failure], None]
@@ -43,6 +46,12 @@ class EngineWorker:
         self.sinks: dict[int, Sink] = {}
         self.thread = threading.Thread(target=self._run, name="specdecode-engine", daemon=True)
         self._stop = False
+        self.idle = True  # waiting for commands with nothing to run
+        self.beat = time.monotonic()  # when the engine last finished a step or a command
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without finishing a step (0 when idle)."""
+        return 0.0 if self.idle else max(0.0, time.monotonic() - self.beat)
 
     def start(self) -> None:
         self.thread.start()
@@ -81,6 +90,7 @@ class EngineWorker:
             kind, arg = self.commands.get(block=block)
         except queue.Empty:
             return
+        self.beat, self.idle = time.monotonic(), False
         while True:
             if kind != "stop":
                 self._command(kind, arg)
@@ -91,14 +101,18 @@ class EngineWorker:
 
     def _run(self) -> None:
         while not self._stop:
-            self._drain(block=not self.scheduler.has_unfinished())
+            busy = self.scheduler.has_unfinished()
+            self.beat, self.idle = time.monotonic(), not busy and self.commands.empty()
+            self._drain(block=not busy)
+            self.beat, self.idle = time.monotonic(), False
             if self._stop or not self.scheduler.has_unfinished():
                 continue
             try:
                 events = self.scheduler.step()
             except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
                 log.exception("engine step failed")
-                self._fail_all(f"the engine failed: {type(err).__name__}: {err}")
+                self._fail_all(f"the engine failed: {type(err).__name__}: {err}",
+                               type(err).__name__)
                 continue
             for event in events:
                 sink = self.sinks.get(event.request_id)
@@ -109,11 +123,11 @@ class EngineWorker:
                     _deliver(sink, event)
             self.metrics.queue(self.scheduler.num_running, self.scheduler.num_waiting)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, kind: str = "error") -> None:
         sinks, self.sinks = self.sinks, {}
         self.scheduler = self.make_scheduler()  # the old batch's state cannot be trusted
         for sink in sinks.values():
-            _deliver(sink, Failure(message))
+            _deliver(sink, Failure(message, kind))
         self.metrics.queue(0, 0)
 
 
