@@ -11,19 +11,18 @@ import concurrent.futures as cf
 import json
 import re
 import resource
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from live_server import start_server
 
 import specdecode as sd
 from specdecode.bench.questions import chat_prompt
 from specdecode.demo import load_demo
-from specdecode.server import ServerConfig, create_app
+from specdecode.server import ServerConfig
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
            "Summarize the following text: the quick brown fox jumps over the lazy dog.",
@@ -38,21 +37,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server(demo):
-    served = load_demo()  # the server's own copy: only its engine thread may run it
-    app = create_app(served.target, served.tokenizer, draft_model=served.draft,
-                     config=ServerConfig(max_batch_size=8))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    srv.url = f"http://127.0.0.1:{port}"
-    srv.state = app.state.server
+    srv, thread = start_server(ServerConfig(max_batch_size=8))
     yield srv
     srv.should_exit = True
     thread.join(timeout=30)

@@ -18,7 +18,7 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
+from live_server import start_server
 from starlette.testclient import TestClient
 
 import specdecode as sd
@@ -79,20 +79,7 @@ MIX_BYPASS = [  # drafters outside the allowed set, through mix
 
 
 def _serve(config: ServerConfig):
-    served = load_demo()  # the server's own copy: only its engine thread may run it
-    app = create_app(served.target, served.tokenizer, draft_model=served.draft, config=config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    srv.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.state = app.state.server
-    return srv, thread
+    return start_server(config, log_level="critical")
 
 
 @pytest.fixture(scope="module")
