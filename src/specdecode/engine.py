@@ -1,4 +1,4 @@
-"""The decoding loop (DESIGN.md §2), for a batch of requests: each step, every running request plans
+"""The decoding loop (docs/DESIGN.md §2), for a batch of requests: each step, every running request plans
 and proposes its own draft, one target forward verifies all of them together, then each request
 accepts (pure rule), keeps its accepted path in its cache row, tells its drafter and policy, and
 emits, until its ``max_new_tokens`` or EOS. A single request is a batch of one (``run``). With the

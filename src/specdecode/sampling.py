@@ -1,7 +1,7 @@
 """Logits -> processed probabilities, the engine's random source, and keyed (coupled) noise.
 
 Target and draft distributions go through the same ``processed_probs`` so that rejection sampling
-compares like with like (DESIGN.md §4).
+compares like with like (docs/DESIGN.md §4).
 """
 
 from __future__ import annotations

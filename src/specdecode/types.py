@@ -1,4 +1,4 @@
-"""Core types shared by the engine, drafters, acceptance rules, CLI and benchmark (DESIGN.md §3)."""
+"""Core types shared by the engine, drafters, acceptance rules, CLI and benchmark (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ class StepStats:
 
 @dataclass
 class RunStats:
-    """Totals over a generation (DESIGN.md §5 metric names)."""
+    """Totals over a generation (docs/DESIGN.md §5 metric names)."""
 
     steps: int = 0
     drafted: int = 0

@@ -1,4 +1,4 @@
-"""Benchmark report from the answer JSONL files (DESIGN.md §5 definitions).
+"""Benchmark report from the answer JSONL files (docs/DESIGN.md §5 definitions).
 
 - speedup (Spec-Bench): mean over questions of new_tokens_q / wall_time_q (turns summed), method
   over vanilla, on the questions both answered.

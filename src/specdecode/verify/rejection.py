@@ -9,7 +9,7 @@
   (recursive rejection sampling, SpecInfer: Miao et al., ASPLOS 2024).
 - Deterministic drafts (``draft_probs is None``) are point masses: accept x with probability
   target_probs[x]; on rejection zero x in the target distribution and renormalise, then try the next
-  sibling (the optimal rule for a deterministic proposal; see DESIGN.md §4).
+  sibling (the optimal rule for a deterministic proposal; see docs/DESIGN.md §4).
 After a fully accepted path, or when every child of a node is rejected, one token is sampled from the
 (residual) target distribution: the bonus or correction token.
 """
