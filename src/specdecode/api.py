@@ -103,7 +103,8 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     ``input_ids``: a list of ints, a 1-D tensor (or [1, n]), or a tokenizer's output with
     ``input_ids``. ``target``: the scheduler's shared target over ``model`` (default: a new one).
     ``dtype`` / ``device``: how a ``model`` given as a source (directory, .gguf, preset, Hub id) is
-    loaded (float32 on the CPU by default); a loaded model must already be in them."""
+    loaded (``models.sources.auto_dtype`` by default); a loaded model must already be in them.
+    ``exact``: the batch-invariant forward (default: on in half precision, ``models/exact.py``)."""
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             seed=seed, mode=sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -166,15 +167,16 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     """Speculative decoding of one prompt; the output equals vanilla decoding's (greedy: the same
     tokens; sampling: the same distribution, or the same tokens with ``sampling="coupled"``).
 
-    ``model``: a loaded transformers causal LM or a local directory. ``input_ids``: list of ints
+    ``model``: a loaded transformers causal LM or a source (local directory, .gguf file, the
+    ``smollm2-135m`` preset, a Hub id). ``input_ids``: list of ints
     or 1-D tensor. Keyword arguments: ``drafter`` (registered name or Drafter, default "ngram"),
     ``draft_model``, ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
     ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("traversal" by default,
     "rejection", "coupled", "block" or "spectr": ``SAMPLING_MODES``),
     ``max_draft_nodes``, ``dtype`` / ``device`` (for a ``model`` given as a path, a .gguf, the
-    ``smollm2-135m`` preset or a Hub id), ``policy`` (how much to draft each step: "fixed" by default,
-    "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named one), and the drafter's own
-    options (e.g. ``num_draft_tokens``).
+    ``smollm2-135m`` preset or a Hub id), ``exact``, ``policy`` (how much to draft each step:
+    "fixed" by default, "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named
+    one), and the drafter's own options (e.g. ``num_draft_tokens``).
     """
     req = prepare(model, input_ids, **kwargs)
     stats = RunStats()
