@@ -126,3 +126,11 @@ def test_every_drafter_is_token_identical_in_half_precision(dtype):
     for prompt, row in zip(prompts, rows):
         alone = sd.generate(target, prompt, drafter="none", max_new_tokens=16, eos_token_id=[])
         assert row.token_ids == alone.token_ids
+
+
+def test_exact_whatever_attention_the_model_was_loaded_with():
+    """A model loaded with eager attention gets the exact attention too (not silently the plain
+    one)."""
+    model = tiny_model("llama", seed=3, dtype=torch.bfloat16, vocab=256)
+    model.set_attn_implementation("eager")
+    assert mismatches(model, exact=True, trials=8, seed=3) == 0

@@ -88,8 +88,8 @@ def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bo
     (``exact``: the plan ``_exact_attention`` reads). The model's config is switched only inside
     the block and restored after: the user's model is left as it was."""
     original = config._attn_implementation_internal
-    switch = (causal or exact is not None or (bool(chunks) and len(chunks) > 1)) \
-        and original == "sdpa"
+    switch = exact is not None or (
+        (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa")
     if not switch:
         yield
         return
