@@ -12,7 +12,8 @@ seconds (config, safetensors weights, tokenizer):
 - a Hub id (``org/name``): downloaded where the Hub is reachable, else a clear error naming the
   alternatives.
 
-``parse_dtype`` and ``parse_device`` check ``--dtype`` / ``--device`` (and ``dtype=`` /
+``load_causal_lm`` loads any of them (or checks an already-loaded model) in the asked dtype and
+device. ``parse_dtype`` and ``parse_device`` check ``--dtype`` / ``--device`` (and ``dtype=`` /
 ``device=``) once, for every entry point.
 """
 
@@ -244,3 +245,42 @@ def convert_gguf(path: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = False,
+                   dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """A transformers causal LM from an already-loaded model or a source ``resolve_source`` takes
+    (local directory, .gguf file, preset, Hub id), in ``dtype`` (default: ``auto_dtype``, float32
+    for small models, bfloat16 for large ones on CPUs with native bfloat16) on ``device`` (default
+    cpu). A loaded model is used as it is: asking it for another dtype or device is an
+    error (it is the caller's object; load it that way, or pass a path)."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    if not isinstance(source, (str, Path)):
+        if not hasattr(source, "config") or not callable(source):
+            raise SpecDecodeError(f"{what} must be a transformers causal LM or a model source "
+                                  f"(directory, .gguf, preset, Hub id), got {type(source).__name__}")
+        param = next(source.parameters())
+        if dtype is not None and param.dtype != dtype:
+            raise SpecDecodeError(f"{what} is loaded in {dtype_name(param.dtype)} but "
+                                  f"{dtype_name(dtype)} was asked for; load it in that dtype or "
+                                  "pass its path")
+        if device is not None and param.device != device and not (
+                device.index is None and param.device.type == device.type):
+            raise SpecDecodeError(f"{what} is on {param.device} but {device} was asked for; move "
+                                  "it first or pass its path")
+        return source.eval()
+    path = resolve_source(source, what=what)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if dtype is None:
+            dtype = auto_dtype(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code),
+                               device)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True,
+            trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise SpecDecodeError(f"cannot load {what} from {str(path)!r}: {err}") from err
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
