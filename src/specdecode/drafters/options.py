@@ -116,6 +116,7 @@ SPECS: dict[str, dict[str, Option]] = {
              "max_candidates": _owner("int", 1, 10**6), "min_suffix": _count(1, 64),
              "max_suffix": _count(1, 64)},
     "oracle": {"continuation": _owner(), "num_draft_tokens": DEPTH},
+    "grammar": {"num_draft_tokens": DEPTH},
 }
 # drafters that need a resource only the process owner can give (the rest are self-contained;
 # eagle and medusa use the heads shipped for the demo target unless given one)
