@@ -19,6 +19,7 @@ from specdecode.cli_shared import (
 )
 from specdecode.datastore_cli import datastore
 from specdecode.server.cli import bench_serve, serve
+from specdecode.structured_cli import constraint_kwargs, constraint_options
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
 from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
@@ -64,13 +65,15 @@ def main() -> None:
                    "(transformers' schedule), adaptive (maximise tokens/s from the measured "
                    "verification cost and this request's acceptance; off when drafting does not "
                    "pay). Default: the library's.")
+@constraint_options()
 @click.option("--compare", is_flag=True, help="Also run vanilla decoding; print the speedup.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, batch_size, chat,
              max_new_tokens, temperature, top_k, top_p, seed, sampling, num_draft_tokens, options,
-             policy, compare, as_json, threads, trust_remote_code) -> None:
+             policy, json_schema, regex, grammar_file, compare, as_json, threads,
+             trust_remote_code) -> None:
     """Generate text with speculative decoding and print the step statistics (one --prompt, or
     many from --prompts-file, batched)."""
     import torch
@@ -95,7 +98,8 @@ def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, 
         model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model",
                                               trust_remote_code, dtype, device)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, sampling=sampling)
+                      top_p=top_p, seed=seed, sampling=sampling,
+                      **constraint_kwargs(json_schema, regex, grammar_file, tokenizer))
         if prompts_file is not None:
             prompts = [encode_prompt(tokenizer, p, chat) for p in read_prompts(prompts_file)]
             generate_many(model, tokenizer, prompts, batch_size, as_json, compare,
