@@ -41,8 +41,9 @@ PROMPTS = [[5, 17, 300, 42, 17, 300, 42, 17], [1000, 2000, 3000, 4000, 999]]
 
 @pytest.fixture(scope="module")
 def tok():
-    from specdecode.demo import load_demo
     from transformers import AutoTokenizer
+
+    from specdecode.demo import load_demo
     return AutoTokenizer.from_pretrained(load_demo.__globals__["demo_dir"]() / "tokenizer")
 
 

@@ -126,7 +126,7 @@ def test_sampled_continuations_follow_masked_target(toy, label, drafter, options
 
 def test_negative_control_parent_state_mask_fails(toy, monkeypatch):
     tok, target, other = toy
-    shape, advance = structured.ConstraintState.shape, structured.ConstraintState.advance
+    shape = structured.ConstraintState.shape
 
     def parent_masks(self, draft, max_nodes, max_depth):  # the bug: a node's row gets its
         shaped = shape(self, draft, max_nodes, max_depth)  # parent's grammar state

@@ -31,6 +31,7 @@ from specdecode.drafters.options import Limits, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
+from specdecode.server.constraints import request_constraint
 from specdecode.server.generation import Generation
 from specdecode.server.guard import ApiKeyGuard
 from specdecode.server.metrics import ServerMetrics, SpecCounts
@@ -158,7 +159,8 @@ class ServerState:
         spec = SpecCounts(drafter, policy or DEFAULT_POLICY)
         options = dict(options, drafter=drafter, policy=policy, max_new_tokens=max_tokens,
                        temperature=req.temperature, top_p=req.top_p,
-                       top_k=max(0, req.top_k), seed=req.seed)
+                       top_k=max(0, req.top_k), seed=req.seed,
+                       **request_constraint(req, self.tokenizer))
         timeouts = [t for t in (req.timeout, c.request_timeout) if t is not None]
         return Generation(self.worker, self.metrics, self.tokenizer, prompt, options,
                           stop_strings(req), spec, timeout=min(timeouts) if timeouts else None)
