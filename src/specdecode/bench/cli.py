@@ -15,6 +15,9 @@ from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
                    "eagle,medusa,oracle,hf-pld,hf-assisted")
+# --workload json: every method constrained by each question's schema, plus unconstrained vanilla
+JSON_METHODS = ("vanilla,vanilla:constrained=false,ngram,suffix,draft-model,grammar,"
+                "mix:sources=grammar+suffix,oracle")
 HEAD_METHODS = (",eagle,", ",medusa,")  # trained heads: shipped for the demo target only
 
 
@@ -58,6 +61,10 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--datastore", type=click.Path(path_type=Path), default=None,
               help="REST datastore directory (`specdecode datastore build`); given, the default "
                    "methods include rest, and every rest method without datastore=... uses it.")
+@click.option("--workload", type=click.Choice(["spec-bench", "json"]), default="spec-bench",
+              show_default=True, help="json: 40 JSON-extraction requests, each constrained by its "
+                                      "own schema (structured output; default methods: "
+                                      + JSON_METHODS + ").")
 @click.option("--questions", "questions_file", type=click.Path(path_type=Path), default=None,
               help="Spec-Bench question.jsonl (default: the copy shipped in the package).")
 @click.option("--categories", default=None, help="Comma-separated categories (default: all 13).")
@@ -92,7 +99,8 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
-def bench(target, draft_model, dtype, device, methods, datastore, questions_file, categories,
+def bench(target, draft_model, dtype, device, methods, datastore, workload, questions_file,
+          categories,
           limit_per_category, max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed,
           repeats, out_dir, quick, allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
@@ -120,6 +128,12 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
         limit_per_category = limit_per_category or 2
         max_new_tokens = max_new_tokens or 64
     max_new_tokens = max_new_tokens or 128
+    if workload == "json":
+        from specdecode.bench.json_workload import workload_path
+        questions_file = questions_file or workload_path()
+        methods = JSON_METHODS if methods == DEFAULT_METHODS else methods
+        if batch_sizes is not None:
+            raise click.UsageError("--workload json runs in the per-question benchmark only")
     if batch_sizes is not None:
         sizes = int_list(batch_sizes, "--batch-size", 1, "batch sizes")
     defaults = methods == DEFAULT_METHODS
@@ -164,7 +178,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
         settings = {"model_id": target_id, "draft_id": draft_id, "methods": specs,
                     "dtype": dtype, "device": device,
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
-                    "temperature": temperature,
+                    "temperature": temperature, "workload": workload,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
                     "datastore": str(datastore) if datastore else None, "policy": policy,
                     "questions": [q.question_id for q in questions]}
@@ -184,6 +198,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                      sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
                      datastore=str(datastore) if datastore else None, policy=policy,
+                     tokenizer=tokenizer,
                      vllm=vllm_engine(target, model, vllm_python) if uses_vllm else None)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
                                 context_length(model.config), repeats, target_id)

@@ -54,6 +54,8 @@ class Settings:
     policy: str | None = None  # for methods without their own policy=...; None: the API default
     vllm: vllm_peer.Engine | None = None  # where vLLM methods find the model
     extra: dict = field(default_factory=dict)
+    constraint: dict | None = None  # this question's (the JSON workload): every method runs under it
+    tokenizer: object = None  # for the constraint
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -133,6 +135,8 @@ def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple
     replays that prompt's ``reference``)."""
     name, options = parse_spec(spec)
     drafter = "none" if name == "vanilla" else name
+    if options.pop("constrained", True) and s.constraint is not None:  # constrained=false: without
+        options.update(constraint=s.constraint, tokenizer=s.tokenizer)
     if name not in ("vanilla", "none") and "num_draft_tokens" not in options \
             and takes_option(name, "num_draft_tokens"):
         options["num_draft_tokens"] = s.num_draft_tokens  # the draft depth shared with the oracle

@@ -8,7 +8,7 @@ import json
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -66,6 +66,8 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
                  repeats: int, model_id: str) -> dict[str, dict] | Skipped:
     """All methods on one question; returns {spec: answer record} or why it was skipped."""
     histories = {spec: [] for spec in specs}
+    if q.schema is not None:  # the JSON workload: every method under this question's schema
+        s = replace(s, constraint={"json": q.schema})
     records = {spec: {"turns": [], "decoding_steps": [], "new_tokens": [], "wall_time": [],
                       "accept_lengths": [], "token_ids": [], "drafted": [],
                       "drafted_per_step": [], "planned_per_step": []} for spec in specs}
