@@ -43,3 +43,31 @@ def test_missing_llguidance_is_one_line(monkeypatch):
     with pytest.raises(SpecDecodeError) as err:
         structured.compile_constraint({"regex": "a+"}, object())
     assert "pip install 'llguidance>=1.9,<2'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_generate_flags(tmp_path):
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from specdecode.cli import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["generate", "--prompt", "Call me at", "--regex", "[0-9]{3}-[0-9]{4}",
+                               "--drafter", "grammar", "--max-new-tokens", "16", "--json",
+                               "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output.strip().splitlines()[-1])
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}(<\|end\|>)?", report["text"])
+    schema = tmp_path / "s.json"
+    number = {"type": "integer", "minimum": 0, "maximum": 99}
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": number},
+                                  "required": ["n"], "additionalProperties": False}))
+    out = runner.invoke(main, ["generate", "--prompt", "x", "--json-schema", str(schema),
+                               "--max-new-tokens", "24", "--json", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    assert set(json.loads(json.loads(out.output.strip().splitlines()[-1])["text"]
+                          .replace("<|end|>", ""))) == {"n"}
+    bad = runner.invoke(main, ["generate", "--prompt", "x", "--regex", "(oops"])
+    assert bad.exit_code == 1 and "invalid regex" in bad.output
