@@ -23,7 +23,7 @@ from specdecode import structured  # noqa: E402
 SPEC = {"regex": "(a|c)(b|c|d)d(a|b|c)*"}  # tokens: a b c d and "ab"; EOS from the 3rd token on
 PROMPT = [1, 3, 2]
 LENGTH = 5
-SAMPLES = 1200  # point-mass chains; the draft-model tree (a forward per row) gets 700
+SAMPLES = 800  # point-mass chains; the draft-model tree (a forward per row) gets 500
 ALPHA = 1e-4
 
 
@@ -53,6 +53,48 @@ class RandomChain:
 
     def observe(self, verdict):
         pass
+
+
+class RandomSampled:
+    """Sampled chains: each token drawn from a fixed row (``draft_probs``), forbidden ones included
+    (never pruned: the rule must reject them itself)."""
+
+    ROW = torch.tensor([0.1, 0.3, 0.2, 0.15, 0.15, 0.1], dtype=torch.float64)
+    DEPTH = 3
+
+    def __init__(self, seed: int) -> None:
+        # not the request's seed: the rule's uniforms come from a generator seeded with it
+        self.gen = torch.Generator().manual_seed(10**9 + 7 * seed)
+
+    def row(self, ctx) -> torch.Tensor:
+        return self.ROW
+
+    def propose(self, ctx):
+        tokens, rows = [], []
+        try:
+            for _ in range(min(self.DEPTH, ctx.max_depth)):
+                rows.append(self.row(ctx))
+                tokens.append(int(torch.multinomial(rows[-1], 1, generator=self.gen)))
+                if ctx.constraint is not None and tokens[-1] != 0:
+                    ctx.constraint.push(tokens[-1:])
+        finally:
+            if ctx.constraint is not None:
+                ctx.constraint.reset_probe()
+        return Draft.chain(tokens, torch.stack(rows) if rows else None)
+
+    def observe(self, verdict):
+        pass
+
+
+class LegalSampled(RandomSampled):
+    """Sampled from the fixed row masked by the grammar along the chain: legal chains, so the
+    engine appends forced tokens (one-hot rows) after them (one token: "ab" forces "d")."""
+
+    DEPTH = 1
+
+    def row(self, ctx) -> torch.Tensor:
+        legal = ctx.constraint.allowed().double()
+        return self.ROW * legal / (self.ROW * legal).sum()
 
 
 def sample(tok, target, drafter, options, n=SAMPLES):
@@ -112,6 +154,8 @@ def goodness(tok, target, samples) -> float:
 CASES = [
     ("draft-model-sampled-tree", "draft-model", {"num_draft_tokens": 3, "tree_width": 2}),
     ("random-chain-rejection", RandomChain, {"sampling": "rejection"}),
+    ("random-sampled-rejection", RandomSampled, {"sampling": "rejection"}),
+    ("legal-sampled-block", LegalSampled, {"sampling": "block"}),
 ]
 
 
@@ -120,7 +164,7 @@ def test_sampled_continuations_follow_masked_target(toy, label, drafter, options
     tok, target, other = toy
     if drafter == "draft-model":
         options = {**options, "draft_model": other}
-    samples = sample(tok, target, drafter, options, 700 if drafter == "draft-model" else SAMPLES)
+    samples = sample(tok, target, drafter, options, 500 if drafter == "draft-model" else SAMPLES)
     assert goodness(tok, target, samples) > ALPHA, label
 
 
@@ -141,5 +185,5 @@ def test_negative_control_parent_state_mask_fails(toy, monkeypatch):
 
     monkeypatch.setattr(structured.ConstraintState, "shape", parent_masks)
     monkeypatch.setattr(structured.ConstraintState, "advance", lenient)
-    samples = sample(tok, target, RandomChain, {"sampling": "rejection"}, n=600)
+    samples = sample(tok, target, RandomChain, {"sampling": "rejection"}, n=400)
     assert goodness(tok, target, samples) < ALPHA
