@@ -195,3 +195,22 @@ def test_compiled_once_and_needs_tokenizer(pair, tok):
     state = first.start()
     masks = torch.stack([state.allowed()])
     assert masks.shape == (1, VOCAB) and not masks[0, tok.eos_token_id]
+
+
+def test_lm_head_wider_than_tokenizer(tok):
+    """Padding rows of the LM head (ids the tokenizer lacks) are never emitted nor verified."""
+    target = tiny_model("llama", vocab=VOCAB + 64, seed=5)
+    with torch.no_grad():  # make the padding ids the model's favourites
+        target.get_output_embeddings().weight[VOCAB:] *= 50
+
+    class Padding:
+        def propose(self, ctx):
+            return sd.Draft.chain([VOCAB + 3, VOCAB + 1])
+
+        def observe(self, verdict):
+            pass
+
+    ref = run(target, PROMPTS[0], tok, {"json": COLORS})
+    assert all(t < VOCAB for t in ref.token_ids) and ref.finish_reason == "eos"
+    out = run(target, PROMPTS[0], tok, {"json": COLORS}, Padding(), jump_forward=False)
+    assert out.token_ids == ref.token_ids and out.stats.drafted == 0

@@ -250,7 +250,8 @@ class ConstraintState:
                     continue
                 ppath = [] if mpar < 0 else paths[mpar]
                 pmask = masks[mpar + 1]
-                legal = ppath is not None and pmask is not None and bool(pmask[tok])
+                legal = ppath is not None and pmask is not None and tok < self.vocab \
+                    and bool(pmask[tok])  # ids past the tokenizer (LM-head padding): illegal
                 if not legal and not sampled:
                     self.node_map.append(-1)
                     continue
