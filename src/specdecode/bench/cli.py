@@ -92,7 +92,7 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
-def bench(target, draft_model, dtype, device, methods, datastore, questions_file, categories,
+def bench(target, draft_model, dtype, device, exact, methods, datastore, questions_file, categories,
           limit_per_category, max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed,
           repeats, out_dir, quick, allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
@@ -159,10 +159,11 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
                            draft_id, max_new_tokens=max_new_tokens,
                            num_draft_tokens=num_draft_tokens, temperature=temperature,
                            seed=seed, sampling=sampling, policy=policy, repeats=repeats,
-                           datastore=datastore)
+                           datastore=datastore, exact=exact)
             return
         settings = {"model_id": target_id, "draft_id": draft_id, "methods": specs,
                     "dtype": dtype, "device": device,
+                    "exact": default_exact(place.dtype) if exact is None else exact,
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
                     "temperature": temperature,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
@@ -177,13 +178,14 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
         env = environment(target_id, draft_id, {k: settings[k] for k in (
             "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats",
             "policy")}, model)
-        env["cost_curve_ms"] = cost_curve_ms(model)
-        env["exact"] = default_exact(next(model.parameters()).dtype)
+        env["cost_curve_ms"] = cost_curve_ms(model, settings["exact"])
+        env["exact"] = settings["exact"]
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                      sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
                      datastore=str(datastore) if datastore else None, policy=policy,
+                     exact=settings["exact"],
                      vllm=vllm_engine(target, model, vllm_python) if uses_vllm else None)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
                                 context_length(model.config), repeats, target_id)
@@ -211,7 +213,7 @@ def vllm_engine(target: str | None, model, python: str | None):
 def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Path, model_id: str,
                    draft_id: str | None, *, max_new_tokens: int, num_draft_tokens: int,
                    temperature: float, seed: int, sampling: str, policy: str | None,
-                   repeats: int, datastore: Path | None) -> None:
+                   repeats: int, datastore: Path | None, exact: bool | None = None) -> None:
     """``--batch-size``: the first turns through the scheduler; writes batch.md / batch.json."""
     from specdecode.api import _eos_ids
     from specdecode.bench.batch import run_batch_benchmark, write_batch_report
@@ -226,7 +228,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                  num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                  sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
-                 datastore=str(datastore) if datastore else None, policy=policy)
+                 datastore=str(datastore) if datastore else None, policy=policy, exact=exact)
     env = environment(model_id, draft_id, {
         "temperature": temperature, "sampling": sampling, "seed": seed,
         "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
@@ -238,12 +240,12 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
                                "rows_equal", "near_ties", "mismatches")} for r in rows]}))
 
 
-def cost_curve_ms(model) -> dict:
+def cost_curve_ms(model, exact: bool | None = None) -> dict:
     """The verification cost curve the adaptive policy uses on this machine (measured now or
     loaded from its cache), in ms per forward, for the report."""
     from specdecode.policies.cost import measured_curve
 
-    curve = measured_curve(model)
+    curve = measured_curve(model, exact=exact)
     return {shape: {str(n): round(t * 1e3, 3) for n, t in points.items()}
             for shape, points in curve.items()}
 
