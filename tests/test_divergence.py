@@ -6,11 +6,11 @@ import json
 
 import torch
 from click.testing import CliRunner
+from test_bench import answer, write
 
 from specdecode.bench.divergence import NEAR_TIE, divergence, first_divergence, summarize
 from specdecode.bench.report import OVERALL, build_report, markdown
 from specdecode.cli import main
-from test_bench import answer, write
 
 
 def test_first_divergence_positions():
