@@ -15,7 +15,7 @@ from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
                    "eagle,medusa,oracle,hf-pld,hf-assisted")
-HEAD_METHODS = (",eagle,", ",medusa,")  # trained heads: shipped for the demo target only
+HEAD_KINDS = ("eagle", "medusa")  # default methods only where a head is shipped for the target
 
 
 def cpu_name() -> str:
@@ -104,6 +104,7 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, questio
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
+    from specdecode.drafters.eagle import shipped_head_dir
     from specdecode.models.exact import default_exact
     from specdecode.models.hf import context_length
 
@@ -125,10 +126,8 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, questio
     defaults = methods == DEFAULT_METHODS
     if datastore is not None and defaults:
         methods = methods.replace(",mix,", ",rest,mix,")
-    if target is not None and defaults:  # other targets name their heads (eagle:head=DIR)
-        for head in HEAD_METHODS:
-            methods = methods.replace(head, ",")
-        if draft_model is None:  # and their draft model
+    if target is not None and defaults:  # other targets need their draft model
+        if draft_model is None:
             methods = methods.replace(",draft-model,", ",").replace(",hf-assisted", "")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
     specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
@@ -149,6 +148,9 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, questio
             check_vllm_importable(vllm_python or sys.executable)
         model, draft, tokenizer = load_models(target, draft_model, draft_needed, dtype=dtype,
                                               device=device)
+        if target is not None and defaults:  # and heads trained for them (eagle:head=DIR)
+            specs = [m for m in specs if parse_spec(m)[0] not in HEAD_KINDS
+                     or shipped_head_dir(parse_spec(m)[0], model) is not None]
         target_id = model_id(target, "specdecode-demo-target")
         draft_id = (model_id(draft_model, "") if draft_model else
                     ("specdecode-demo-draft" if target is None and draft_needed else None))
