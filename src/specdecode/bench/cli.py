@@ -209,7 +209,9 @@ def vllm_engine(target: str | None, model, python: str | None):
         from specdecode.models.sources import resolve_source
 
         target_dir = tokenizer_dir = str(resolve_source(target).resolve())
-    return Engine(target_dir, tokenizer_dir, context_length(model.config), python or sys.executable)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return Engine(target_dir, tokenizer_dir, context_length(model.config), python or sys.executable,
+                  dtype)
 
 
 def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Path, model_id: str,
