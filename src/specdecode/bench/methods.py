@@ -52,6 +52,7 @@ class Settings:
     pad_token_id: int = 0
     datastore: str | None = None
     policy: str | None = None  # for methods without their own policy=...; None: the API default
+    exact: bool | None = None  # the batch-invariant forward; None: on in half precision
     vllm: vllm_peer.Engine | None = None  # where vLLM methods find the model
     extra: dict = field(default_factory=dict)
     constraint: dict | None = None  # this question's (the JSON workload): every method runs under it
@@ -182,7 +183,7 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                      **options)
+                      exact=s.exact, **options)
     wall = time.perf_counter() - start
     return Outcome(out.token_ids, wall, out.accept_lengths, out.stats.drafted,
                    [st.drafted for st in out.steps], [st.planned for st in out.steps])

@@ -75,6 +75,7 @@ class ServerConfig:
     request_timeout: float | None = 600.0  # seconds from arrival; then aborted (408)
     stall_seconds: float = 120.0  # /health is 503 when the engine has work and no step ends
     max_model_len: int | None = None  # prompt + max_tokens (default: the model's, else 4096)
+    exact: bool | None = None  # the batch-invariant forward (None: on in half precision)
 
 
 DEFAULT_MODEL_LEN = 4096  # when neither the model nor --max-model-len gives a context length
@@ -109,7 +110,8 @@ class ServerState:
         if config.max_draft_nodes is not None:
             defaults["max_draft_nodes"] = config.max_draft_nodes
         self.worker = EngineWorker(
-            lambda: Scheduler(self.model, max_batch_size=config.max_batch_size, **defaults),
+            lambda: Scheduler(self.model, max_batch_size=config.max_batch_size,
+                              exact=config.exact, **defaults),
             self.metrics)
         self.created = int(time.time())
 
