@@ -20,6 +20,7 @@ import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
 from specdecode.models.exact import MIN_ROWS, ExactMatmul, default_exact, exact_plan
+from specdecode.models.packed import packed_linears
 from specdecode.models.sources import load_causal_lm  # noqa: F401 - re-exported
 from specdecode.types import Draft, SpecDecodeError
 
@@ -189,6 +190,7 @@ class BatchTarget(_Adapter):
     def __init__(self, model, exact: bool | None = None) -> None:
         super().__init__(model)
         self.exact = default_exact(self.dtype) if exact is None else bool(exact)
+        self.packed = packed_linears(model)
         layers = getattr(model.config, "num_hidden_layers", None)
         self.cache = SlotCache(int(layers), self.device, self.dtype)
         self.lengths: list[int] = []
@@ -222,7 +224,8 @@ class BatchTarget(_Adapter):
                  causal: bool = False, hidden: bool = False, exact: list | None = None
                  ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        mode = ExactMatmul() if exact is not None and self.dtype == torch.float32 else nullcontext()
+        mode = ExactMatmul() if exact is not None and self.dtype == torch.float32 else \
+            self.packed or nullcontext()  # half precision on the CPU: models/packed.py
         with rows_attention(self.model.config, chunks, causal, exact), mode:
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),
