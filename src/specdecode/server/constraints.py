@@ -1,17 +1,31 @@
 """Structured output in a request body: OpenAI's ``response_format`` (``{"type": "json_object"}``,
 ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, ``{"type": "text"}``)
 and vLLM's ``structured_outputs`` (``{"json": schema} | {"regex": ...} | {"grammar": ...} |
-{"json_object": true}``), compiled once per schema (``structured.compile_constraint``' LRU); a bad
-one is a 400 naming the problem."""
+{"choice": [...]} | {"json_object": true}``; ``structural_tag`` is refused), compiled once per
+schema (``structured.compile_constraint``' LRU); a bad one is a 400 naming the problem.
+
+Compiling runs off the event loop, on its own thread, bounded in time: past
+``COMPILE_TIMEOUT_S`` the request gets a 400 and the same source is refused at once afterwards
+(llguidance cannot be interrupted: the thread finishes on its own, and at most ``MAX_COMPILING``
+compile at a time; beyond that a new grammar gets a 429)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from specdecode.server.protocol import APIError
 from specdecode.types import SpecDecodeError
 
-STRUCTURED_KEYS = ("json", "regex", "grammar", "json_object")
+STRUCTURED_KEYS = ("json", "regex", "grammar", "choice", "json_object")
+COMPILE_TIMEOUT_S = 10.0  # read at call time
+MAX_COMPILING = 2  # grammars compiling at once (a timed-out one holds its place until it ends)
+_SLOTS = threading.BoundedSemaphore(MAX_COMPILING)
+_TOO_SLOW: OrderedDict[str, None] = OrderedDict()  # sources that timed out (bounded)
 
 
 def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any] | None:
@@ -37,6 +51,10 @@ def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any
         if spec is not None:
             raise APIError(400, "give response_format or structured_outputs, not both",
                            param="structured_outputs")
+        if isinstance(structured_outputs, dict) and "structural_tag" in structured_outputs:
+            raise APIError(400, "structured_outputs.structural_tag is not supported by this "
+                           "server; use json, regex, grammar, choice or json_object",
+                           param="structured_outputs")
         given = [k for k in STRUCTURED_KEYS if isinstance(structured_outputs, dict)
                  and structured_outputs.get(k) not in (None, False)]
         if len(given) != 1 or len(structured_outputs) != 1:
@@ -46,15 +64,62 @@ def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any
     return spec
 
 
-def request_constraint(req, tokenizer) -> dict[str, Any]:
-    """``{"constraint": compiled}`` for the engine's options, or ``{}``; 400 on a bad one."""
+async def request_constraint(req, tokenizer) -> dict[str, Any]:
+    """``{"constraint": compiled}`` for the engine's options, or ``{}``; 400 on a bad one or one
+    that takes longer than ``COMPILE_TIMEOUT_S`` to compile. The event loop never compiles."""
     extra = req.model_extra or {}
     spec = request_spec(extra.get("response_format"), extra.get("structured_outputs"))
     if spec is None:
         return {}
-    from specdecode.structured import compile_constraint
     where = "structured_outputs" if "structured_outputs" in extra else "response_format"
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest() + \
+        f"|{id(tokenizer)}"
+    timeout = COMPILE_TIMEOUT_S
+    if key in _TOO_SLOW:
+        raise APIError(400, f"{where}: this grammar took longer than {timeout:g} s to compile "
+                       "before; simplify it", param=where)
     try:
-        return {"constraint": compile_constraint(spec, tokenizer)}
+        return {"constraint": await _compile_bounded(spec, tokenizer, timeout)}
     except SpecDecodeError as err:
         raise APIError(400, f"{where}: {err}", param=where) from None
+    except TimeoutError:
+        _TOO_SLOW[key] = None
+        while len(_TOO_SLOW) > 256:
+            _TOO_SLOW.popitem(last=False)
+        raise APIError(400, f"{where}: the grammar did not compile within {timeout:g} s; "
+                       "simplify it", param=where) from None
+
+
+async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float):
+    """``compile_constraint`` on a thread of its own; ``TimeoutError`` past ``timeout``."""
+    from specdecode.structured import compile_constraint
+
+    if not _SLOTS.acquire(blocking=False):
+        raise APIError(429, "too many grammars are compiling; retry later",
+                       kind="rate_limit_error", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # the request went away
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = compile_constraint(spec, tokenizer)
+        except BaseException as err:  # noqa: BLE001 - handed to the request
+            error = err
+        finally:
+            _SLOTS.release()
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed
+            pass
+
+    threading.Thread(target=work, name="specdecode-grammar", daemon=True).start()
+    return await asyncio.wait_for(asyncio.shield(done), timeout)
