@@ -31,7 +31,7 @@ from specdecode.drafters.options import Limits, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
-from specdecode.server.constraints import request_constraint
+from specdecode.server.constraints import request_constraint, wait_compiles
 from specdecode.server.generation import Generation
 from specdecode.server.guard import ApiKeyGuard
 from specdecode.server.metrics import ServerMetrics, SpecCounts
@@ -355,6 +355,7 @@ def create_app(model, tokenizer, *, draft_model=None, config: ServerConfig | Non
         yield
         state.worker.close()
         state.tokenize_pool.shutdown(wait=False)
+        await asyncio.get_running_loop().run_in_executor(None, wait_compiles, 30.0)
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -26,6 +26,15 @@ COMPILE_TIMEOUT_S = 10.0  # read at call time
 MAX_COMPILING = 2  # grammars compiling at once (a timed-out one holds its place until it ends)
 _SLOTS = threading.BoundedSemaphore(MAX_COMPILING)
 _TOO_SLOW: OrderedDict[str, None] = OrderedDict()  # sources that timed out (bounded)
+_RUNNING = threading.Condition()  # notified when a compile thread ends
+_running = [0]  # compile threads alive
+
+
+def wait_compiles(timeout: float) -> bool:
+    """Wait until no grammar is compiling (at most ``timeout`` s); True if none is. The server
+    waits at shutdown: a compile thread still inside llguidance when Python exits can crash it."""
+    with _RUNNING:
+        return _RUNNING.wait_for(lambda: _running[0] == 0, timeout)
 
 
 def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any] | None:
@@ -99,6 +108,7 @@ async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float):
                        kind="rate_limit_error", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
+    done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved when timed out
 
     def settle(result: Any, error: BaseException | None) -> None:
         if done.done():  # the request went away
@@ -116,10 +126,15 @@ async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float):
             error = err
         finally:
             _SLOTS.release()
+            with _RUNNING:
+                _running[0] -= 1
+                _RUNNING.notify_all()
         try:
             loop.call_soon_threadsafe(settle, result, error)
         except RuntimeError:  # the loop has closed
             pass
 
+    with _RUNNING:
+        _running[0] += 1
     threading.Thread(target=work, name="specdecode-grammar", daemon=True).start()
     return await asyncio.wait_for(asyncio.shield(done), timeout)
