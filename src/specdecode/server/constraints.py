@@ -6,8 +6,9 @@ schema (``structured.compile_constraint``' LRU); a bad one is a 400 naming the p
 
 Compiling runs off the event loop, on its own thread, bounded in time: past
 ``COMPILE_TIMEOUT_S`` the request gets a 400 and the same source is refused at once afterwards
-(llguidance cannot be interrupted: the thread finishes on its own, and at most ``MAX_COMPILING``
-compile at a time; beyond that a new grammar gets a 429)."""
+(llguidance cannot be interrupted: the thread finishes on its own). Every constrained request's
+lookup runs on such a thread (a cached grammar returns at once); at most ``MAX_COMPILING`` run at
+a time, a timed-out one holding its place until it ends; beyond that the request gets a 429."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from specdecode.types import SpecDecodeError
 
 STRUCTURED_KEYS = ("json", "regex", "grammar", "choice", "json_object")
 COMPILE_TIMEOUT_S = 10.0  # read at call time
-MAX_COMPILING = 2  # grammars compiling at once (a timed-out one holds its place until it ends)
+MAX_COMPILING = 8  # compile threads at once (a timed-out one holds its place until it ends)
 _SLOTS = threading.BoundedSemaphore(MAX_COMPILING)
 _TOO_SLOW: OrderedDict[str, None] = OrderedDict()  # sources that timed out (bounded)
 _RUNNING = threading.Condition()  # notified when a compile thread ends
@@ -104,7 +105,7 @@ async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float):
     from specdecode.structured import compile_constraint
 
     if not _SLOTS.acquire(blocking=False):
-        raise APIError(429, "too many grammars are compiling; retry later",
+        raise APIError(429, f"{MAX_COMPILING} grammars are compiling; retry later",
                        kind="rate_limit_error", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
