@@ -92,7 +92,8 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
                    "batching scheduler with B requests in flight (e.g. 1,2,4,8), every method "
                    "plus transformers' padded batch generate (hf-batch); writes batch.md and "
                    "batch.json (aggregate tokens/s, latency, per-row equality with batch-1 "
-                   "vanilla).")
+                   "vanilla). With --workload json every row runs under its question's schema "
+                   "(checked against constrained batch-1 vanilla; no hf-batch).")
 @click.option("--vllm-python", default=None, metavar="PYTHON",
               help="Interpreter that runs the vLLM methods' engines (it must import vllm and "
                    "specdecode; default: this one).")

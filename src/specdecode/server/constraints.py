@@ -82,27 +82,42 @@ async def request_constraint(req, tokenizer) -> dict[str, Any]:
     if spec is None:
         return {}
     where = "structured_outputs" if "structured_outputs" in extra else "response_format"
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest() + \
-        f"|{id(tokenizer)}"
     timeout = COMPILE_TIMEOUT_S
-    if key in _TOO_SLOW:
-        raise APIError(400, f"{where}: this grammar took longer than {timeout:g} s to compile "
-                       "before; simplify it", param=where)
+    box: dict[str, str] = {}
     try:
-        return {"constraint": await _compile_bounded(spec, tokenizer, timeout)}
+        return {"constraint": await _compile_bounded(spec, tokenizer, timeout, box)}
     except SpecDecodeError as err:
         raise APIError(400, f"{where}: {err}", param=where) from None
+    except _SlowBefore:
+        raise APIError(400, f"{where}: this grammar took longer than {timeout:g} s to compile "
+                       "before; simplify it", param=where) from None
     except TimeoutError:
-        _TOO_SLOW[key] = None
-        while len(_TOO_SLOW) > 256:
-            _TOO_SLOW.popitem(last=False)
+        if "key" in box:
+            _TOO_SLOW[box["key"]] = None
+            while len(_TOO_SLOW) > 256:
+                _TOO_SLOW.popitem(last=False)
         raise APIError(400, f"{where}: the grammar did not compile within {timeout:g} s; "
                        "simplify it", param=where) from None
 
 
-async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float):
-    """``compile_constraint`` on a thread of its own; ``TimeoutError`` past ``timeout``."""
+class _SlowBefore(Exception):
+    """This source timed out before."""
+
+
+def _compile(spec: dict[str, Any], tokenizer, box: dict[str, str]):
+    """On the compile thread: the source's key (into ``box``), refused if it timed out before,
+    else ``compile_constraint``."""
     from specdecode.structured import compile_constraint
+
+    box["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest() + \
+        f"|{id(tokenizer)}"
+    if box["key"] in _TOO_SLOW:
+        raise _SlowBefore()
+    return compile_constraint(spec, tokenizer)
+
+
+async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float, box: dict[str, str]):
+    """``_compile`` on a thread of its own; ``TimeoutError`` past ``timeout``."""
 
     if not _SLOTS.acquire(blocking=False):
         raise APIError(429, f"{MAX_COMPILING} grammars are compiling; retry later",
@@ -122,7 +137,7 @@ async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float):
     def work() -> None:
         result, error = None, None
         try:
-            result = compile_constraint(spec, tokenizer)
+            result = _compile(spec, tokenizer, box)
         except BaseException as err:  # noqa: BLE001 - handed to the request
             error = err
         finally:
