@@ -19,7 +19,12 @@ from specdecode.cli_shared import (
 )
 from specdecode.datastore_cli import datastore
 from specdecode.server.cli import bench_serve, serve
-from specdecode.structured_cli import constraint_kwargs, constraint_options
+from specdecode.structured_cli import (
+    ROW_HELP,
+    constraint_kwargs,
+    constraint_options,
+    row_constraints,
+)
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
 from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
@@ -42,7 +47,7 @@ def main() -> None:
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Many prompts: a text file with one prompt per line, or JSONL "
                                  "with a \"prompt\" (or Spec-Bench \"turns\") field per line. "
-                                 "They run through the continuous-batching scheduler.")
+                                 "They run through the continuous-batching scheduler. " + ROW_HELP)
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="With --prompts-file: requests in flight at once (each row's output is what it "
                    "would be alone).")
@@ -102,6 +107,8 @@ def generate(target, draft_model, dtype, device, exact, drafter, prompt, prompts
                       **constraint_kwargs(json_schema, regex, grammar_file, tokenizer))
         if prompts_file is not None:
             prompts = [encode_prompt(tokenizer, p, chat) for p in read_prompts(prompts_file)]
+            common["constraint"] = row_constraints(prompts_file, common.get("constraint"),
+                                                   tokenizer)
             generate_many(model, tokenizer, prompts, batch_size, as_json, compare,
                           drafter=drafter, draft_model=draft, **common, **opts)
             return
@@ -150,8 +157,10 @@ def generate_many(model, tokenizer, prompts: list[list[int]], batch_size: int, a
 
     import specdecode as sd
 
+    per_row = options.get("constraint")
+    per_row = per_row if isinstance(per_row, list) else [per_row] * len(prompts)
     sd.generate_batch(model, [p[:8] for p in prompts[:2]], batch_size=batch_size,
-                      **{**options, "max_new_tokens": 2})  # warm-up (and every option checked)
+                      **{**options, "max_new_tokens": 2, "constraint": per_row[:2]})  # warm-up
     bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=as_json, leave=False)
     start = time.perf_counter()
     results = sd.generate_batch(model, prompts, batch_size=batch_size,
@@ -167,7 +176,8 @@ def generate_many(model, tokenizer, prompts: list[list[int]], batch_size: int, a
         common = {k: v for k, v in options.items() if k in (
             "max_new_tokens", "temperature", "top_k", "top_p", "seed", "sampling", "exact")}
         start = time.perf_counter()
-        base = [sd.generate(model, p, drafter="none", **common) for p in prompts]
+        base = [sd.generate(model, p, drafter="none", constraint=c, **common)
+                for p, c in zip(prompts, per_row)]
         base_wall = time.perf_counter() - start
         summary["vanilla_batch1_tokens_per_s"] = round(
             sum(len(b.token_ids) for b in base) / base_wall, 2)

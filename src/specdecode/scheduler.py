@@ -135,14 +135,23 @@ def generate_batch(model, prompts, *, batch_size: int = 8, progress=None,
     a finished request's place goes to the next prompt at once). Results come in prompt order and
     each equals ``generate(model, prompt, **options)`` for its prompt (greedy and coupled sampling:
     the same tokens; rejection sampling: the same distribution, and the same tokens for the same
-    seed). ``progress``: an optional callable given the number of requests finished so far."""
+    seed). ``progress``: an optional callable given the number of requests finished so far.
+    ``constraint``: one for every prompt, or a list with one per prompt (None: that row is
+    unconstrained)."""
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise SpecDecodeError("prompts must be a list of prompts (each a list of token ids)")
     prompts = list(prompts)
+    constraints = options.pop("constraint", None)
+    if not isinstance(constraints, (list, tuple)):
+        constraints = [constraints] * len(prompts)
+    elif len(constraints) != len(prompts):
+        raise SpecDecodeError(f"constraint: a list needs one per prompt ({len(prompts)}), got "
+                              f"{len(constraints)}")
     place = {k: options.pop(k) for k in ("dtype", "device", "exact", "trust_remote_code")
              if k in options}
     scheduler = Scheduler(model, max_batch_size=batch_size, **place)
-    ids = [scheduler.add_request(p, **options) for p in prompts]  # every prompt checked first
+    ids = [scheduler.add_request(p, constraint=c, **options)  # every prompt checked first
+           for p, c in zip(prompts, constraints)]
     steps: dict[int, list[StepStats]] = {rid: [] for rid in ids}
     accept: dict[int, list[int]] = {rid: [] for rid in ids}
     done = 0

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from specdecode.structured_bounds import choice_regex, parser_limits
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 INSTALL = "pip install 'llguidance>=1.9,<2'  (or: pip install 'specdecode[structured]')"
@@ -77,10 +78,12 @@ def _ll_tokenizer(tokenizer) -> Any:
 def parse_spec(spec: Any) -> tuple[str, str]:
     """``(kind, source)`` of a constraint given as vLLM's ``structured_outputs`` shape:
     ``{"json": schema}`` (a dict or its JSON text), ``{"json_object": True}`` (any JSON object),
-    ``{"regex": "..."}`` or ``{"grammar": "..."}`` (Lark, or GBNF when it uses ``::=``)."""
+    ``{"regex": "..."}``, ``{"grammar": "..."}`` (Lark, or GBNF when it uses ``::=``) or
+    ``{"choice": ["a", "b", ...]}`` (exactly one of the strings; compiled as a regex)."""
     if not isinstance(spec, dict) or len(spec) != 1:
         raise SpecDecodeError("a constraint is one of {'json': schema}, {'json_object': true}, "
-                              "{'regex': pattern}, {'grammar': lark_or_gbnf}")
+                              "{'regex': pattern}, {'grammar': lark_or_gbnf}, "
+                              "{'choice': [strings]}")
     (key, value), = spec.items()
     if key == "json_object":
         if value is not True:
@@ -99,7 +102,10 @@ def parse_spec(spec: Any) -> tuple[str, str]:
         if not isinstance(value, str) or not value:
             raise SpecDecodeError(f"constraint {key} must be a non-empty string")
         return key, value
-    raise SpecDecodeError(f"unknown constraint {key!r}; use json, json_object, regex or grammar")
+    if key == "choice":
+        return "regex", choice_regex(value)
+    raise SpecDecodeError(f"unknown constraint {key!r}; use json, json_object, regex, grammar or "
+                          "choice")
 
 
 class Constraint:
@@ -110,6 +116,9 @@ class Constraint:
         self.ll_tokenizer = ll_tokenizer
         self.vocab_size = int(ll_tokenizer.vocab_size)
         self.eos_token_id = int(ll_tokenizer.eos_token)
+        llg = _llg()  # the start state, its lexer built now (the first mask can take seconds)
+        self.proto = llg.LLMatcher(ll_tokenizer, grammar, log_level=0, limits=parser_limits(llg))
+        self.proto.compute_bitmask()
 
     def __repr__(self) -> str:
         return f"Constraint({self.kind}: {self.source[:60]!r})"
@@ -145,13 +154,16 @@ def compile_constraint(spec: Any, tokenizer) -> Constraint:
         else:
             lark = llg.gbnf_to_lark(source) if "::=" in source else source
             grammar = llg.LLMatcher.grammar_from_lark(lark)
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, llt)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+            grammar, llt, limits=parser_limits(llg))
     except Exception as err:  # noqa: BLE001 - the compilers raise ValueError / RuntimeError
         raise SpecDecodeError(f"invalid {what}: {err}") from None
     if is_error:
         first = (messages[0] if messages else "rejected").strip().splitlines()
         raise SpecDecodeError(f"invalid {what}: {' '.join(line.strip() for line in first[:3])}")
     compiled = Constraint(kind, source, grammar, llt)
+    if compiled.proto.is_error():
+        raise SpecDecodeError(f"invalid {what}: {compiled.proto.get_error()}")
     with _LOCK:
         _CACHE[key] = compiled
         while len(_CACHE) > CACHE_SIZE:
@@ -170,9 +182,8 @@ class ConstraintState:
 
     def __init__(self, constraint: Constraint, eos_token_ids: frozenset[int],
                  jump_forward: bool) -> None:
-        llg = _llg()
         self.constraint = constraint
-        self.matcher = llg.LLMatcher(constraint.ll_tokenizer, constraint.grammar, log_level=0)
+        self.matcher = constraint.proto.deep_copy()
         if self.matcher.is_error():
             raise SpecDecodeError(f"grammar failed to start: {self.matcher.get_error()}")
         self.vocab = constraint.vocab_size

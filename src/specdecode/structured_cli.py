@@ -53,3 +53,35 @@ def constraint_kwargs(json_schema, regex, grammar_file, tokenizer) -> dict[str, 
         return {}
     from specdecode.structured import compile_constraint
     return {"constraint": compile_constraint(spec, tokenizer)}
+
+
+# A --prompts-file JSONL line's own constraint: field -> constraint kind (structured.parse_spec)
+ROW_FIELDS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "choice": "choice"}
+ROW_HELP = ("A JSONL line may carry its own constraint, which replaces the command line's for that "
+            "prompt: \"json_schema\" (a schema object), \"regex\", \"grammar\" (Lark / GBNF text) "
+            "or \"choice\" (a list of strings).")
+
+
+def row_constraints(path: Path, fallback: Any, tokenizer) -> list[Any] | None:
+    """The compiled constraint of every prompt in ``path`` (its non-empty lines, as
+    ``read_prompts`` reads them): the line's own (``ROW_FIELDS``, JSONL only), else ``fallback``
+    (the command line's); None when no prompt has one. Raises ``SpecDecodeError`` naming the
+    line."""
+    from specdecode.structured import compile_constraint
+
+    rows: list[Any] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line) if path.suffix == ".jsonl" else {}
+        given = [k for k in ROW_FIELDS if isinstance(row, dict) and row.get(k) is not None]
+        if len(given) > 1:
+            raise SpecDecodeError(f"{path}:{n}: give at most one of {', '.join(ROW_FIELDS)}")
+        if not given:
+            rows.append(fallback)
+            continue
+        try:
+            rows.append(compile_constraint({ROW_FIELDS[given[0]]: row[given[0]]}, tokenizer))
+        except SpecDecodeError as err:
+            raise SpecDecodeError(f"{path}:{n}: {err}") from None
+    return rows if any(r is not None for r in rows) else None

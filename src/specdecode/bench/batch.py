@@ -5,6 +5,10 @@ MAT, and every row checked against that prompt decoded alone by vanilla (batch 1
 is counted as a near tie when vanilla's top-2 logit margin at the first differing token is below
 ``NEAR_TIE`` (floating-point reductions change with batch shapes), as a mismatch otherwise.
 transformers' ``generate`` over left-padded static batches (vanilla) runs as the peer ``hf-batch``.
+
+``constraints`` (the JSON workload): one per prompt; every method runs each row under its own
+(``constrained=false`` methods without it, checked against unconstrained vanilla), and so do the
+batch-1 references; ``hf-batch`` does not run (it has no grammar).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,12 +30,14 @@ HF_PEER = "hf-batch"
 
 
 def run_scheduler(spec: str, s: Settings, prompts: list[list[int]], references: list[list[int]],
-                  batch_size: int) -> tuple[float, list[sd.GenerationResult | None]]:
+                  batch_size: int, constraints: list | None = None
+                  ) -> tuple[float, list[sd.GenerationResult | None]]:
     """(wall seconds, per-prompt (tokens, stats)) for one of our methods at ``batch_size``."""
     scheduler = sd.Scheduler(s.target, max_batch_size=batch_size, exact=s.exact)
     ids = []
-    for prompt, reference in zip(prompts, references):
-        drafter, options = method_options(spec, s, reference)
+    for i, (prompt, reference) in enumerate(zip(prompts, references)):
+        row = s if constraints is None else replace(s, constraint=constraints[i])
+        drafter, options = method_options(spec, row, reference)
         ids.append(scheduler.add_request(
             prompt, drafter=drafter, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
             top_k=s.top_k, top_p=s.top_p, seed=s.seed, **options))
@@ -92,19 +99,34 @@ def compare_rows(model, prompts, references, outputs) -> dict:
     return {"rows_equal": equal, "near_ties": near, "mismatches": mismatch}
 
 
+def vanilla_references(s: Settings, prompts: list[list[int]], constraints: list | None
+                       ) -> list[list[int]]:
+    """Every prompt decoded alone by vanilla (under its constraint, if any)."""
+    rows = constraints or [None] * len(prompts)
+    return [sd.generate(s.target, p, drafter="none", max_new_tokens=s.max_new_tokens,
+                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                        sampling=s.sampling, exact=s.exact, constraint=c,
+                        tokenizer=s.tokenizer).token_ids
+            for p, c in tqdm(list(zip(prompts, rows)), desc="batch-1 vanilla references",
+                             leave=False)]
+
+
 def run_batch_benchmark(prompts: list[list[int]], specs: list[str], sizes: list[int], s: Settings,
-                        eos: frozenset[int], repeats: int = 1, hf_peer: bool = True) -> list[dict]:
-    """One row per (batch size, method)."""
-    references = [sd.generate(s.target, p, drafter="none", max_new_tokens=s.max_new_tokens,
-                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              seed=s.seed, sampling=s.sampling, exact=s.exact).token_ids
-                  for p in tqdm(prompts, desc="batch-1 vanilla references", leave=False)]
+                        eos: frozenset[int], repeats: int = 1, hf_peer: bool = True,
+                        constraints: list | None = None) -> list[dict]:
+    """One row per (batch size, method); ``constraints``: one per prompt (module docstring)."""
+    references = vanilla_references(s, prompts, constraints)
+    plain = {spec: constraints is not None and parse_spec(spec)[1].get("constrained") is False
+             for spec in specs}  # run (and checked) without the row's constraint
+    free = vanilla_references(s, prompts, None) if any(plain.values()) else references
     warm = [p[:16] for p in prompts[:2]]
     for spec in specs:  # warm-up: every method once, briefly
         short = Settings(**{**s.__dict__, "max_new_tokens": 4})
-        run_scheduler(spec, short, warm, [r[:4] for r in references[:2]], 2)
+        run_scheduler(spec, short, warm, [r[:4] for r in references[:2]], 2,
+                      None if constraints is None else constraints[:2])
     ours = [m for m in specs if parse_spec(m)[0] not in HF_METHODS]
-    methods = ours + ([HF_PEER] if hf_peer and s.temperature == 0 else [])
+    methods = ours + ([HF_PEER] if hf_peer and s.temperature == 0 and constraints is None
+                      else [])
     rows = []
     bar = tqdm(total=len(sizes) * len(methods) * repeats, desc="batch runs", leave=False)
     for size in sizes:
@@ -116,7 +138,8 @@ def run_batch_benchmark(prompts: list[list[int]], specs: list[str], sizes: list[
                     wall, tokens = run_hf_batch(s, prompts, size, eos)
                     outs[spec] = (tokens, None)
                 else:
-                    wall, results = run_scheduler(spec, s, prompts, references, size)
+                    wall, results = run_scheduler(spec, s, prompts, free if plain[spec]
+                                                  else references, size, constraints)
                     outs[spec] = ([r.token_ids for r in results], results)
                 walls[spec].append(wall)
                 bar.update()
@@ -133,7 +156,8 @@ def run_batch_benchmark(prompts: list[list[int]], specs: list[str], sizes: list[
                 row["mat"] = round(new / steps, 4) if steps else 0.0
                 row["plain_steps"] = sum(r.stats.plain_steps for r in results)
             if s.temperature == 0 or s.sampling == "coupled":
-                row.update(compare_rows(s.target, prompts, references, tokens))
+                row.update(compare_rows(s.target, prompts, free if plain.get(spec) else
+                                        references, tokens))
             rows.append(row)
     bar.close()
     vanilla = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["method"] == "vanilla"}

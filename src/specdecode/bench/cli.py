@@ -92,7 +92,8 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
                    "batching scheduler with B requests in flight (e.g. 1,2,4,8), every method "
                    "plus transformers' padded batch generate (hf-batch); writes batch.md and "
                    "batch.json (aggregate tokens/s, latency, per-row equality with batch-1 "
-                   "vanilla).")
+                   "vanilla). With --workload json every row runs under its question's schema "
+                   "(checked against constrained batch-1 vanilla; no hf-batch).")
 @click.option("--vllm-python", default=None, metavar="PYTHON",
               help="Interpreter that runs the vLLM methods' engines (it must import vllm and "
                    "specdecode; default: this one).")
@@ -133,8 +134,6 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
         from specdecode.bench.json_workload import workload_path
         questions_file = questions_file or workload_path()
         methods = JSON_METHODS if methods == DEFAULT_METHODS else methods
-        if batch_sizes is not None:
-            raise click.UsageError("--workload json runs in the per-question benchmark only")
     if batch_sizes is not None:
         sizes = int_list(batch_sizes, "--batch-size", 1, "batch sizes")
     defaults = methods == DEFAULT_METHODS
@@ -242,16 +241,22 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     limit = context_length(model.config)
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])
                for q in questions]
-    prompts = [p for p in prompts if limit is None or len(p) + max_new_tokens <= limit]
+    keep = [i for i, p in enumerate(prompts) if limit is None or len(p) + max_new_tokens <= limit]
+    prompts = [prompts[i] for i in keep]
+    # the JSON workload: every row under its own question's schema
+    constraints = [{"json": questions[i].schema} if questions[i].schema is not None else None
+                   for i in keep]
     s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                  num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                  sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
-                 datastore=str(datastore) if datastore else None, policy=policy, exact=exact)
+                 datastore=str(datastore) if datastore else None, policy=policy, exact=exact,
+                 tokenizer=tokenizer)
     env = environment(model_id, draft_id, {
         "temperature": temperature, "sampling": sampling, "seed": seed,
         "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
         "repeats": repeats, "policy": policy, "batch_sizes": sizes}, model)
-    rows = run_batch_benchmark(prompts, specs, sizes, s, _eos_ids(model, None), repeats)
+    rows = run_batch_benchmark(prompts, specs, sizes, s, _eos_ids(model, None), repeats,
+                               constraints=constraints if any(constraints) else None)
     click.echo(write_batch_report(out_dir, rows, env))
     click.echo(json.dumps({"out": str(out_dir), "batch": [
         {k: r.get(k) for k in ("method", "batch_size", "tokens_per_s", "speedup_vs_vanilla",

@@ -31,7 +31,7 @@ from specdecode.drafters.options import Limits, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
-from specdecode.server.constraints import request_constraint
+from specdecode.server.constraints import request_constraint, wait_compiles
 from specdecode.server.generation import Generation
 from specdecode.server.guard import ApiKeyGuard
 from specdecode.server.metrics import ServerMetrics, SpecCounts
@@ -141,7 +141,7 @@ class ServerState:
         """Tokenizing and chat templates run on one helper thread, never on the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
 
-    def generation(self, req, prompt: list[int]) -> Generation:
+    def generation(self, req, prompt: list[int], constraint: dict[str, Any]) -> Generation:
         if len(prompt) >= self.context:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens, "
                            f"but the prompt has {len(prompt)} tokens", param="messages"
@@ -161,8 +161,7 @@ class ServerState:
         spec = SpecCounts(drafter, policy or DEFAULT_POLICY)
         options = dict(options, drafter=drafter, policy=policy, max_new_tokens=max_tokens,
                        temperature=req.temperature, top_p=req.top_p,
-                       top_k=max(0, req.top_k), seed=req.seed,
-                       **request_constraint(req, self.tokenizer))
+                       top_k=max(0, req.top_k), seed=req.seed, **constraint)
         timeouts = [t for t in (req.timeout, c.request_timeout) if t is not None]
         return Generation(self.worker, self.metrics, self.tokenizer, prompt, options,
                           stop_strings(req), spec, timeout=min(timeouts) if timeouts else None)
@@ -209,6 +208,7 @@ async def completions(request: Request) -> Response:
     req = parse(CompletionRequest, await _body(request))
     state.check_model(req.model)
     state.check_room()
+    constraint = await request_constraint(req, state.tokenizer)  # off the loop, time-bounded
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -221,7 +221,8 @@ async def completions(request: Request) -> Response:
     elif not prompt or not all(0 <= t < state.vocab for t in prompt):
         raise APIError(400, "prompt token ids must be a non-empty list of ids in [0, "
                        f"{state.vocab})", param="prompt")
-    return await _respond(request, req, state.generation(req, list(prompt)), chat=False)
+    return await _respond(request, req, state.generation(req, list(prompt), constraint),
+                          chat=False)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -231,13 +232,14 @@ async def chat_completions(request: Request) -> Response:
     state.check_room()
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    constraint = await request_constraint(req, state.tokenizer)  # off the loop, time-bounded
     history = [{"role": m.role, "content": message_text(m)} for m in req.messages]
     try:
         prompt = await state.run_off_loop(chat_prompt, state.tokenizer, history)
     except Exception as err:  # noqa: BLE001 - a template that refuses these messages
         raise APIError(400, f"the chat template refused these messages: {err}",
                        param="messages") from None
-    return await _respond(request, req, state.generation(req, prompt), chat=True)
+    return await _respond(request, req, state.generation(req, prompt, constraint), chat=True)
 
 
 async def _respond(request: Request, req, gen: Generation, chat: bool) -> Response:
@@ -353,6 +355,7 @@ def create_app(model, tokenizer, *, draft_model=None, config: ServerConfig | Non
         yield
         state.worker.close()
         state.tokenize_pool.shutdown(wait=False)
+        await asyncio.get_running_loop().run_in_executor(None, wait_compiles, 30.0)
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),

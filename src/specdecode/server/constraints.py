@@ -1,17 +1,41 @@
 """Structured output in a request body: OpenAI's ``response_format`` (``{"type": "json_object"}``,
 ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, ``{"type": "text"}``)
 and vLLM's ``structured_outputs`` (``{"json": schema} | {"regex": ...} | {"grammar": ...} |
-{"json_object": true}``), compiled once per schema (``structured.compile_constraint``' LRU); a bad
-one is a 400 naming the problem."""
+{"choice": [...]} | {"json_object": true}``; ``structural_tag`` is refused), compiled once per
+schema (``structured.compile_constraint``' LRU); a bad one is a 400 naming the problem.
+
+Compiling runs off the event loop, on its own thread, bounded in time: past
+``COMPILE_TIMEOUT_S`` the request gets a 400 and the same source is refused at once afterwards
+(llguidance cannot be interrupted: the thread finishes on its own). Every constrained request's
+lookup runs on such a thread (a cached grammar returns at once); at most ``MAX_COMPILING`` run at
+a time, a timed-out one holding its place until it ends; beyond that the request gets a 429."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from specdecode.server.protocol import APIError
 from specdecode.types import SpecDecodeError
 
-STRUCTURED_KEYS = ("json", "regex", "grammar", "json_object")
+STRUCTURED_KEYS = ("json", "regex", "grammar", "choice", "json_object")
+COMPILE_TIMEOUT_S = 10.0  # read at call time
+MAX_COMPILING = 8  # compile threads at once (a timed-out one holds its place until it ends)
+_SLOTS = threading.BoundedSemaphore(MAX_COMPILING)
+_TOO_SLOW: OrderedDict[str, None] = OrderedDict()  # sources that timed out (bounded)
+_RUNNING = threading.Condition()  # notified when a compile thread ends
+_running = [0]  # compile threads alive
+
+
+def wait_compiles(timeout: float) -> bool:
+    """Wait until no grammar is compiling (at most ``timeout`` s); True if none is. The server
+    waits at shutdown: a compile thread still inside llguidance when Python exits can crash it."""
+    with _RUNNING:
+        return _RUNNING.wait_for(lambda: _running[0] == 0, timeout)
 
 
 def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any] | None:
@@ -37,6 +61,10 @@ def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any
         if spec is not None:
             raise APIError(400, "give response_format or structured_outputs, not both",
                            param="structured_outputs")
+        if isinstance(structured_outputs, dict) and "structural_tag" in structured_outputs:
+            raise APIError(400, "structured_outputs.structural_tag is not supported by this "
+                           "server; use json, regex, grammar, choice or json_object",
+                           param="structured_outputs")
         given = [k for k in STRUCTURED_KEYS if isinstance(structured_outputs, dict)
                  and structured_outputs.get(k) not in (None, False)]
         if len(given) != 1 or len(structured_outputs) != 1:
@@ -46,15 +74,83 @@ def request_spec(response_format: Any, structured_outputs: Any) -> dict[str, Any
     return spec
 
 
-def request_constraint(req, tokenizer) -> dict[str, Any]:
-    """``{"constraint": compiled}`` for the engine's options, or ``{}``; 400 on a bad one."""
+async def request_constraint(req, tokenizer) -> dict[str, Any]:
+    """``{"constraint": compiled}`` for the engine's options, or ``{}``; 400 on a bad one or one
+    that takes longer than ``COMPILE_TIMEOUT_S`` to compile. The event loop never compiles."""
     extra = req.model_extra or {}
     spec = request_spec(extra.get("response_format"), extra.get("structured_outputs"))
     if spec is None:
         return {}
-    from specdecode.structured import compile_constraint
     where = "structured_outputs" if "structured_outputs" in extra else "response_format"
+    timeout = COMPILE_TIMEOUT_S
+    box: dict[str, str] = {}
     try:
-        return {"constraint": compile_constraint(spec, tokenizer)}
+        return {"constraint": await _compile_bounded(spec, tokenizer, timeout, box)}
     except SpecDecodeError as err:
         raise APIError(400, f"{where}: {err}", param=where) from None
+    except _SlowBefore:
+        raise APIError(400, f"{where}: this grammar took longer than {timeout:g} s to compile "
+                       "before; simplify it", param=where) from None
+    except TimeoutError:
+        if "key" in box:
+            _TOO_SLOW[box["key"]] = None
+            while len(_TOO_SLOW) > 256:
+                _TOO_SLOW.popitem(last=False)
+        raise APIError(400, f"{where}: the grammar did not compile within {timeout:g} s; "
+                       "simplify it", param=where) from None
+
+
+class _SlowBefore(Exception):
+    """This source timed out before."""
+
+
+def _compile(spec: dict[str, Any], tokenizer, box: dict[str, str]):
+    """On the compile thread: the source's key (into ``box``), refused if it timed out before,
+    else ``compile_constraint``."""
+    from specdecode.structured import compile_constraint
+
+    box["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest() + \
+        f"|{id(tokenizer)}"
+    if box["key"] in _TOO_SLOW:
+        raise _SlowBefore()
+    return compile_constraint(spec, tokenizer)
+
+
+async def _compile_bounded(spec: dict[str, Any], tokenizer, timeout: float, box: dict[str, str]):
+    """``_compile`` on a thread of its own; ``TimeoutError`` past ``timeout``."""
+
+    if not _SLOTS.acquire(blocking=False):
+        raise APIError(429, f"{MAX_COMPILING} grammars are compiling; retry later",
+                       kind="rate_limit_error", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved when timed out
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # the request went away
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = _compile(spec, tokenizer, box)
+        except BaseException as err:  # noqa: BLE001 - handed to the request
+            error = err
+        finally:
+            _SLOTS.release()
+            with _RUNNING:
+                _running[0] -= 1
+                _RUNNING.notify_all()
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed
+            pass
+
+    with _RUNNING:
+        _running[0] += 1
+    threading.Thread(target=work, name="specdecode-grammar", daemon=True).start()
+    return await asyncio.wait_for(asyncio.shield(done), timeout)
