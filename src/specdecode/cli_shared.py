@@ -104,7 +104,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SpecDecodeError("--chat needs a tokenizer with a chat template")
-        from specdecode.bench.questions import chat_prompt
+        from specdecode.chat import chat_prompt
 
         return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]

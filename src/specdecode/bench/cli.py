@@ -216,7 +216,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     from specdecode.api import _eos_ids
     from specdecode.bench.batch import run_batch_benchmark, write_batch_report
     from specdecode.bench.methods import Settings
-    from specdecode.bench.questions import chat_prompt
+    from specdecode.chat import chat_prompt
     from specdecode.models.hf import context_length
 
     limit = context_length(model.config)

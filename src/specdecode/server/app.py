@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from specdecode.api import DEFAULT_POLICY
-from specdecode.bench.questions import chat_prompt
+from specdecode.chat import chat_prompt
 from specdecode.drafters import available
 from specdecode.drafters.options import Limits, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
