@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 
-from specdecode.cli_shared import int_list, load_models, model_id, model_options, quiet_transformers
+from specdecode.cli_shared import (
+    check_policy_name,
+    int_list,
+    load_models,
+    model_id,
+    model_options,
+    quiet_transformers,
+)
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
@@ -65,9 +72,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--max-new-tokens", type=int, default=None, help="Per turn (default 128; quick: 64).")
 @click.option("--num-draft-tokens", type=int, default=4, show_default=True,
               help="Draft budget of every method that takes one (oracle and hf-pld included).")
-@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
-              help="Draft-budget policy of every method without its own policy=... (default: "
-                   "the library's default).")
+@click.option("--policy", default=None, callback=check_policy_name,
+              help="Draft-budget policy (a registered one) of every method without its own "
+                   "policy=... (default: the library's default).")
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--sampling", type=click.Choice(list(SAMPLING_MODES)), default="coupled",
               show_default=True, help="Our sampling rule when --temperature > 0.")
