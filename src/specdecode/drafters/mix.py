@@ -161,7 +161,8 @@ def build_mix(build: BuildContext, sources: str | list[str] = DEFAULT_SOURCES,
         raise SpecDecodeError("mix needs sources=name+name (e.g. suffix+token-recycling)")
     nested = [n for n in names if n in REGISTRY and REGISTRY[n].sources is not None]
     if nested:
-        raise SpecDecodeError(f"mix cannot take {', '.join(nested)} as a source")
+        raise SpecDecodeError(f"mix cannot take {', '.join(nested)} as a source (a drafter with "
+                              "sources cannot be its own source, nor another's)")
     if max_nodes < 1:
         raise SpecDecodeError(f"mix max_nodes must be >= 1, got {max_nodes}")
     spine = max_nodes // 2 if spine_nodes is None else spine_nodes

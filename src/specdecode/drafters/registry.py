@@ -140,13 +140,14 @@ def check_options(drafter: str, options: Mapping[str, Any], limits: Limits, *,
     sources = sources_of(drafter, merged)
     unknown = [s for s in sources if s not in REGISTRY]
     if unknown:
-        raise SpecDecodeError(f"{drafter} source(s) {', '.join(unknown)} are not registered "
-                              f"drafters; available: {', '.join(available())}")
+        raise SpecDecodeError(f"{drafter} source(s) {', '.join(unknown)}: not a registered "
+                              f"drafter; available: {', '.join(available())}")
     bad = [s for s in sources if REGISTRY[s].sources is not None
            or (allowed is not None and s not in allowed)]
     if bad and (not request or spec.sources in options or spec.sources not in (owner or {})):
         if allowed is None:
-            raise SpecDecodeError(f"{drafter} cannot take {', '.join(bad)} as a source")
+            raise SpecDecodeError(f"{drafter} cannot take {', '.join(bad)} as a source (a drafter "
+                                  "with sources cannot be its own source, nor another's)")
         raise SpecDecodeError(f"{drafter} source(s) {', '.join(bad)} not allowed on this server; "
                               f"allowed: {', '.join(sorted(allowed - {drafter}))}")
     for name, value in extra.items():  # options passed through to the sources
