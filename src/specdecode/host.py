@@ -36,6 +36,11 @@ class HostState:
         """The store under ``key``, or None when none was made."""
         return self._stores.get(key)
 
+    def __reduce__(self) -> tuple:
+        """A copied or pickled host (e.g. of a copied model) starts empty: stores are not shared
+        with, nor duplicated from, another host."""
+        return (HostState, ())
+
     def clear(self) -> None:
         with self._lock:
             self._stores.clear()

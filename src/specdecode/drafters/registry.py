@@ -133,6 +133,10 @@ def check_options(drafter: str, options: Mapping[str, Any], limits: Limits, *,
     out, extra = check_table(drafter, {**spec.options, **COMMON}, options, limits,
                              request=request, merged=merged)
     if spec.sources is None:
+        if extra and request:
+            raise SpecDecodeError(f"{drafter} option(s) {', '.join(extra)} cannot be set per "
+                                  f"request (options a request may set: "
+                                  f"{', '.join(request_options(drafter)) or 'none'})")
         if extra:
             raise SpecDecodeError(f"drafter {drafter!r} has no option(s) {', '.join(extra)}; "
                                   f"its options: {', '.join(spec.options) or 'none'}")
