@@ -30,11 +30,20 @@ from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specdecode")
-def main() -> None:
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+              help="Import MODULE first (repeatable): a module that registers drafters or "
+                   "policies (also: $SPECDECODE_PLUGINS, comma-separated).")
+def main(plugins: tuple[str, ...]) -> None:
     """specdecode: lossless speculative decoding for Hugging Face causal LMs.
 
     Without --target every command uses the demo model pair shipped in the package.
     """
+    from specdecode.plugins import load_plugins
+
+    try:
+        load_plugins(plugins)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command()
