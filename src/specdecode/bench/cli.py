@@ -107,7 +107,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
     one-line JSON summary."""
     import torch
 
-    from specdecode.bench.methods import Settings, check_specs, needs_draft, parse_spec
+    from specdecode.bench.methods import Settings, check_specs, needs_answer, needs_draft, parse_spec
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
@@ -138,8 +138,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
         if draft_model is None:  # and their draft model
             methods = methods.replace(",draft-model,", ",").replace(",hf-assisted", "")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
-    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
-                                         parse_spec(m)[0] == "oracle"))
+    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla", needs_answer(m)))
     if repeats < 1 or max_new_tokens < 1 or num_draft_tokens < 1:
         raise click.UsageError("--repeats, --max-new-tokens and --num-draft-tokens must be >= 1")
     try:
@@ -258,7 +257,7 @@ def cost_curve_ms(model) -> dict:
 def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool) -> None:
     """report.json, report.md and plots from the answers in ``out_dir``; prints the table and a
     one-line JSON summary last."""
-    from specdecode.bench.methods import is_lossless, parse_spec
+    from specdecode.bench.methods import is_lossless, needs_answer
     from specdecode.bench.plots import (
         plot_accept_lengths,
         plot_budgets,
@@ -268,7 +267,7 @@ def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool
     from specdecode.bench.report import OVERALL, build_report, markdown
 
     specs = settings["methods"]
-    oracle = next((m for m in specs if parse_spec(m)[0] == "oracle"), None)
+    oracle = next((m for m in specs if needs_answer(m)), None)
     report = build_report(out_dir, specs, {m: is_lossless(m) for m in specs}, oracle, allow_lossy)
     env = json.loads((out_dir / "environment.json").read_text())  # as measured, not as reported
     env["skipped"] = len(skipped)

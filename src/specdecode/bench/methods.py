@@ -59,6 +59,7 @@ class Settings:
     # answer to the same question.
     hosts: dict[str, HostState] = field(default_factory=dict)
     draft_models: dict[str, object] = field(default_factory=dict)  # loaded once per directory
+    vllm_workers: dict[str, vllm_peer.Worker] = field(default_factory=dict)  # one per vLLM method
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -86,6 +87,12 @@ METHOD_KEYS = ("policy", "sampling", "draft_model")  # a method's options that a
 
 def drafter_options(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in METHOD_KEYS}
+
+
+def needs_answer(spec: str) -> bool:
+    """Whether a method replays the vanilla answer (the oracle bound): it runs after vanilla."""
+    name, options = parse_spec(spec)
+    return name in REGISTRY and Needs.ANSWER in needs_of(name, drafter_options(options))
 
 
 def needs_draft(spec: str) -> bool:
@@ -208,7 +215,7 @@ def run_vllm(spec: str, s: Settings, prompt: list[int]) -> Outcome:
     name, options = parse_spec(spec)
     if s.vllm is None:
         raise SpecDecodeError(f"method {spec!r} needs the vLLM engine settings")
-    engine = vllm_peer.worker(spec, name, options, s.vllm, s.num_draft_tokens)
+    engine = vllm_peer.worker(spec, name, options, s.vllm, s.num_draft_tokens, s.vllm_workers)
     tokens, wall, counters = engine.generate(prompt, max_tokens=s.max_new_tokens,
                                              temperature=s.temperature, top_k=s.top_k,
                                              top_p=s.top_p, seed=s.seed)
