@@ -16,7 +16,9 @@ from starlette.testclient import TestClient
 import specdecode as sd
 from specdecode.bench.methods import Settings, check_specs, run_method
 from specdecode.cli import main
+from specdecode.drafters.options import count
 from specdecode.drafters.registry import REGISTRY, self_contained
+from specdecode.policies import POLICIES
 from specdecode.server.app import create_app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -104,3 +106,50 @@ def test_server_request_names_it_and_bounds_hold(plugin, demo):
                                                              "num_draft_tokens": 9}})
         assert bad.status_code == 400
         assert "echo option num_draft_tokens = 9 is out of range: at most 8" in bad.text
+
+
+class FirstTokens:
+    """A policy drafting at most ``depth`` tokens a step."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+    def plan(self, max_nodes: int, max_depth: int) -> sd.Budget:
+        return sd.Budget(min(max_nodes, self.depth), min(max_depth, self.depth))
+
+    def select(self, draft: sd.Draft) -> sd.Draft:
+        return draft
+
+    def observe(self, record: sd.StepRecord) -> None:
+        pass
+
+
+@pytest.fixture
+def first_tokens_policy():
+    @sd.register_policy("first-tokens", options={"depth": count(1, "nodes")})
+    def build_first_tokens(build, depth: int = 2) -> FirstTokens:
+        return FirstTokens(depth)
+
+    yield "first-tokens"
+    POLICIES.pop("first-tokens", None)
+
+
+def test_a_registered_policy_is_accepted_by_every_entry_point(first_tokens_policy, demo):
+    model = tiny_model("llama")
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    out = sd.generate(model, prompt, policy=first_tokens_policy, policy_options={"depth": 1},
+                      max_new_tokens=12, eos_token_id=[])
+    assert out.token_ids == vanilla(model, prompt, 12) and max(out.accept_lengths) <= 2
+    with pytest.raises(sd.SpecDecodeError, match="policy first-tokens option depth = 0 is out of"):
+        sd.generate(model, prompt, policy=first_tokens_policy, policy_options={"depth": 0})
+    ok = CliRunner().invoke(main, ["generate", "--policy", first_tokens_policy, "--prompt", "hi",
+                                   "--max-new-tokens", "4", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["policy"] == first_tokens_policy
+    bad = CliRunner().invoke(main, ["generate", "--policy", "nope", "--prompt", "hi"])
+    assert bad.exit_code != 0 and "unknown policy 'nope'; available:" in bad.output
+    assert first_tokens_policy in bad.output
+    client = TestClient(create_app(demo.target, demo.tokenizer))
+    refused = client.post("/v1/completions", json={"prompt": "hi", "speculative": {
+        "policy": "nope"}})
+    assert refused.status_code == 400 and first_tokens_policy in refused.text
