@@ -26,15 +26,12 @@ BUILD = BuildContext(target=None)  # a host of its own for drafters built withou
 
 @pytest.fixture(autouse=True)
 def fresh_global_store():
-    BUILD.host.clear()
-    yield
-    BUILD.host.clear()
+    yield BUILD.host.clear()
 
 
-def store_of(owner) -> SuffixStore:
-    """The suffix store of a host: ``BUILD``'s, or a model's (plain ``generate`` calls)."""
-    host = owner.host if isinstance(owner, BuildContext) else host_of(owner)
-    return host.get(suffix.HOST_KEY, SuffixStore)
+def store_of(owner) -> SuffixStore:  # BUILD's, or a model's (its plain ``generate`` calls)
+    return (owner.host if isinstance(owner, BuildContext) else host_of(owner)).get(
+        suffix.HOST_KEY, SuffixStore)
 
 
 def random_sequences(rng: random.Random, count: int) -> list[list[int]]:

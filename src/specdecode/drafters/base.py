@@ -15,7 +15,9 @@ Optional, declared by the drafter and read by the engine with ``getattr``:
   in its prefill and verification forwards anyway; a plain step's come with the next proposal.
 - ``finish(output: list[int])``: called once when the request ends. A store shared across requests
   (SuffixDecoding's global tree, Token Recycling's hot table) is an explicit object with a size
-  bound, handed to the drafter by its factory; ``finish`` is where it learns from the request.
+  bound, kept in the host's ``HostState`` (``BuildContext.host``: a Scheduler's, a model's, a
+  benchmark method's; never a module global) and handed to the drafter by its factory; ``finish``
+  is where it learns from the request.
 
 A factory registers with its options and needs beside it (``registry.py``: ``register(name,
 needs=..., options=...)``); ``prepare`` checks options there before calling the factory, and the
