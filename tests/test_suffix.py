@@ -19,19 +19,16 @@ from specdecode.host import host_of
 from specdecode.types import SamplingParams, SpecDecodeError
 
 PROMPTS = make_prompts(20)
-
-
 BUILD = BuildContext(target=None)  # a host of its own for drafters built without a model
 
 
 @pytest.fixture(autouse=True)
 def fresh_global_store():
-    yield BUILD.host.clear()
+    BUILD.host.clear()
 
 
 def store_of(owner) -> SuffixStore:  # BUILD's, or a model's (its plain ``generate`` calls)
-    return (owner.host if isinstance(owner, BuildContext) else host_of(owner)).get(
-        suffix.HOST_KEY, SuffixStore)
+    return (getattr(owner, "host", None) or host_of(owner)).get(suffix.HOST_KEY, SuffixStore)
 
 
 def random_sequences(rng: random.Random, count: int) -> list[list[int]]:
