@@ -73,7 +73,7 @@ class Template:
         return int(self.parent.size)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=16)  # a pure function's memo: a template is a constant of its arguments
 def build_template(ranks: int = TEMPLATE_RANKS, widths: tuple[int, ...] = PUBLISHED_WIDTHS
                    ) -> Template:
     """The template with ``widths`` nodes per depth, children drawn from ranks ``0..ranks-1``.
