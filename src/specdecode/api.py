@@ -41,6 +41,7 @@ class Request:
     eos_token_ids: frozenset[int]
     max_draft_nodes: int
     policy: Policy | None = None
+    constraint: Any = None  # structured.ConstraintState (this request's own grammar state)
 
 
 def _prompt_ids(input_ids: Any, vocab_size: int, max_length: int | None) -> list[int]:
@@ -98,7 +99,8 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             sampling: str = DEFAULT_SAMPLING, max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES,
             policy: str | Policy | None = None, policy_options: dict | None = None,
             trust_remote_code: bool = False, target: BatchTarget | None = None,
-            dtype=None, device=None, exact: bool | None = None, host: HostState | None = None,
+            dtype=None, device=None, exact: bool | None = None, constraint: Any = None,
+            tokenizer: Any = None, jump_forward: bool | None = None, host: HostState | None = None,
             **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
@@ -106,6 +108,10 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     ``input_ids``. ``target``: the scheduler's shared target over ``model`` (default: a new one).
     ``dtype`` / ``device``: how a ``model`` given as a source (directory, .gguf, preset, Hub id) is
     loaded (``models.sources.auto_dtype`` by default); a loaded model must already be in them.
+    ``constraint``: structured output (``structured.compile_constraint``: ``{"json": schema}``,
+    ``{"json_object": True}``, ``{"regex": ...}``, ``{"grammar": lark}`` with ``tokenizer``, or a
+    compiled ``Constraint``); ``jump_forward`` (default: on unless ``drafter="none"``) appends the
+    tokens the grammar forces to every draft.
     ``exact``: the batch-invariant forward (default: on in half precision, ``models/exact.py``).
     ``host``: where stores shared across requests live (a ``Scheduler``'s own; default: the
     model's, ``host.host_of``)."""
@@ -153,14 +159,22 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     else:
         raise SpecDecodeError(f"policy must be a registered name or a Policy, got "
                               f"{type(policy).__name__}")
-    return Request(target, prompt, drafter_obj, params, max_new_tokens, _eos_ids(hf, eos_token_id),
-                   max_draft_nodes, policy_obj)
+    eos = _eos_ids(hf, eos_token_id)
+    state = None
+    if constraint is not None:
+        from specdecode.structured import compile_constraint
+        compiled = compile_constraint(constraint, tokenizer)
+        jump = drafter != "none" if jump_forward is None else bool(jump_forward)
+        state = compiled.start(eos, jump_forward=jump)
+        eos = eos | {compiled.eos_token_id}  # the grammar ends with its tokenizer's EOS
+    return Request(target, prompt, drafter_obj, params, max_new_tokens, eos, max_draft_nodes,
+                   policy_obj, state)
 
 
 def stream_request(req: Request, stats: RunStats | None = None) -> Iterator[StepEvent]:
     return run(req.target, req.prompt, req.drafter, req.params, max_new_tokens=req.max_new_tokens,
                eos_token_ids=req.eos_token_ids, max_draft_nodes=req.max_draft_nodes, stats=stats,
-               policy=req.policy)
+               policy=req.policy, constraint=req.constraint)
 
 
 def stream(model, input_ids, **kwargs: Any) -> Iterator[StepEvent]:
@@ -182,7 +196,8 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     ``max_draft_nodes``, ``dtype`` / ``device`` (for a ``model`` given as a path, a .gguf, the
     ``smollm2-135m`` preset or a Hub id), ``exact``, ``policy`` (how much to draft each step:
     "fixed" by default, "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named
-    one), and the drafter's own options (e.g. ``num_draft_tokens``).
+    one), ``constraint`` + ``tokenizer`` (structured output, see ``prepare``), and the drafter's
+    own options (e.g. ``num_draft_tokens``).
     """
     req = prepare(model, input_ids, **kwargs)
     stats = RunStats()

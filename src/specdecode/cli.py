@@ -23,6 +23,7 @@ from specdecode.cli_shared import (
 from specdecode.datastore_cli import datastore
 from specdecode.drafters.registry import Needs, needs_of
 from specdecode.server.cli import bench_serve, serve
+from specdecode.structured_cli import constraint_kwargs, constraint_options
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
 from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
@@ -73,13 +74,15 @@ def main(plugins: tuple[str, ...]) -> None:
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")
 @click.option("--policy", default=None, callback=check_policy_name, help=POLICY_HELP)
+@constraint_options()
 @click.option("--compare", is_flag=True, help="Also run vanilla decoding; print the speedup.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, batch_size, chat,
+def generate(target, draft_model, dtype, device, exact, drafter, prompt, prompts_file, batch_size, chat,
              max_new_tokens, temperature, top_k, top_p, seed, sampling, num_draft_tokens, options,
-             policy, compare, as_json, threads, trust_remote_code) -> None:
+             policy, json_schema, regex, grammar_file, compare, as_json, threads,
+             trust_remote_code) -> None:
     """Generate text with speculative decoding and print the step statistics (one --prompt, or
     many from --prompts-file, batched)."""
     import torch
@@ -105,7 +108,8 @@ def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, 
         model, draft, tokenizer = load_models(target, draft_model, need_draft, trust_remote_code,
                                               dtype, device)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, sampling=sampling)
+                      top_p=top_p, seed=seed, sampling=sampling, exact=exact,
+                      **constraint_kwargs(json_schema, regex, grammar_file, tokenizer))
         if prompts_file is not None:
             prompts = [encode_prompt(tokenizer, p, chat) for p in read_prompts(prompts_file)]
             generate_many(model, tokenizer, prompts, batch_size, as_json, compare,
@@ -113,7 +117,7 @@ def generate(target, draft_model, dtype, device, drafter, prompt, prompts_file, 
             return
         ids = encode_prompt(tokenizer, prompt, chat)
         sd.prepare(model, ids, drafter=drafter, draft_model=draft, **common, **opts)  # checks
-        sd.generate(model, ids[:8], drafter="none", max_new_tokens=2)  # warm-up
+        sd.generate(model, ids[:8], drafter="none", max_new_tokens=2, exact=exact)  # warm-up
         start = time.perf_counter()
         result = sd.generate(model, ids, drafter=drafter, draft_model=draft, **common, **opts)
         wall = time.perf_counter() - start
@@ -171,7 +175,7 @@ def generate_many(model, tokenizer, prompts: list[list[int]], batch_size: int, a
                "mat": round(tokens / max(1, sum(r.stats.steps for r in results)), 4)}
     if compare:
         common = {k: v for k, v in options.items() if k in (
-            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "sampling")}
+            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "sampling", "exact")}
         start = time.perf_counter()
         base = [sd.generate(model, p, drafter="none", **common) for p in prompts]
         base_wall = time.perf_counter() - start
@@ -254,11 +258,12 @@ def list_options(table: dict) -> None:
               help="Comma-separated draft node counts.")
 @click.option("--repeats", type=int, default=15, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-def cost_curve(target, dtype, device, context, nodes, repeats, threads) -> None:
+def cost_curve(target, dtype, device, exact, context, nodes, repeats, threads) -> None:
     """Measure the target's verification cost c(n) (ms per forward over 1 + n tokens), chain and
     tree, and print one JSON line per n. Run it with nothing else busy on the machine."""
     import torch
 
+    from specdecode.models.exact import default_exact
     from specdecode.policies.cost import verify_cost_curve
 
     if threads:
@@ -271,11 +276,12 @@ def cost_curve(target, dtype, device, context, nodes, repeats, threads) -> None:
         if limit is not None and context + max(counts) + 1 > limit:
             raise SpecDecodeError(f"--context {context} + {max(counts)} nodes exceeds the model's "
                                   f"{limit}-token context")
-        rows = verify_cost_curve(model, sorted(set(counts) | {0}), context, repeats)
+        rows = verify_cost_curve(model, sorted(set(counts) | {0}), context, repeats, exact=exact)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
     param = next(model.parameters())
     env = {"threads": torch.get_num_threads(), "context": context, "torch": torch.__version__,
+           "exact": default_exact(param.dtype) if exact is None else exact,
            "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
     for row in rows:
         click.echo(json.dumps({**row, **env}))

@@ -21,11 +21,17 @@ DTYPE_HELP = ("Weights and compute dtype. Lossless means identical to vanilla de
               "Default: bfloat16 for models of 50M+ parameters on CPUs with native bfloat16 "
               "(AVX512-BF16/AMX), else float32.")
 DEVICE_HELP = "Where the models run: cpu (default), cuda, cuda:1, mps..."
+EXACT_HELP = ("The batch-invariant forward: a token's logits do not depend on how many tokens share "
+              "its forward (draft nodes, batch rows), so every method stays token-identical to "
+              "vanilla in bfloat16 and float16. Default: on in half precision, off in float32. "
+              "--no-exact is faster in half precision and may change outputs at near-ties.")
 
 
 def model_options(draft: bool = True) -> Callable:
-    """``--target`` (and ``--draft-model``), ``--dtype``, ``--device`` on a command."""
+    """``--target`` (and ``--draft-model``), ``--dtype``, ``--device``, ``--exact`` on a
+    command."""
     def decorate(command: Callable) -> Callable:
+        command = click.option("--exact/--no-exact", default=None, help=EXACT_HELP)(command)
         command = click.option("--device", type=str, default=None, help=DEVICE_HELP)(command)
         command = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                                default=None, help=DTYPE_HELP)(command)

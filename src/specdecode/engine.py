@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,7 +48,12 @@ class Sequence:
     ``policy`` (default ``fixed``) sets each step's budget; when it says 0 nodes the step is a plain
     step and the drafter is neither asked nor told (it catches up from ``ctx.tokens`` next time).
     A policy that declares a ``batch_size`` attribute has it set to the number of rows in flight
-    before each ``plan``."""
+    before each ``plan``.
+
+    ``constraint`` (optional, ``structured.ConstraintState``): the request's grammar state. It
+    shapes each draft (``shape``: drops forbidden point-mass nodes, appends forced tokens, one mask
+    per node), masks the logits before the rule (``mask_logits``) and advances only along the
+    emitted tokens (``advance``); drafters see it as ``ctx.constraint``."""
 
     prompt: list[int]
     drafter: Drafter
@@ -61,6 +67,7 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     row: int = -1
+    constraint: Any = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -191,6 +198,7 @@ def _propose(seq: Sequence, target: TargetModel, batch_size: int) -> None:
         ctx = DraftContext(seq.tokens, len(seq.prompt), budget.nodes, budget.depth, seq.params,
                            seq.seed, seq.prefill_topk, budget.min_score)
         seq.prefill_topk = None
+        ctx.constraint = seq.constraint
         if seq.feedback_hidden:
             ctx.hidden = torch.cat(seq.hidden) if seq.hidden else None
             seq.hidden = []
@@ -209,6 +217,9 @@ def _propose(seq: Sequence, target: TargetModel, batch_size: int) -> None:
                 log.warning("drafter failed (%s: %s); falling back to plain steps",
                             type(err).__name__, err)
                 seq.warned = True
+    if seq.constraint is not None:  # the grammar prunes, extends and masks the draft
+        seq.draft = seq.constraint.shape(seq.draft, seq.max_draft_nodes,
+                                         _room(seq, target.max_length) - 1)
     step.draft_s = time.perf_counter() - start
 
 
@@ -218,7 +229,8 @@ def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_s
     start = time.perf_counter()
     step, draft, proposed = seq.step, seq.draft, not seq.budget.off
     step.verify_s = verify_s
-    verdict = verify(draft, logits, seq.params, seq.rng, seq.seed, base_position=len(seq.tokens))
+    scores = logits if seq.constraint is None else seq.constraint.mask_logits(logits)
+    verdict = verify(draft, scores, seq.params, seq.rng, seq.seed, base_position=len(seq.tokens))
     target.keep(seq.row, verdict.path)
     if seq.feedback_hidden and features is not None:  # the pending token's and the accepted path's
         seq.hidden.append(features[[0] + [i + 1 for i in verdict.path]])
@@ -228,7 +240,8 @@ def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_s
             logits.topk(min(seq.feedback_topk, logits.size(-1)), dim=-1).indices)
     if proposed:
         try:
-            seq.drafter.observe(verdict)
+            seq.drafter.observe(verdict if seq.constraint is None
+                                else seq.constraint.own_verdict(verdict, seq.feedback_topk))
         except Exception as err:  # noqa: BLE001
             step.fallback = True
             log.warning("drafter.observe failed (%s: %s)", type(err).__name__, err)
@@ -241,6 +254,8 @@ def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_s
             new, reason = new[:i + 1], "eos"
             break
     seq.tokens.extend(new)
+    if seq.constraint is not None:
+        seq.constraint.advance(new)
     seq.generated += len(new)
     if reason is None and seq.generated >= seq.max_new_tokens:
         reason = "length"
@@ -258,13 +273,13 @@ def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_s
 def run(target: TargetModel, prompt: list[int], drafter: Drafter, params: SamplingParams, *,
         max_new_tokens: int, eos_token_ids: frozenset[int] = frozenset(),
         max_draft_nodes: int = DEFAULT_MAX_DRAFT_NODES, stats: RunStats | None = None,
-        policy: Policy | None = None) -> Iterator[StepEvent]:
+        policy: Policy | None = None, constraint: Any = None) -> Iterator[StepEvent]:
     """Decode one request (a batch of one), yielding a ``StepEvent`` per verification step.
     ``prompt`` is non-empty and fits the target's context (the public API checks both); ``target``
     holds no other rows. ``stats`` is filled as it goes."""
     seq = Sequence(prompt, drafter, params, max_new_tokens, eos_token_ids, max_draft_nodes,
                    policy if policy is not None else FixedPolicy(),
-                   stats if stats is not None else RunStats())
+                   stats if stats is not None else RunStats(), constraint=constraint)
     batch = Batch(target)
     batch.add(seq)
     try:

@@ -64,7 +64,8 @@ class Scheduler:
         req = prepare(self.model, prompt, target=self.target,
                       **{"host": self.host, **self.defaults, **options})
         seq = Sequence(req.prompt, req.drafter, req.params, req.max_new_tokens,
-                       req.eos_token_ids, req.max_draft_nodes, req.policy, RunStats())
+                       req.eos_token_ids, req.max_draft_nodes, req.policy, RunStats(),
+                       constraint=req.constraint)
         rid = next(self._next)
         self.ids[seq] = rid
         self.sequences[rid] = seq

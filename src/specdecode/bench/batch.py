@@ -27,7 +27,7 @@ HF_PEER = "hf-batch"
 def run_scheduler(spec: str, s: Settings, prompts: list[list[int]], references: list[list[int]],
                   batch_size: int) -> tuple[float, list[sd.GenerationResult | None]]:
     """(wall seconds, per-prompt (tokens, stats)) for one of our methods at ``batch_size``."""
-    scheduler = sd.Scheduler(s.target, max_batch_size=batch_size)
+    scheduler = sd.Scheduler(s.target, max_batch_size=batch_size, exact=s.exact)
     ids = []
     for prompt, reference in zip(prompts, references):
         drafter, options = method_options(spec, s, reference)
@@ -97,7 +97,7 @@ def run_batch_benchmark(prompts: list[list[int]], specs: list[str], sizes: list[
     """One row per (batch size, method)."""
     references = [sd.generate(s.target, p, drafter="none", max_new_tokens=s.max_new_tokens,
                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              seed=s.seed, sampling=s.sampling).token_ids
+                              seed=s.seed, sampling=s.sampling, exact=s.exact).token_ids
                   for p in tqdm(prompts, desc="batch-1 vanilla references", leave=False)]
     warm = [p[:16] for p in prompts[:2]]
     for spec in specs:  # warm-up: every method once, briefly

@@ -22,7 +22,10 @@ from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
                    "eagle,medusa,oracle,hf-pld,hf-assisted")
-HEAD_METHODS = (",eagle,", ",medusa,")  # trained heads: shipped for the demo target only
+# --workload json: every method constrained by each question's schema, plus unconstrained vanilla
+JSON_METHODS = ("vanilla,vanilla:constrained=false,ngram,suffix,draft-model,grammar,"
+                "mix:sources=grammar+suffix,oracle")
+HEAD_KINDS = ("eagle", "medusa")  # default methods only where a head is shipped for the target
 
 
 def cpu_name() -> str:
@@ -65,6 +68,10 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--datastore", type=click.Path(path_type=Path), default=None,
               help="REST datastore directory (`specdecode datastore build`); given, the default "
                    "methods include rest, and every rest method without datastore=... uses it.")
+@click.option("--workload", type=click.Choice(["spec-bench", "json"]), default="spec-bench",
+              show_default=True, help="json: 40 JSON-extraction requests, each constrained by its "
+                                      "own schema (structured output; default methods: "
+                                      + JSON_METHODS + ").")
 @click.option("--questions", "questions_file", type=click.Path(path_type=Path), default=None,
               help="Spec-Bench question.jsonl (default: the copy shipped in the package).")
 @click.option("--categories", default=None, help="Comma-separated categories (default: all 13).")
@@ -99,7 +106,8 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
-def bench(target, draft_model, dtype, device, methods, datastore, questions_file, categories,
+def bench(target, draft_model, dtype, device, exact, methods, datastore, workload, questions_file,
+          categories,
           limit_per_category, max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed,
           repeats, out_dir, quick, allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
@@ -111,6 +119,7 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
+    from specdecode.drafters.eagle import shipped_head_dir
     from specdecode.models.exact import default_exact
     from specdecode.models.hf import context_length
 
@@ -127,15 +136,19 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
         limit_per_category = limit_per_category or 2
         max_new_tokens = max_new_tokens or 64
     max_new_tokens = max_new_tokens or 128
+    if workload == "json":
+        from specdecode.bench.json_workload import workload_path
+        questions_file = questions_file or workload_path()
+        methods = JSON_METHODS if methods == DEFAULT_METHODS else methods
+        if batch_sizes is not None:
+            raise click.UsageError("--workload json runs in the per-question benchmark only")
     if batch_sizes is not None:
         sizes = int_list(batch_sizes, "--batch-size", 1, "batch sizes")
     defaults = methods == DEFAULT_METHODS
     if datastore is not None and defaults:
         methods = methods.replace(",mix,", ",rest,mix,")
-    if target is not None and defaults:  # other targets name their heads (eagle:head=DIR)
-        for head in HEAD_METHODS:
-            methods = methods.replace(head, ",")
-        if draft_model is None:  # and their draft model
+    if target is not None and defaults:  # other targets need their draft model
+        if draft_model is None:
             methods = methods.replace(",draft-model,", ",").replace(",hf-assisted", "")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
     specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla", needs_answer(m)))
@@ -155,6 +168,9 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
             check_vllm_importable(vllm_python or sys.executable)
         model, draft, tokenizer = load_models(target, draft_model, draft_needed, dtype=dtype,
                                               device=device)
+        if target is not None and defaults:  # and heads trained for them (eagle:head=DIR)
+            specs = [m for m in specs if parse_spec(m)[0] not in HEAD_KINDS
+                     or shipped_head_dir(parse_spec(m)[0], model) is not None]
         target_id = model_id(target, "specdecode-demo-target")
         draft_id = (model_id(draft_model, "") if draft_model else
                     ("specdecode-demo-draft" if target is None and draft_needed else None))
@@ -165,12 +181,13 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
                            draft_id, max_new_tokens=max_new_tokens,
                            num_draft_tokens=num_draft_tokens, temperature=temperature,
                            seed=seed, sampling=sampling, policy=policy, repeats=repeats,
-                           datastore=datastore)
+                           datastore=datastore, exact=exact)
             return
         settings = {"model_id": target_id, "draft_id": draft_id, "methods": specs,
                     "dtype": dtype, "device": device,
+                    "exact": default_exact(place.dtype) if exact is None else exact,
                     "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
-                    "temperature": temperature,
+                    "temperature": temperature, "workload": workload,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
                     "datastore": str(datastore) if datastore else None, "policy": policy,
                     "questions": [q.question_id for q in questions]}
@@ -183,13 +200,14 @@ def bench(target, draft_model, dtype, device, methods, datastore, questions_file
         env = environment(target_id, draft_id, {k: settings[k] for k in (
             "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats",
             "policy")}, model)
-        env["cost_curve_ms"] = cost_curve_ms(model)
-        env["exact"] = default_exact(next(model.parameters()).dtype)
+        env["cost_curve_ms"] = cost_curve_ms(model, settings["exact"])
+        env["exact"] = settings["exact"]
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                      sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
                      datastore=str(datastore) if datastore else None, policy=policy,
+                     exact=settings["exact"], tokenizer=tokenizer,
                      vllm=vllm_engine(target, model, vllm_python) if uses_vllm else None)
         skipped = run_benchmark(questions, specs, s, tokenizer, out_dir,
                                 context_length(model.config), repeats, target_id)
@@ -211,13 +229,15 @@ def vllm_engine(target: str | None, model, python: str | None):
         from specdecode.models.sources import resolve_source
 
         target_dir = tokenizer_dir = str(resolve_source(target).resolve())
-    return Engine(target_dir, tokenizer_dir, context_length(model.config), python or sys.executable)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return Engine(target_dir, tokenizer_dir, context_length(model.config), python or sys.executable,
+                  dtype)
 
 
 def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Path, model_id: str,
                    draft_id: str | None, *, max_new_tokens: int, num_draft_tokens: int,
                    temperature: float, seed: int, sampling: str, policy: str | None,
-                   repeats: int, datastore: Path | None) -> None:
+                   repeats: int, datastore: Path | None, exact: bool | None = None) -> None:
     """``--batch-size``: the first turns through the scheduler; writes batch.md / batch.json."""
     from specdecode.api import _eos_ids
     from specdecode.bench.batch import run_batch_benchmark, write_batch_report
@@ -232,7 +252,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                  num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,
                  sampling=sampling, pad_token_id=tokenizer.pad_token_id or 0,
-                 datastore=str(datastore) if datastore else None, policy=policy)
+                 datastore=str(datastore) if datastore else None, policy=policy, exact=exact)
     env = environment(model_id, draft_id, {
         "temperature": temperature, "sampling": sampling, "seed": seed,
         "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
@@ -244,12 +264,12 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
                                "rows_equal", "near_ties", "mismatches")} for r in rows]}))
 
 
-def cost_curve_ms(model) -> dict:
+def cost_curve_ms(model, exact: bool | None = None) -> dict:
     """The verification cost curve the adaptive policy uses on this machine (measured now or
     loaded from its cache), in ms per forward, for the report."""
     from specdecode.policies.cost import measured_curve
 
-    curve = measured_curve(model)
+    curve = measured_curve(model, exact=exact)
     return {shape: {str(n): round(t * 1e3, 3) for n, t in points.items()}
             for shape, points in curve.items()}
 

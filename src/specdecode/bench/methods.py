@@ -52,6 +52,7 @@ class Settings:
     pad_token_id: int = 0
     datastore: str | None = None
     policy: str | None = None  # for methods without their own policy=...; None: the API default
+    exact: bool | None = None  # the batch-invariant forward; None: on in half precision
     vllm: vllm_peer.Engine | None = None  # where vLLM methods find the model
     extra: dict = field(default_factory=dict)
     # Each method string is one host: it learns from its own earlier answers of this run (its
@@ -60,6 +61,8 @@ class Settings:
     hosts: dict[str, HostState] = field(default_factory=dict)
     draft_models: dict[str, object] = field(default_factory=dict)  # loaded once per directory
     vllm_workers: dict[str, vllm_peer.Worker] = field(default_factory=dict)  # one per vLLM method
+    constraint: dict | None = None  # this question's (the JSON workload): every method runs under it
+    tokenizer: object = None  # for the constraint
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -82,7 +85,8 @@ def is_lossless(spec: str) -> bool:
     return name not in HF_METHODS and not vllm_peer.is_vllm(name)
 
 
-METHOD_KEYS = ("policy", "sampling", "draft_model")  # a method's options that are not its drafter's
+# a method's options that are not its drafter's
+METHOD_KEYS = ("policy", "sampling", "draft_model", "constrained")
 
 
 def drafter_options(options: dict) -> dict:
@@ -140,6 +144,8 @@ def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple
     replays that prompt's ``reference``)."""
     name, options = parse_spec(spec)
     drafter = "none" if name == "vanilla" else name
+    if options.pop("constrained", True) and s.constraint is not None:  # constrained=false: without
+        options.update(constraint=s.constraint, tokenizer=s.tokenizer)
     table = REGISTRY[drafter].options
     if name not in ("vanilla", "none") and "num_draft_tokens" not in options \
             and ("num_draft_tokens" in table or any(
@@ -183,7 +189,7 @@ def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | N
     start = time.perf_counter()
     out = sd.generate(s.target, prompt, drafter=drafter, max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                      **options)
+                      exact=s.exact, **options)
     wall = time.perf_counter() - start
     return Outcome(out.token_ids, wall, out.accept_lengths, out.stats.drafted,
                    [st.drafted for st in out.steps], [st.planned for st in out.steps])

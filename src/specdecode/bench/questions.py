@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +16,7 @@ class Question:
     question_id: int
     category: str
     turns: tuple[str, ...]
+    schema: dict | None = field(default=None, hash=False)  # the JSON workload's constraint
 
 
 def default_questions_path() -> Path:
@@ -34,7 +35,8 @@ def load_questions(path: Path | None = None, categories: list[str] | None = None
             continue
         try:
             row = json.loads(line)
-            q = Question(int(row["question_id"]), str(row["category"]), tuple(row["turns"]))
+            q = Question(int(row["question_id"]), str(row["category"]), tuple(row["turns"]),
+                         row.get("schema"))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise SpecDecodeError(f"{path}:{n}: not a Spec-Bench question ({err})") from err
         if categories and q.category not in categories:

@@ -15,6 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
+from specdecode.bench.divergence import NEAR_TIE, summarize
 from specdecode.bench.runner import method_file
 
 OVERALL = "overall"
@@ -59,6 +60,8 @@ def metrics(base: dict[int, dict], answers: dict[int, dict], qids: list[int]) ->
     else:
         out["mat"], out["acceptance_rate"] = counter_metrics([answers[q] for q in common])
     out["identical"] = round(sum(identical(base[q], answers.get(q)) for q in qids) / len(qids), 4)
+    out["divergence"] = summarize([answers[q]["choices"][0]["divergence"] for q in common
+                                   if "divergence" in answers[q]["choices"][0]])
     return out
 
 
@@ -137,6 +140,17 @@ def markdown(report: dict, environment: dict) -> str:
     lines += ["", "Ranking (lossless only unless --allow-lossy): " +
               (" > ".join(f"{s} ({table[s][OVERALL]['speedup']:.2f}x)" for s in report["ranking"])
                or "none"), ""]
+    diverged = [(s, table[s][OVERALL].get("divergence")) for s in report["methods"]]
+    diverged = [(s, d) for s, d in diverged if d]
+    if diverged:
+        lines += ["## Where outputs leave vanilla's", "",
+                  "First differing token per question (vanilla's prefix; one plain forward gives "
+                  f"the target's top-2 logit margin there; near-tie: margin < {NEAR_TIE}).", "",
+                  "| method | questions that differ | first divergence (median token) | "
+                  "top-2 margin (median) | near-ties |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {d['count']} | {d['position_median']:g} | {d['margin_median']:.3f} | "
+                  f"{d['near_ties']} of {d['count']} |" for s, d in diverged]
+        lines.append("")
     for key, title in (("speedup", "Speedup per category"), ("mat", "MAT per category")):
         lines += [f"## {title}", "", "| category | " + " | ".join(report["methods"]) + " |",
                   "|---" * (len(report["methods"]) + 1) + "|"]

@@ -8,11 +8,12 @@ import json
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from specdecode.bench.divergence import divergence
 from specdecode.bench.methods import Outcome, Settings, run_method
 from specdecode.bench.questions import Question
 from specdecode.chat import chat_prompt
@@ -67,11 +68,13 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
                  repeats: int, model_id: str) -> dict[str, dict] | Skipped:
     """All methods on one question; returns {spec: answer record} or why it was skipped."""
     histories = {spec: [] for spec in specs}
+    if q.schema is not None:  # the JSON workload: every method under this question's schema
+        s = replace(s, constraint={"json": q.schema})
     records = {spec: {"turns": [], "decoding_steps": [], "new_tokens": [], "wall_time": [],
                       "accept_lengths": [], "token_ids": [], "drafted": [],
                       "drafted_per_step": [], "planned_per_step": []} for spec in specs}
-    for turn in q.turns:
-        reference = None
+    for t, turn in enumerate(q.turns):
+        reference, vanilla_prompt = None, None
         for spec in specs:  # vanilla is first (the CLI orders it so)
             histories[spec].append({"role": "user", "content": turn})
             prompt = chat_prompt(tokenizer, histories[spec])
@@ -80,10 +83,15 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
                                f"prompt of {len(prompt)} tokens + {s.max_new_tokens} new tokens "
                                f"exceeds the context of {context}")
             out = _timed(spec, s, prompt, reference, repeats)
-            reference = reference if reference is not None else out.token_ids
+            rec = records[spec]
+            if reference is None:
+                reference, vanilla_prompt = out.token_ids, prompt
+            elif prompt == vanilla_prompt and "divergence" not in rec:  # the first one only
+                found = divergence(s.target, prompt, reference, out.token_ids)
+                if found is not None:
+                    rec["divergence"] = {"turn": t, **found}
             text = tokenizer.decode(out.token_ids, skip_special_tokens=True).strip()
             histories[spec].append({"role": "assistant", "content": text})
-            rec = records[spec]
             rec["turns"].append(text)
             rec["new_tokens"].append(len(out.token_ids))
             rec["wall_time"].append(out.wall_s)

@@ -1,6 +1,6 @@
 """vLLM as a benchmark peer: ``vllm``, ``vllm-ngram`` and ``vllm-specdecode-<drafter>`` methods.
 
-Each such method gets one vLLM engine (offline ``LLM`` API, fp32, eager) in its own subprocess
+Each such method gets one vLLM engine (offline ``LLM`` API, our target's dtype, eager) in its own subprocess
 (``specdecode.integrations.vllm_worker``), started at the method's first question and kept for the
 whole run, so vLLM answers the same prompts (our chat template's token ids, every turn's history
 built from the method's own earlier answers) interleaved with our methods, and its answers go into
@@ -75,6 +75,7 @@ class Engine:
     tokenizer: str
     max_model_len: int | None
     python: str = sys.executable
+    dtype: str = "float32"  # the same as our target's (vLLM's CPU build runs float32 and bfloat16)
 
 
 class Worker:
@@ -83,7 +84,8 @@ class Worker:
     def __init__(self, spec: str, engine: Engine, config: dict | None, env: dict) -> None:
         self.spec = spec
         payload = {"model": engine.model, "tokenizer": engine.tokenizer, "seed": 0,
-                   "max_model_len": engine.max_model_len, "speculative_config": config}
+                   "max_model_len": engine.max_model_len, "speculative_config": config,
+                   "dtype": engine.dtype}
         self.proc = subprocess.Popen(
             [engine.python, "-m", "specdecode.integrations.vllm_worker", json.dumps(payload)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -4,6 +4,7 @@
 from specdecode.drafters import (  # noqa: F401  (each module registers its drafter)
     draft_model,
     eagle,
+    grammar,
     layer_skip,
     lookahead,
     medusa,

@@ -54,6 +54,9 @@ class DraftContext:
     # feature drafters: [m, H] target features of tokens[len(tokens) - 1 - m : len(tokens) - 1]
     # (every committed token's but the pending last one's, new since the last proposal), or None
     hidden: Any = None
+    # structured output: the request's grammar state (``structured.ConstraintState``) or None; a
+    # drafter may probe it (``push`` / ``ff_tokens`` / ``allowed``) and must ``reset_probe`` after
+    constraint: Any = None
 
     @property
     def num_generated(self) -> int:

@@ -26,6 +26,7 @@ tokens the corpus uses most, from the head's list; 0: the whole vocabulary; defa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -173,9 +174,12 @@ def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tenso
     return torch.tensor(sorted(ids)) if ids and len(ids) < vocab_size else None
 
 
-def demo_head_dir(kind: str, target_model) -> Path | None:
-    """The shipped head of ``kind`` when ``target_model`` is the demo target, else None."""
+def shipped_head_dir(kind: str, target_model) -> Path | None:
+    """The shipped head of ``kind`` for ``target_model``, else None: the demo target's, or one in
+    the package's ``heads/<model>/<kind>`` whose weights probe matches this target's weights
+    (``models.heads.probe_matches``: never a head trained for another model)."""
     from specdecode.demo import demo_dir
+    from specdecode.models.heads import CONFIG_FILE, probe_matches
 
     source = getattr(target_model, "name_or_path", "") or ""
     demo = demo_dir()
@@ -183,26 +187,39 @@ def demo_head_dir(kind: str, target_model) -> Path | None:
         is_demo = Path(source).resolve() == (demo / "target").resolve()
     except OSError:
         is_demo = False
-    return demo / kind if is_demo and (demo / kind).is_dir() else None
+    if is_demo:
+        return demo / kind if (demo / kind).is_dir() else None
+    for config_file in sorted(SHIPPED_HEADS.glob(f"*/{kind}/{CONFIG_FILE}")):
+        try:
+            probe = json.loads(config_file.read_text()).get("target_probe")
+        except (OSError, ValueError):
+            continue
+        if probe_matches(probe, target_model):
+            return config_file.parent
+    return None
+
+
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"
 
 
 HOST_KEY = "heads"  # the host's loaded heads: (kind, directory, mtime, dtype, device) -> (head, config)
 
 
 def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
-    """(head module, config) from ``head``: a directory, a head module (tests), or None (the demo
-    target's shipped head); in the target's dtype. Heads loaded from a directory are kept in
-    ``loaded`` (the host's, read-only once loaded) and shared by its requests."""
+    """(head module, config) from ``head``: a directory, a head module (tests), or None (the head
+    shipped for this target, ``shipped_head_dir``); in the target's dtype. Heads loaded from a
+    directory are kept in ``loaded`` (the host's, read-only once loaded) and shared by its
+    requests."""
     loaded = {} if loaded is None else loaded
     param = next(target_model.parameters())
     if isinstance(head, torch.nn.Module):
         return head.to(dtype=param.dtype, device=param.device).eval(), head.config
-    directory = head if head is not None else demo_head_dir(kind, target_model)
+    directory = head if head is not None else shipped_head_dir(kind, target_model)
     if directory is None:
         raise SpecDecodeError(f"the {kind} drafter needs a head trained for this target: "
                               f"{kind}:head=DIR (train one with `specdecode train-drafter --kind "
-                              f"{kind} --target ... --out DIR`); only the demo target has one "
-                              "built in")
+                              f"{kind} --target ... --out DIR`); heads are built in for the "
+                              f"demo target and the models under {SHIPPED_HEADS} only")
     directory = Path(directory).resolve()
     weights = directory / HEAD_FILE
     stamp = weights.stat().st_mtime if weights.exists() else 0

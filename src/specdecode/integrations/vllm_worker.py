@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
     try:
         import vllm
 
-        llm = vllm.LLM(model=config["model"], tokenizer=config["tokenizer"], dtype="float32",
+        llm = vllm.LLM(model=config["model"], tokenizer=config["tokenizer"],
+                       dtype=config.get("dtype", "float32"),
                        enforce_eager=True, kv_cache_memory_bytes=config.get("kv_bytes", 1 << 30),
                        max_model_len=config.get("max_model_len"), max_num_seqs=8,
                        seed=config.get("seed", 0), disable_log_stats=False,

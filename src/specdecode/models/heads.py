@@ -121,13 +121,35 @@ def head_target_info(target_model) -> dict:
     return {"hidden_size": int(emb.shape[1]), "vocab_size": int(emb.shape[0])}
 
 
+PROBE_VALUES = 256
+
+
+def weights_probe(target_model) -> list[float]:
+    """``PROBE_VALUES`` input-embedding values spread over the matrix, in fp32: what ties a head to
+    the weights it was trained on (the same model in another dtype matches within rounding)."""
+    flat = target_model.get_input_embeddings().weight.detach().flatten()
+    step = max(1, flat.numel() // PROBE_VALUES)
+    return [round(float(v), 6) for v in flat[::step][:PROBE_VALUES].float().cpu()]
+
+
+def probe_matches(probe: list[float] | None, target_model) -> bool:
+    """Whether ``probe`` (from a head's config) was taken from ``target_model``'s weights (1% and
+    1e-3 tolerance: bf16 and fp16 copies of the same weights match, other models do not)."""
+    if not probe:
+        return False
+    mine = torch.tensor(weights_probe(target_model))
+    theirs = torch.tensor(probe, dtype=torch.float32)
+    return mine.shape == theirs.shape and bool(torch.allclose(mine, theirs, rtol=1e-2, atol=1e-3))
+
+
 def save_head(head: nn.Module, out: Path, target_model, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in head.state_dict().items()}
     save_file(state, str(out / HEAD_FILE))
-    config = {**head.config, "target": head_target_info(target_model), **(extra or {})}
+    config = {**head.config, "target": head_target_info(target_model),
+              "target_probe": weights_probe(target_model), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 

