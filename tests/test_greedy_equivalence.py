@@ -67,6 +67,7 @@ def drafter_matrix(target, other, reference, seed, datastore=None):
         ("mix-ngram+self-draft", "mix", {"sources": "ngram+draft-model", "draft_model": target,
                                          "max_nodes": 8, "num_draft_tokens": 3}),
         ("oracle", "oracle", {"continuation": reference, "num_draft_tokens": 5}),
+        ("grammar", "grammar", {}),  # without a constraint: empty drafts (tests/test_structured*)
         ("eagle", "eagle", {"head": eagle}),
         ("eagle-dynamic-tree", "eagle", {"head": eagle, "topk": 4, "max_nodes": 16}),
         ("eagle-deep-narrow", "eagle", {"head": eagle, "num_draft_tokens": 8, "topk": 2,
@@ -144,7 +145,8 @@ def test_greedy_matches_vanilla_under_every_policy(models, datastore, policy):
 
 # never accept by design; the unrelated random draft model may never agree with the target (its
 # acceptance paths are covered by draft-model-self-tree, which drafts with the target itself)
-NEVER_ACCEPTED = {"none", "anti-oracle", "exploding", "draft-model", "draft-model-dynamic"}
+NEVER_ACCEPTED = {"none", "anti-oracle", "exploding", "draft-model", "draft-model-dynamic",
+                  "grammar"}
 
 
 def test_registered_drafters_are_all_covered():

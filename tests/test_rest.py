@@ -330,12 +330,12 @@ def test_datastore_cache_is_shared_and_bounded(tmp_path):
     for i in range(CACHE_SIZE + 2):
         build_datastore_from_token_docs([[1, 2, i]], tmp_path / f"c{i}", 8, 7)
         paths.append(tmp_path / f"c{i}")
-    store = open_datastore(paths[0])
-    assert open_datastore(str(paths[0])) is store
-    drafter = rest.build_rest(BuildContext(target=None), datastore=str(paths[0]))
-    assert drafter.store is store
+    build = BuildContext(target=None)  # its host owns the cache
+    drafter = rest.build_rest(build, datastore=str(paths[0]))
+    store = drafter.store
+    assert rest.build_rest(build, datastore=str(paths[0])).store is store
+    assert rest.build_rest(BuildContext(target=None), datastore=str(paths[0])).store is not store
+    cache = build.host.peek("datastores")
     for p in paths[1:]:
-        open_datastore(p)
-    from specdecode import datastore as module
-
-    assert len(module._CACHE) <= CACHE_SIZE and open_datastore(paths[0]) is not store
+        open_datastore(p, cache)
+    assert len(cache) <= CACHE_SIZE and open_datastore(paths[0], cache) is not store

@@ -16,7 +16,7 @@ from conftest import ARCHS, make_prompts, tiny_model, vanilla
 import specdecode as sd
 import specdecode.drafters.sam  # noqa: F401  (registers "sam")
 from specdecode.drafters.base import BuildContext, DraftContext
-from specdecode.drafters.sam import CORPUS_CACHE, CorpusCache, SamDrafter, StaticCorpus, build_sam
+from specdecode.drafters.sam import CorpusCache, SamDrafter, StaticCorpus, build_sam
 from specdecode.drafters.suffix_automaton import SuffixAutomaton
 from specdecode.types import SamplingParams, SpecDecodeError
 
@@ -192,12 +192,12 @@ def write_corpus(tmp_path, name: str, tokens: list[int]) -> str:
 
 def test_corpus_files_and_their_cache(tmp_path):
     tokens = [random.Random(7).randrange(96) for _ in range(300)]
-    CORPUS_CACHE.clear()
+    shared = CorpusCache()  # a host's cache
     npy = write_corpus(tmp_path, "c.npy", tokens)
     txt = write_corpus(tmp_path, "c.txt", tokens)
-    a, b = CORPUS_CACHE.from_path(npy), CORPUS_CACHE.from_path(txt)
+    a, b = shared.from_path(npy), shared.from_path(txt)
     assert list(a.tokens) == tokens and list(b.tokens) == tokens
-    assert CORPUS_CACHE.from_path(npy) is a and len(CORPUS_CACHE) == 2  # built once
+    assert shared.from_path(npy) is a and len(shared) == 2  # built once
     cache = CorpusCache(max_entries=2)
     first = cache.from_tokens([1, 2, 3])
     cache.from_tokens([4, 5])
@@ -206,7 +206,7 @@ def test_corpus_files_and_their_cache(tmp_path):
     assert len(cache) == 2 and cache.from_tokens([1, 2, 3]) is first
     # a rewritten file is read again
     os.utime(txt, ns=(0, 0))
-    assert CORPUS_CACHE.from_path(txt) is not b
+    assert shared.from_path(txt) is not b
     for bad, content in (("missing.txt", None), ("words.txt", "1 2 three"), ("neg.txt", "1 -2"),
                          ("empty.txt", " \n"), ("float.npy", np.ones(4)), ("2d.npy", np.ones((2, 2), int)),
                          ("broken.npy", "not numpy")):
@@ -263,7 +263,7 @@ def test_greedy_matches_vanilla_with_and_without_a_corpus(target):
         out = sd.generate(target, prompt, drafter="sam", max_new_tokens=max_new, eos_token_id=[])
         assert out.token_ids == reference
         accepted["plain"] += out.stats.accepted
-        drafter = SamDrafter(num_draft_tokens=6, corpus=CORPUS_CACHE.from_tokens(corpus))
+        drafter = SamDrafter(num_draft_tokens=6, corpus=CorpusCache().from_tokens(corpus))
         out = sd.generate(target, prompt, drafter=drafter, max_new_tokens=max_new, eos_token_id=[])
         assert out.token_ids == reference and out.stats.fallbacks == 0
         accepted["corpus"] += out.stats.accepted

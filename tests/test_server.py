@@ -20,7 +20,7 @@ import pytest
 from live_server import start_server
 
 import specdecode as sd
-from specdecode.bench.questions import chat_prompt
+from specdecode.chat import chat_prompt
 from specdecode.demo import load_demo
 from specdecode.server import ServerConfig
 

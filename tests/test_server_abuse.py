@@ -24,7 +24,8 @@ from starlette.testclient import TestClient
 import specdecode as sd
 from specdecode.demo import load_demo
 from specdecode.drafters import REGISTRY
-from specdecode.drafters.options import SPECS, Limits, check_options
+from specdecode.drafters.options import Limits
+from specdecode.drafters.registry import check_options
 from specdecode.server import ServerConfig, create_app
 
 KEY = "test-key-123"
@@ -317,10 +318,12 @@ def test_health_reports_a_stalled_engine_and_failures_stay_private(server):
 
 
 def test_the_table_covers_every_drafter_and_the_library_checks_it(demo):
-    for name, factory in REGISTRY.items():
-        params = [p for p, v in inspect.signature(factory).parameters.items()
+    for name, spec in REGISTRY.items():  # registration refuses a parameter without an entry
+        params = [p for p, v in inspect.signature(spec.factory).parameters.items()
                   if p != "build" and v.kind is not inspect.Parameter.VAR_KEYWORD]
-        assert set(params) <= set(SPECS[name]), (name, set(params) - set(SPECS[name]))
+        assert set(params) <= set(spec.options), (name, set(params) - set(spec.options))
+        assert all(spec.options[p].default == inspect.signature(spec.factory).parameters[p].default
+                   for p in params if not spec.options[p].required)
     limits = Limits(nodes=8, vocab=100, layers=4)
     with pytest.raises(sd.SpecDecodeError, match="ngram option max_n = 1000000000 .* at most 16"):
         check_options("ngram", {"max_n": 1e9}, limits)

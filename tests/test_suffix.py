@@ -13,19 +13,22 @@ from conftest import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.suffix as suffix
-from specdecode.drafters.base import DraftContext
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.suffix_tree import ROOT, SuffixStore, SuffixTree
+from specdecode.host import host_of
 from specdecode.types import SamplingParams, SpecDecodeError
 
 PROMPTS = make_prompts(20)
+BUILD = BuildContext(target=None)  # a host of its own for drafters built without a model
 
 
 @pytest.fixture(autouse=True)
 def fresh_global_store():
-    suffix.GLOBAL_STORE.clear()
-    suffix.GLOBAL_STORE.configure(cache_size=100_000, max_depth=64)
-    yield
-    suffix.GLOBAL_STORE.clear()
+    BUILD.host.clear()
+
+
+def store_of(owner) -> SuffixStore:  # BUILD's, or a model's (its plain ``generate`` calls)
+    return (getattr(owner, "host", None) or host_of(owner)).get(suffix.HOST_KEY, SuffixStore)
 
 
 def random_sequences(rng: random.Random, count: int) -> list[list[int]]:
@@ -227,16 +230,16 @@ def ctx_of(tokens, budget=64, max_depth=64):
 
 def test_global_store_drafts_another_requests_output():
     output = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
-    first = sd.drafters.make_drafter("suffix", None)
+    first = sd.drafters.make_drafter("suffix", BUILD)
     first.propose(ctx_of([1, 2, 3] + output))
     first.finish(output)
-    second = sd.drafters.make_drafter("suffix", None)  # a different prompt, the same output so far
+    second = sd.drafters.make_drafter("suffix", BUILD)  # a different prompt, the same output so far
     draft = second.propose(ctx_of([40, 41, 42] + output[:4]))
     assert draft.tokens.tolist() == output[4:8] and draft.parents.tolist() == [-1, 0, 1, 2]
-    alone = sd.drafters.make_drafter("suffix", None, use_global=False)
+    alone = sd.drafters.make_drafter("suffix", BUILD, use_global=False)
     assert len(alone.propose(ctx_of([40, 41, 42] + output[:4]))) == 0
     alone.finish(output)  # learns nothing
-    assert suffix.GLOBAL_STORE.sequences() == [output]
+    assert store_of(BUILD).sequences() == [output]
 
 
 def test_global_store_raises_acceptance_of_a_repeated_request():
@@ -248,7 +251,7 @@ def test_global_store_raises_acceptance_of_a_repeated_request():
     assert all(r.token_ids == reference for r in runs)
     assert runs[1].stats.mat > runs[0].stats.mat + 1.0  # the second run drafts from the first
     assert runs[2].stats.mat == runs[0].stats.mat  # without the store: same as a cold start
-    assert len(suffix.GLOBAL_STORE) == 2  # outputs only, learned in finish
+    assert len(store_of(model)) == 2  # outputs only, learned in finish
 
 
 def test_save_load_round_trip_gives_identical_drafts(tmp_path):
@@ -267,7 +270,7 @@ def test_save_load_round_trip_gives_identical_drafts(tmp_path):
     for context in contexts:
         drafts = []
         for st in (store, loaded):
-            drafter = suffix.build_suffix(None, store=st, max_depth=16, cache_size=300)
+            drafter = suffix.build_suffix(BUILD, store=st, max_depth=16, cache_size=300)
             d = drafter.propose(ctx_of(context))
             drafts.append((d.tokens.tolist(), d.parents.tolist()))
         assert drafts[0] == drafts[1]
@@ -297,19 +300,19 @@ def test_cache_file_option_saves_after_each_request_and_loads(tmp_path):
     out = sd.generate(model, PROMPTS[4], drafter="suffix", max_new_tokens=10, eos_token_id=[],
                       cache_file=path)
     assert json.loads(open(path).read())["sequences"] == [out.token_ids]
-    suffix.GLOBAL_STORE.clear()  # a new process: the file is loaded at the first request naming it
+    store_of(model).clear()  # a new process: the file is loaded at the first request naming it
     sd.generate(model, PROMPTS[6], drafter="suffix", max_new_tokens=5, eos_token_id=[], cache_file=path)
-    assert suffix.GLOBAL_STORE.sequences()[0] == out.token_ids
-    assert len(suffix.GLOBAL_STORE) == 2
+    assert store_of(model).sequences()[0] == out.token_ids
+    assert len(store_of(model)) == 2
 
 
 def test_requests_rebound_the_shared_store():
-    suffix.GLOBAL_STORE.add(list(range(50)))
-    suffix.build_suffix(None, cache_size=10)
-    assert suffix.GLOBAL_STORE.cache_size == 10 and len(suffix.GLOBAL_STORE) == 0
-    suffix.GLOBAL_STORE.add(list(range(8)))
-    suffix.build_suffix(None, cache_size=10, max_depth=4)
-    assert suffix.GLOBAL_STORE.max_depth == 4 and suffix.GLOBAL_STORE.sequences() == [list(range(8))]
+    store_of(BUILD).add(list(range(50)))
+    suffix.build_suffix(BUILD, cache_size=10)
+    assert store_of(BUILD).cache_size == 10 and len(store_of(BUILD)) == 0
+    store_of(BUILD).add(list(range(8)))
+    suffix.build_suffix(BUILD, cache_size=10, max_depth=4)
+    assert store_of(BUILD).max_depth == 4 and store_of(BUILD).sequences() == [list(range(8))]
 
 
 def test_drafts_are_deterministic_and_respect_caps():
@@ -318,7 +321,7 @@ def test_drafts_are_deterministic_and_respect_caps():
     for budget, max_depth in [(1, 1), (3, 2), (64, 3), (5, 64)]:
         drafts = []
         for _ in range(2):
-            d = suffix.build_suffix(None, use_global=False).propose(ctx_of(seq, budget, max_depth))
+            d = suffix.build_suffix(BUILD, use_global=False).propose(ctx_of(seq, budget, max_depth))
             assert len(d) <= budget and (len(d) == 0 or int(d.depths().max()) <= max_depth)
             drafts.append((d.tokens.tolist(), d.parents.tolist()))
         assert drafts[0] == drafts[1] and drafts[0][0]
@@ -330,7 +333,7 @@ def test_greedy_matches_vanilla(arch):
     rng = random.Random(9)
     accepted = 0
     for use_global in (True, False):
-        suffix.GLOBAL_STORE.clear()
+        store_of(model).clear()
         for prompt in PROMPTS:
             max_new = rng.randint(1, 24)
             reference = vanilla(model, prompt, max_new)
@@ -348,7 +351,7 @@ def test_eos_inside_an_accepted_draft():
     full = vanilla(model, prompt, 30)
     inside = 0
     for cut in [i for i in range(1, 30) if full[i] not in full[:i]]:
-        suffix.GLOBAL_STORE.clear()
+        store_of(model).clear()
         sd.generate(model, prompt, drafter="suffix", max_new_tokens=30, eos_token_id=[])  # learn it
         expected = vanilla(model, prompt, 30, eos_token_id=full[cut])
         assert expected == full[:cut + 1]

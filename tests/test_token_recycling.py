@@ -16,6 +16,7 @@ from conftest import make_prompts, tiny_model, vanilla
 import specdecode as sd
 import specdecode.drafters.token_recycling as tr
 from specdecode.drafters.base import BuildContext, DraftContext, make_drafter
+from specdecode.host import HostState, host_of
 from specdecode.types import SamplingParams, SpecDecodeError, TargetFeedback, Verdict
 
 PROMPTS = make_prompts(20)
@@ -26,8 +27,9 @@ def ctx_of(tokens: list[int], budget: int = 64, max_depth: int = 64, prefill=Non
     return DraftContext(tokens, len(tokens), budget, max_depth, SamplingParams(), 0, prefill)
 
 
-def build(vocab: int = 96, **options) -> tr.TokenRecyclingDrafter:
-    return make_drafter(NAME, BuildContext(target=SimpleNamespace(vocab_size=vocab)), **options)
+def build(vocab: int = 96, host: HostState | None = None, **options) -> tr.TokenRecyclingDrafter:
+    return make_drafter(NAME, BuildContext(target=SimpleNamespace(vocab_size=vocab),
+                                           host=host or HostState()), **options)
 
 
 # ---------------------------------------------------------------- template
@@ -198,18 +200,18 @@ def first_step_drafted(model, prompt, **options) -> int:
 
 
 def test_hot_table_carries_over_to_the_next_request_and_cold_does_not():
-    tr.HOT_STORE.clear()
     model = tiny_model("llama")
     prompt = list(range(10, 22))  # the last token is new: the prefill teaches nothing about it
     assert first_step_drafted(model, prompt, hot=True) == 0  # nothing learned yet
     assert first_step_drafted(model, prompt, hot=False) == 0
     sd.generate(model, prompt, drafter=NAME, hot=True, max_new_tokens=12, eos_token_id=[])
-    table = tr.HOT_STORE.table(96, 8)
+    table = host_of(model).get(tr.HOST_KEY, tr.RecyclingStore).table(96, 8)
     assert (table[prompt[-1]] >= 0).all()
     assert first_step_drafted(model, prompt, hot=True) > 0  # learned rows survive
     assert first_step_drafted(model, prompt, hot=False) == 0  # a cold table starts empty
-    assert build(96, hot=True).table is table and build(96, hot=False).table is not table
-    tr.HOT_STORE.clear()
+    host = host_of(model)
+    assert build(96, host, hot=True).table is table and build(96, host, hot=False).table is not table
+    assert build(96, HostState(), hot=True).table is not table  # another host, another table
 
 
 def test_prefill_seeds_the_table_before_the_first_draft():
@@ -235,7 +237,6 @@ def test_store_is_bounded():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_greedy_matches_vanilla_hot_and_cold(arch):
-    tr.HOT_STORE.clear()
     model = tiny_model(arch)
     rng = random.Random(7)
     accepted = {False: 0, True: 0}
@@ -249,7 +250,6 @@ def test_greedy_matches_vanilla_hot_and_cold(arch):
             assert sum(out.accept_lengths) == len(out.token_ids)
             accepted[hot] += out.stats.accepted
     assert accepted[False] > 0 and accepted[True] > 0
-    tr.HOT_STORE.clear()
 
 
 def test_eos_inside_an_accepted_draft():

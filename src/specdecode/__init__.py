@@ -20,8 +20,13 @@ __all__ = ["Budget", "BuildContext", "Draft", "DraftContext", "Drafter", "Genera
            "Policy", "RequestEvent", "RunStats", "Scheduler", "StepRecord", "register_policy",
            "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "TargetFeedback",
            "Verdict", "available",
-           "generate", "generate_batch", "load_demo", "prepare", "register", "stream"]
+           "generate", "generate_batch", "load_demo", "load_plugins", "prepare", "register",
+           "stream"]
 __version__ = "0.1.0"
+
+from specdecode.plugins import load_plugins  # noqa: E402
+
+load_plugins()  # SPECDECODE_PLUGINS: modules that register drafters / policies
 
 
 def load_demo(*args, **kwargs):

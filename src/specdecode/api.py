@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from specdecode.drafters import BuildContext, Drafter, make_drafter
-from specdecode.drafters.options import Limits, check_options
+from specdecode.drafters.options import Limits
+from specdecode.drafters.registry import check_options
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
+from specdecode.host import HostState, host_of
 from specdecode.models.hf import BatchTarget, load_causal_lm
 from specdecode.policies import Policy, make_policy
 from specdecode.types import (
@@ -98,7 +100,7 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             policy: str | Policy | None = None, policy_options: dict | None = None,
             trust_remote_code: bool = False, target: BatchTarget | None = None,
             dtype=None, device=None, exact: bool | None = None, constraint: Any = None,
-            tokenizer: Any = None, jump_forward: bool | None = None,
+            tokenizer: Any = None, jump_forward: bool | None = None, host: HostState | None = None,
             **drafter_options: Any) -> Request:
     """Check every argument and build the engine's inputs; raises ``SpecDecodeError``.
 
@@ -110,7 +112,9 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     ``{"json_object": True}``, ``{"regex": ...}``, ``{"grammar": lark}`` with ``tokenizer``, or a
     compiled ``Constraint``); ``jump_forward`` (default: on unless ``drafter="none"``) appends the
     tokens the grammar forces to every draft.
-    ``exact``: the batch-invariant forward (default: on in half precision, ``models/exact.py``)."""
+    ``exact``: the batch-invariant forward (default: on in half precision, ``models/exact.py``).
+    ``host``: where stores shared across requests live (a ``Scheduler``'s own; default: the
+    model's, ``host.host_of``)."""
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             seed=seed, mode=sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -128,12 +132,14 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
             raise SpecDecodeError(f"this target runs with exact={target.exact}; exact={exact} "
                                   "needs another target (e.g. another Scheduler)")
     hf = target.model
+    host = host_of(hf) if host is None else host
     prompt = _prompt_ids(input_ids, target.vocab_size, target.max_length)
-    if isinstance(drafter, str):  # types and bounds (drafters/options.py), then the factory
-        drafter_options = check_options(drafter, drafter_options, Limits(
-            vocab=target.vocab_size, layers=getattr(hf.config, "num_hidden_layers", None)))
-        drafter_obj = make_drafter(drafter, BuildContext(target=target, draft_model=draft_model),
-                                   **drafter_options)
+    limits = Limits(vocab=target.vocab_size,
+                    layers=getattr(hf.config, "num_hidden_layers", None))
+    if isinstance(drafter, str):  # names, types and bounds (the registration), then the factory
+        drafter_options = check_options(drafter, drafter_options, limits)
+        drafter_obj = make_drafter(drafter, BuildContext(target=target, draft_model=draft_model,
+                                                         host=host), **drafter_options)
     elif hasattr(drafter, "propose") and hasattr(drafter, "observe"):
         if drafter_options:
             raise SpecDecodeError("drafter options apply to registered drafter names only")
@@ -141,11 +147,11 @@ def prepare(model, input_ids, *, drafter: str | Drafter = "ngram", draft_model=N
     else:
         raise SpecDecodeError(f"drafter must be a registered name or a Drafter, got "
                               f"{type(drafter).__name__}")
-    build = BuildContext(target=target, draft_model=draft_model,
+    build = BuildContext(target=target, draft_model=draft_model, host=host,
                          kind=_request_kind(hf, drafter, drafter_options, params))
     policy = DEFAULT_POLICY if policy is None else policy
     if isinstance(policy, str):
-        policy_obj = make_policy(policy, build, **(policy_options or {}))
+        policy_obj = make_policy(policy, build, limits, **(policy_options or {}))
     elif all(hasattr(policy, m) for m in ("plan", "select", "observe")):
         if policy_options:
             raise SpecDecodeError("policy_options apply to registered policy names only")

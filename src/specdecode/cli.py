@@ -10,6 +10,9 @@ import click
 
 from specdecode.bench.cli import bench
 from specdecode.cli_shared import (
+    POLICY_HELP,
+    check_drafter,
+    check_policy_name,
     encode_prompt,
     int_list,
     load_models,
@@ -18,6 +21,7 @@ from specdecode.cli_shared import (
     quiet_transformers,
 )
 from specdecode.datastore_cli import datastore
+from specdecode.drafters.registry import Needs, needs_of
 from specdecode.server.cli import bench_serve, serve
 from specdecode.structured_cli import (
     ROW_HELP,
@@ -32,16 +36,25 @@ from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specdecode")
-def main() -> None:
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+              help="Import MODULE first (repeatable): a module that registers drafters or "
+                   "policies (also: $SPECDECODE_PLUGINS, comma-separated).")
+def main(plugins: tuple[str, ...]) -> None:
     """specdecode: lossless speculative decoding for Hugging Face causal LMs.
 
     Without --target every command uses the demo model pair shipped in the package.
     """
+    from specdecode.plugins import load_plugins
+
+    try:
+        load_plugins(plugins)
+    except SpecDecodeError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command()
 @model_options()
-@click.option("--drafter", default="ngram", show_default=True,
+@click.option("--drafter", default="ngram", show_default=True, callback=check_drafter,
               help="Drafter name (`specdecode drafters` lists them with their options).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -65,11 +78,7 @@ def main() -> None:
 @click.option("--num-draft-tokens", "-k", type=int, default=None, help="Draft length per step.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")
-@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
-              help="How much to draft each step: fixed (the drafter's full budget), heuristic "
-                   "(transformers' schedule), adaptive (maximise tokens/s from the measured "
-                   "verification cost and this request's acceptance; off when drafting does not "
-                   "pay). Default: the library's.")
+@click.option("--policy", default=None, callback=check_policy_name, help=POLICY_HELP)
 @constraint_options()
 @click.option("--compare", is_flag=True, help="Also run vanilla decoding; print the speedup.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -95,13 +104,14 @@ def generate(target, draft_model, dtype, device, exact, drafter, prompt, prompts
         raise click.UsageError("--batch-size must be >= 1")
     try:
         sd.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, mode=sampling)
-        opts = parse_options(options)
+        opts = parse_options(options, drafter)
         if num_draft_tokens is not None:
             opts["num_draft_tokens"] = num_draft_tokens
         if policy is not None:
             opts["policy"] = policy
-        model, draft, tokenizer = load_models(target, draft_model, drafter == "draft-model",
-                                              trust_remote_code, dtype, device)
+        need_draft = Needs.DRAFT_MODEL in needs_of(drafter, opts)
+        model, draft, tokenizer = load_models(target, draft_model, need_draft, trust_remote_code,
+                                              dtype, device)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, sampling=sampling, exact=exact,
                       **constraint_kwargs(json_schema, regex, grammar_file, tokenizer))
@@ -225,36 +235,29 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def option_text(param) -> str:
-    """``name=default`` (or ``name`` when required) for ``specdecode drafters``."""
-    if param.kind is param.VAR_KEYWORD:
-        return "<draft-model options>" if param.name == "options" else "<any source's options>"
-    return param.name if param.default is param.empty else f"{param.name}={param.default!r}"
-
-
 @main.command()
 def drafters() -> None:
-    """List the registered drafters and policies, each with its options and the first line of its
-    docs."""
+    """List the registered drafters and policies (plugins included), each with what it needs, the
+    first line of its docs and its options (type, default, bounds, who may set it)."""
     from specdecode.drafters import REGISTRY
     from specdecode.policies import POLICIES
 
-    list_registry(REGISTRY)
+    for name, spec in sorted(REGISTRY.items()):
+        click.echo(f"{name}  (needs: {spec.needs})\n    {spec.doc}")
+        list_options(spec.options)
     click.echo("\npolicies (--policy / policy=...):")
-    list_registry(POLICIES)
+    for name, policy in sorted(POLICIES.items()):
+        doc = " ".join((policy.factory.__doc__ or "").strip().split("\n\n")[0].split())
+        click.echo(f"{name}\n    {doc}")
+        list_options(policy.options)
 
 
-def list_registry(registry: dict) -> None:
-    """Each factory's name, the first paragraph of its module's docs, and its options."""
-    import inspect
-    import sys
-
-    for name in sorted(registry):
-        factory = registry[name]
-        options = [option_text(p) for p in inspect.signature(factory).parameters.values()
-                   if p.name != "build"]
-        doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
-        click.echo(f"{name}\n    {' '.join(doc.split())}\n    options: {', '.join(options) or 'none'}")
+def list_options(table: dict) -> None:
+    if not table:
+        click.echo("    options: none")
+    for name, opt in table.items():
+        default = "required" if opt.required else f"default {opt.default!r}"
+        click.echo(f"    {name}: {opt.describe()}; {default}")
 
 
 @main.command("cost-curve")

@@ -41,18 +41,58 @@ def model_options(draft: bool = True) -> Callable:
     return decorate
 
 
-def parse_options(pairs: tuple[str, ...]) -> dict:
-    """``key=value`` drafter options; values parsed as JSON where they can be (ints, floats...)."""
+def parse_options(pairs: tuple[str, ...], drafter: str | None = None) -> dict:
+    """``key=value`` options of ``drafter``; values parsed as JSON where they can be (ints,
+    floats...), except options its registration declares as text or names (kept as written)."""
+    table = {}
+    if drafter is not None:
+        from specdecode.drafters.registry import REGISTRY
+
+        spec = REGISTRY.get(drafter)
+        table = dict(spec.options) if spec else {}
     options = {}
     for pair in pairs:
         if "=" not in pair:
             raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--option")
         key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key in table and table[key].kind in ("text", "names"):
+            options[key] = value
+            continue
         try:
-            options[key.replace("-", "_")] = json.loads(value)
+            options[key] = json.loads(value)
         except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
+            options[key] = value
     return options
+
+
+def check_drafter(ctx: click.Context | None, param: click.Parameter | None, value: str | None
+                  ) -> str | None:
+    """A click callback: ``value`` must name a registered drafter (read when the command runs,
+    so plugin drafters count)."""
+    from specdecode.drafters.registry import available
+
+    if value is not None and value not in available():
+        raise click.BadParameter(f"unknown drafter {value!r}; available: "
+                                 f"{', '.join(available())}", ctx, param)
+    return value
+
+
+def check_policy_name(ctx: click.Context | None, param: click.Parameter | None,
+                      value: str | None) -> str | None:
+    """A click callback: ``value`` must name a registered policy (plugins included)."""
+    from specdecode.policies import available_policies
+
+    if value is not None and value not in available_policies():
+        raise click.BadParameter(f"unknown policy {value!r}; available: "
+                                 f"{', '.join(available_policies())}", ctx, param)
+    return value
+
+
+POLICY_HELP = ("How much to draft each step, a registered policy (`specdecode drafters` lists "
+               "them): fixed (the drafter's full budget), heuristic (transformers' schedule), "
+               "adaptive (maximise tokens/s from the measured verification cost and this "
+               "request's acceptance; off when drafting does not pay). Default: the library's.")
 
 
 def load_tokenizer(source, trust_remote_code: bool = False):
@@ -110,7 +150,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SpecDecodeError("--chat needs a tokenizer with a chat template")
-        from specdecode.bench.questions import chat_prompt
+        from specdecode.chat import chat_prompt
 
         return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -231,12 +231,12 @@ class Datastore:
         return rows
 
 
-_CACHE: OrderedDict[tuple[str, int], Datastore] = OrderedDict()
-
-
-def open_datastore(path: str | os.PathLike) -> Datastore:
-    """The datastore at ``path``, opened once per process: an LRU cache of ``CACHE_SIZE`` entries
-    keyed by the resolved path and the mtime of its meta.json (a rebuilt datastore is reopened)."""
+def open_datastore(path: str | os.PathLike,
+                   cache: OrderedDict[tuple[str, int], Datastore] | None = None) -> Datastore:
+    """The datastore at ``path``, opened once per ``cache`` (a host's: ``rest`` passes
+    ``build.host``'s): an LRU cache of ``CACHE_SIZE`` entries keyed by the resolved path and the
+    mtime of its meta.json (a rebuilt datastore is reopened). Without a cache: opened now."""
+    _CACHE = OrderedDict() if cache is None else cache
     resolved = Path(path).expanduser().resolve()
     try:
         stamp = (resolved / "meta.json").stat().st_mtime_ns

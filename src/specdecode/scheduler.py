@@ -16,6 +16,7 @@ from typing import Any
 
 from specdecode.api import prepare
 from specdecode.engine import Batch, Sequence
+from specdecode.host import HostState
 from specdecode.models.hf import BatchTarget, load_causal_lm
 from specdecode.types import GenerationResult, RunStats, SpecDecodeError, StepStats
 
@@ -51,6 +52,7 @@ class Scheduler:
         self.batch = Batch(self.target)
         self.max_batch_size = max_batch_size
         self.defaults = defaults
+        self.host = HostState()  # this scheduler's cross-request stores (specdecode/host.py)
         self.waiting: deque[tuple[int, Sequence]] = deque()
         self.ids: dict[Sequence, int] = {}
         self.sequences: dict[int, Sequence] = {}
@@ -59,7 +61,8 @@ class Scheduler:
 
     def add_request(self, prompt, **options: Any) -> int:
         """Queue one request; returns its id. Options as ``generate``'s."""
-        req = prepare(self.model, prompt, target=self.target, **{**self.defaults, **options})
+        req = prepare(self.model, prompt, target=self.target,
+                      **{"host": self.host, **self.defaults, **options})
         seq = Sequence(req.prompt, req.drafter, req.params, req.max_new_tokens,
                        req.eos_token_ids, req.max_draft_nodes, req.policy, RunStats(),
                        constraint=req.constraint)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 
-from specdecode.cli_shared import int_list, load_models, model_id, model_options, quiet_transformers
+from specdecode.cli_shared import (
+    check_policy_name,
+    int_list,
+    load_models,
+    model_id,
+    model_options,
+    quiet_transformers,
+)
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
@@ -72,9 +79,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--max-new-tokens", type=int, default=None, help="Per turn (default 128; quick: 64).")
 @click.option("--num-draft-tokens", type=int, default=4, show_default=True,
               help="Draft budget of every method that takes one (oracle and hf-pld included).")
-@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
-              help="Draft-budget policy of every method without its own policy=... (default: "
-                   "the library's default).")
+@click.option("--policy", default=None, callback=check_policy_name,
+              help="Draft-budget policy (a registered one) of every method without its own "
+                   "policy=... (default: the library's default).")
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--sampling", type=click.Choice(list(SAMPLING_MODES)), default="coupled",
               show_default=True, help="Our sampling rule when --temperature > 0.")
@@ -109,7 +116,7 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
     one-line JSON summary."""
     import torch
 
-    from specdecode.bench.methods import Settings, check_specs, needs_draft, parse_spec
+    from specdecode.bench.methods import Settings, check_specs, needs_answer, needs_draft, parse_spec
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
@@ -143,8 +150,7 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
         if draft_model is None:
             methods = methods.replace(",draft-model,", ",").replace(",hf-assisted", "")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
-    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla",
-                                         parse_spec(m)[0] == "oracle"))
+    specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla", needs_answer(m)))
     if repeats < 1 or max_new_tokens < 1 or num_draft_tokens < 1:
         raise click.UsageError("--repeats, --max-new-tokens and --num-draft-tokens must be >= 1")
     try:
@@ -235,7 +241,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     from specdecode.api import _eos_ids
     from specdecode.bench.batch import run_batch_benchmark, write_batch_report
     from specdecode.bench.methods import Settings
-    from specdecode.bench.questions import chat_prompt
+    from specdecode.chat import chat_prompt
     from specdecode.models.hf import context_length
 
     limit = context_length(model.config)
@@ -276,7 +282,7 @@ def cost_curve_ms(model, exact: bool | None = None) -> dict:
 def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool) -> None:
     """report.json, report.md and plots from the answers in ``out_dir``; prints the table and a
     one-line JSON summary last."""
-    from specdecode.bench.methods import is_lossless, parse_spec
+    from specdecode.bench.methods import is_lossless, needs_answer
     from specdecode.bench.plots import (
         plot_accept_lengths,
         plot_budgets,
@@ -286,7 +292,7 @@ def write_report(out_dir: Path, settings: dict, skipped: list, allow_lossy: bool
     from specdecode.bench.report import OVERALL, build_report, markdown
 
     specs = settings["methods"]
-    oracle = next((m for m in specs if parse_spec(m)[0] == "oracle"), None)
+    oracle = next((m for m in specs if needs_answer(m)), None)
     report = build_report(out_dir, specs, {m: is_lossless(m) for m in specs}, oracle, allow_lossy)
     env = json.loads((out_dir / "environment.json").read_text())  # as measured, not as reported
     env["skipped"] = len(skipped)

@@ -167,7 +167,8 @@ def main(binary, gguf, target, draft_gguf, spec_types, limit_per_category, max_n
     OUT/report.json and prints it."""
     from tqdm import tqdm
 
-    from specdecode.bench.questions import chat_prompt, load_questions
+    from specdecode.bench.questions import load_questions
+    from specdecode.chat import chat_prompt
     from specdecode.cli_shared import load_tokenizer
     from specdecode.models.sources import preset_file
 

@@ -9,7 +9,6 @@ after warm-up.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ import torch
 
 import specdecode as sd
 from specdecode.bench import vllm_peer
-from specdecode.drafters.mix import DEFAULT_SOURCES
-from specdecode.drafters.suffix_tree import SuffixStore
+from specdecode.drafters.options import Limits
+from specdecode.drafters.registry import REGISTRY, Needs, check_options, needs_of, sources_of
+from specdecode.host import HostState
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 HF_METHODS = ("hf-pld", "hf-assisted")
@@ -55,6 +55,12 @@ class Settings:
     exact: bool | None = None  # the batch-invariant forward; None: on in half precision
     vllm: vllm_peer.Engine | None = None  # where vLLM methods find the model
     extra: dict = field(default_factory=dict)
+    # Each method string is one host: it learns from its own earlier answers of this run (its
+    # suffix store, hot tables, policy estimates), as a server would, never from another method's
+    # answer to the same question.
+    hosts: dict[str, HostState] = field(default_factory=dict)
+    draft_models: dict[str, object] = field(default_factory=dict)  # loaded once per directory
+    vllm_workers: dict[str, vllm_peer.Worker] = field(default_factory=dict)  # one per vLLM method
     constraint: dict | None = None  # this question's (the JSON workload): every method runs under it
     tokenizer: object = None  # for the constraint
 
@@ -79,17 +85,27 @@ def is_lossless(spec: str) -> bool:
     return name not in HF_METHODS and not vllm_peer.is_vllm(name)
 
 
-def drafters_of(name: str, options: dict) -> list[str]:
-    """The drafters a method runs: its own name, or a ``mix``'s sources."""
-    if name == "mix":
-        return str(options.get("sources", DEFAULT_SOURCES)).split("+")
-    return [name]
+# a method's options that are not its drafter's
+METHOD_KEYS = ("policy", "sampling", "draft_model", "constrained")
+
+
+def drafter_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in METHOD_KEYS}
+
+
+def needs_answer(spec: str) -> bool:
+    """Whether a method replays the vanilla answer (the oracle bound): it runs after vanilla."""
+    name, options = parse_spec(spec)
+    return name in REGISTRY and Needs.ANSWER in needs_of(name, drafter_options(options))
 
 
 def needs_draft(spec: str) -> bool:
     name, options = parse_spec(spec)
-    return name == "hf-assisted" or ("draft-model" in drafters_of(name, options)
-                                     and "draft_model" not in options)
+    if name == "hf-assisted":
+        return True
+    if name not in REGISTRY:
+        return False
+    return Needs.DRAFT_MODEL in needs_of(name, options) and "draft_model" not in options
 
 
 def check_specs(specs: list[str], has_draft: bool) -> None:
@@ -113,22 +129,14 @@ def check_specs(specs: list[str], has_draft: bool) -> None:
                                   f"{', '.join(SAMPLING_MODES)} (our methods only)")
         if needs_draft(spec) and not has_draft:
             raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH)")
+        if name in REGISTRY:  # names, types and bounds, before any work
+            try:
+                check_options(name, drafter_options(options), Limits())
+            except SpecDecodeError as err:
+                raise SpecDecodeError(f"method {spec!r}: {err}") from None
     if "vanilla" not in [parse_spec(s)[0] for s in specs]:
         raise SpecDecodeError("--methods must include vanilla (the baseline every method is "
                               "compared with)")
-
-
-def takes_option(name: str, option: str) -> bool:
-    """Whether drafter ``name``'s factory accepts ``option`` (by name or through ``**options``)."""
-    from specdecode.drafters import REGISTRY
-
-    params = inspect.signature(REGISTRY[name]).parameters
-    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-# SuffixDecoding's cross-request store, one per method string: a method learns from its own earlier
-# answers of this run (as a server would), never from another method's answer to the same question.
-SUFFIX_STORES: dict[str, SuffixStore] = {}
 
 
 def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple[str, dict]:
@@ -138,30 +146,28 @@ def method_options(spec: str, s: Settings, reference: list[int] | None) -> tuple
     drafter = "none" if name == "vanilla" else name
     if options.pop("constrained", True) and s.constraint is not None:  # constrained=false: without
         options.update(constraint=s.constraint, tokenizer=s.tokenizer)
+    table = REGISTRY[drafter].options
     if name not in ("vanilla", "none") and "num_draft_tokens" not in options \
-            and takes_option(name, "num_draft_tokens"):
+            and ("num_draft_tokens" in table or any(
+                "num_draft_tokens" in REGISTRY[d].options for d in sources_of(name, options))):
         options["num_draft_tokens"] = s.num_draft_tokens  # the draft depth shared with the oracle
-    if name == "rest" and "datastore" not in options:
+    needs = needs_of(drafter, options)
+    if Needs.DATASTORE in needs and "datastore" not in options:
         if s.datastore is None:
-            raise SpecDecodeError("method 'rest' needs a datastore: --datastore DIR or "
-                                  "rest:datastore=DIR (build one with `specdecode datastore`)")
+            raise SpecDecodeError(f"method {name!r} needs a datastore: --datastore DIR or "
+                                  f"{name}:datastore=DIR (build one with `specdecode datastore`)")
         options["datastore"] = s.datastore
-    if name == "oracle":
+    if Needs.ANSWER in needs:
         if reference is None:
-            raise SpecDecodeError("the oracle needs the vanilla output (run vanilla first)")
+            raise SpecDecodeError(f"method {name!r} needs the vanilla output (run vanilla first)")
         options["continuation"] = reference
-    if "suffix" in drafters_of(name, options) and "store" not in options:
-        options["store"] = SUFFIX_STORES.setdefault(spec, SuffixStore())
-    if "draft-model" in drafters_of(name, options):
+    options["host"] = s.hosts.setdefault(spec, HostState())
+    if Needs.DRAFT_MODEL in needs:
         options["draft_model"] = draft_model(options.get("draft_model"), s)
     if s.policy is not None and "policy" not in options and name != "vanilla":
         options["policy"] = s.policy
     options.setdefault("sampling", s.sampling)
     return drafter, options
-
-
-# Draft models named by a method (draft-model:draft_model=DIR), loaded once per directory.
-DRAFT_MODELS: dict[str, object] = {}
 
 
 def draft_model(path, s: Settings):
@@ -170,12 +176,12 @@ def draft_model(path, s: Settings):
         return s.draft
     param = next(s.target.parameters())
     key = f"{path}|{param.dtype}|{param.device}"
-    if key not in DRAFT_MODELS:
+    if key not in s.draft_models:
         from specdecode.models.hf import load_causal_lm
 
-        DRAFT_MODELS[key] = load_causal_lm(str(path), what="draft model", dtype=param.dtype,
-                                           device=param.device)
-    return DRAFT_MODELS[key]
+        s.draft_models[key] = load_causal_lm(str(path), what="draft model", dtype=param.dtype,
+                                             device=param.device)
+    return s.draft_models[key]
 
 
 def run_ours(spec: str, s: Settings, prompt: list[int], reference: list[int] | None) -> Outcome:
@@ -215,7 +221,7 @@ def run_vllm(spec: str, s: Settings, prompt: list[int]) -> Outcome:
     name, options = parse_spec(spec)
     if s.vllm is None:
         raise SpecDecodeError(f"method {spec!r} needs the vLLM engine settings")
-    engine = vllm_peer.worker(spec, name, options, s.vllm, s.num_draft_tokens)
+    engine = vllm_peer.worker(spec, name, options, s.vllm, s.num_draft_tokens, s.vllm_workers)
     tokens, wall, counters = engine.generate(prompt, max_tokens=s.max_new_tokens,
                                              temperature=s.temperature, top_k=s.top_k,
                                              top_p=s.top_p, seed=s.seed)

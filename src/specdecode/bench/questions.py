@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from specdecode.chat import chat_prompt  # noqa: F401  (re-exported: the old home)
 from specdecode.types import SpecDecodeError
 
 
@@ -49,13 +50,3 @@ def load_questions(path: Path | None = None, categories: list[str] | None = None
         if unknown:
             raise SpecDecodeError(f"no questions in categories: {', '.join(unknown)}")
     return questions
-
-
-def chat_prompt(tokenizer, history: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation with the generation prompt appended (the chat template when the
-    tokenizer has one, else plain "role: content" lines)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
-    return tokenizer(text)["input_ids"]

@@ -120,25 +120,24 @@ class Worker:
                 self.proc.kill()
 
 
-WORKERS: dict[str, Worker] = {}
-
-
-def worker(spec: str, name: str, options: dict, engine: Engine, num_draft_tokens: int) -> Worker:
-    if spec not in WORKERS:
+def worker(spec: str, name: str, options: dict, engine: Engine, num_draft_tokens: int,
+           workers: dict[str, Worker]) -> Worker:
+    """The vLLM worker of ``spec`` in ``workers`` (the run's: ``Settings.vllm_workers``), started
+    the first time; closed with ``close_all(workers)`` or at exit."""
+    if not workers:
+        atexit.register(close_all, workers)
+    if spec not in workers:
         config, env = speculative_config(name, options, num_draft_tokens)
         from tqdm import tqdm
 
         tqdm.write(f"starting vLLM for {spec} ({engine.python})")
-        WORKERS[spec] = Worker(spec, engine, config, env)
-    return WORKERS[spec]
+        workers[spec] = Worker(spec, engine, config, env)
+    return workers[spec]
 
 
-def close_all() -> None:
-    while WORKERS:
-        WORKERS.popitem()[1].close()
-
-
-atexit.register(close_all)
+def close_all(workers: dict[str, Worker]) -> None:
+    while workers:
+        workers.popitem()[1].close()
 
 
 def check_vllm_importable(python: str) -> None:

@@ -1,4 +1,5 @@
-"""Drafters, one file per method, each registered by name in ``base.REGISTRY``."""
+"""Drafters, one file per method, each registered by name with its needs and options in
+``registry.REGISTRY``."""
 
 from specdecode.drafters import (  # noqa: F401  (each module registers its drafter)
     draft_model,
@@ -16,15 +17,20 @@ from specdecode.drafters import (  # noqa: F401  (each module registers its draf
     suffix,
     token_recycling,
 )
-from specdecode.drafters.base import (
+from specdecode.drafters.base import BuildContext, DraftContext, Drafter
+from specdecode.drafters.registry import (
     REGISTRY,
-    BuildContext,
-    DraftContext,
-    Drafter,
+    DrafterSpec,
+    Needs,
     available,
+    check_options,
     make_drafter,
+    needs_of,
     register,
+    self_contained,
+    sources_of,
 )
 
-__all__ = ["REGISTRY", "BuildContext", "DraftContext", "Drafter", "available", "make_drafter",
-           "register"]
+__all__ = ["REGISTRY", "BuildContext", "DraftContext", "Drafter", "DrafterSpec", "Needs",
+           "available", "check_options", "make_drafter", "needs_of", "register", "self_contained",
+           "sources_of"]

@@ -15,21 +15,22 @@ Optional, declared by the drafter and read by the engine with ``getattr``:
   in its prefill and verification forwards anyway; a plain step's come with the next proposal.
 - ``finish(output: list[int])``: called once when the request ends. A store shared across requests
   (SuffixDecoding's global tree, Token Recycling's hot table) is an explicit object with a size
-  bound, handed to the drafter by its factory; ``finish`` is where it learns from the request.
+  bound, kept in the host's ``HostState`` (``BuildContext.host``: a Scheduler's, a model's, a
+  benchmark method's; never a module global) and handed to the drafter by its factory; ``finish``
+  is where it learns from the request.
 
-A factory's options are declared in ``options.py`` (type, bound, whether a server's client may set
-it): ``prepare`` checks them there before calling the factory, and the server lets a request set
-only what that table allows.
+A factory registers with its options and needs beside it (``registry.py``: ``register(name,
+needs=..., options=...)``); ``prepare`` checks options there before calling the factory, and the
+server lets a request set only what the registration allows.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
+from specdecode.host import HostState
+from specdecode.types import Draft, SamplingParams, Verdict
 
 
 @dataclass
@@ -72,42 +73,25 @@ class Drafter(Protocol):
 @dataclass
 class BuildContext:
     """What a drafter (or policy) factory may use: the target's adapter and model, an optional draft
-    model, and ``kind``, a key naming the request's shape, under which a policy may keep what it
-    learned across requests."""
+    model, ``kind``, a key naming the request's shape, under which a policy may keep what it
+    learned across requests, and ``host``, where stores shared across requests live
+    (``specdecode/host.py``; never a module global)."""
 
     target: Any  # HFModel
     draft_model: Any | None = None
     kind: str = ""  # what requests of this shape share (target, drafter, options, sampling)
+    host: HostState = field(default_factory=HostState)
 
 
-Factory = Callable[..., Drafter]
-REGISTRY: dict[str, Factory] = {}
+# the registry (re-exported: drafter files register with ``base.register``)
+from specdecode.drafters.registry import (  # noqa: E402
+    REGISTRY,
+    DrafterSpec,
+    Needs,
+    available,
+    make_drafter,
+    register,
+)
 
-
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Register ``factory(build: BuildContext, **options) -> Drafter`` under ``name``."""
-
-    def wrap(factory: Factory) -> Factory:
-        REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available() -> list[str]:
-    return sorted(REGISTRY)
-
-
-def make_drafter(name: str, build: BuildContext, **options: Any) -> Drafter:
-    """A fresh drafter for one request; bad names and options raise ``SpecDecodeError``."""
-    if name not in REGISTRY:
-        raise SpecDecodeError(f"unknown drafter {name!r}; available: {', '.join(available())}")
-    factory = REGISTRY[name]
-    params = inspect.signature(factory).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in options if k not in params or k == "build"]
-    if unknown and not accepts_any:
-        allowed = [p for p in params if p != "build"]
-        raise SpecDecodeError(f"drafter {name!r} has no option(s) {', '.join(unknown)}; "
-                              f"its options: {', '.join(allowed) or 'none'}")
-    return factory(build, **options)
+__all__ = ["REGISTRY", "BuildContext", "DraftContext", "Drafter", "DrafterSpec", "Needs",
+           "available", "make_drafter", "register"]

@@ -39,6 +39,8 @@ import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.dynamic_tree import build_tree
+from specdecode.drafters.options import DRAFT_TREE
+from specdecode.drafters.registry import Needs
 from specdecode.models.hf import HFModel, load_causal_lm
 from specdecode.sampling import TorchRandom, coupled_choice, keyed_gumbel, processed_probs
 from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
@@ -269,7 +271,7 @@ def check_vocab(target: HFModel, draft: HFModel) -> None:
                               f"target's ({target.vocab_size}); they must share a tokenizer")
 
 
-@register("draft-model")
+@register("draft-model", needs=Needs.DRAFT_MODEL, options=DRAFT_TREE)
 def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width: int = 1,
                       tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
                       branch_depth: int = 1, replacement: bool = True) -> DraftModelDrafter:

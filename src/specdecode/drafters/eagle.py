@@ -34,6 +34,8 @@ import torch
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.draft_model import coupled_ranking, draft_distribution
 from specdecode.drafters.dynamic_tree import build_tree
+from specdecode.drafters.options import DEPTH, HEAD, NODES, TREE_TOPK
+from specdecode.drafters.registry import Needs
 from specdecode.models.heads import HEAD_FILE, EagleHead, load_head
 from specdecode.sampling import TorchRandom
 from specdecode.types import Draft, SpecDecodeError, Verdict
@@ -200,13 +202,15 @@ def shipped_head_dir(kind: str, target_model) -> Path | None:
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"
 
 
-_LOADED: dict[tuple, tuple] = {}  # (kind, directory, mtime, dtype) -> (head, config)
+HOST_KEY = "heads"  # the host's loaded heads: (kind, directory, mtime, dtype, device) -> (head, config)
 
 
-def resolve_head(kind: str, head, target_model):
+def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
     """(head module, config) from ``head``: a directory, a head module (tests), or None (the head
-    shipped for this target, ``shipped_head_dir``); in the target's dtype. Loaded heads are
-    shared (read-only)."""
+    shipped for this target, ``shipped_head_dir``); in the target's dtype. Heads loaded from a
+    directory are kept in ``loaded`` (the host's, read-only once loaded) and shared by its
+    requests."""
+    loaded = {} if loaded is None else loaded
     param = next(target_model.parameters())
     if isinstance(head, torch.nn.Module):
         return head.to(dtype=param.dtype, device=param.device).eval(), head.config
@@ -220,16 +224,17 @@ def resolve_head(kind: str, head, target_model):
     weights = directory / HEAD_FILE
     stamp = weights.stat().st_mtime if weights.exists() else 0
     key = (kind, str(directory), stamp, param.dtype, str(param.device))
-    if key not in _LOADED:
+    if key not in loaded:
         module, config = load_head(directory, kind, target_model)
-        _LOADED[key] = (module.to(dtype=param.dtype, device=param.device), config)
-    return _LOADED[key]
+        loaded[key] = (module.to(dtype=param.dtype, device=param.device), config)
+    return loaded[key]
 
 
-@register("eagle")
+@register("eagle", needs=Needs.HEADS, options={"num_draft_tokens": DEPTH, "topk": TREE_TOPK,
+                                               "max_nodes": NODES, **HEAD})
 def build_eagle(build: BuildContext, head=None, num_draft_tokens: int = 5,
                 topk: int = 1, max_nodes: int = 16, draft_vocab: int | None = None
                 ) -> EagleDrafter:
-    module, config = resolve_head("eagle", head, build.target.model)
+    module, config = resolve_head("eagle", head, build.target.model, build.host.get(HOST_KEY, dict))
     vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
     return EagleDrafter(build.target.model, module, num_draft_tokens, topk, max_nodes, vocab)

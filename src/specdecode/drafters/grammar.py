@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH
 from specdecode.types import Draft, Verdict
 
 
@@ -67,6 +68,6 @@ class GrammarDrafter:
         pass
 
 
-@register("grammar")
+@register("grammar", options={"num_draft_tokens": DEPTH})
 def build_grammar(build: BuildContext, num_draft_tokens: int = 16) -> GrammarDrafter:
     return GrammarDrafter(num_draft_tokens)

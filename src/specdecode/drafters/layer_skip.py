@@ -21,7 +21,6 @@ drafts are accepted well below the estimate. An int ``num_layers`` fixes L (no m
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +29,8 @@ import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.options import count
+from specdecode.drafters.registry import REGISTRY
 from specdecode.models.hf import HFModel
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
@@ -310,22 +311,14 @@ class LayerSkipDrafter:
         return self.deepest
 
 
-def _check_options(options: dict[str, Any]) -> None:
-    params = inspect.signature(DraftModelDrafter.__init__).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in options if k not in params or k in ("self", "model")]
-    if unknown and not accepts_any:
-        allowed = ["num_layers"] + [p for p in params if p not in ("self", "model")]
-        raise SpecDecodeError(f"drafter 'layer-skip' has no option(s) {', '.join(unknown)}; "
-                              f"its options: {', '.join(allowed)}")
-
-
-@register("layer-skip")
+@register("layer-skip", options={"num_layers": count(1, "layers-1", nullable=True),
+                                 **REGISTRY["draft-model"].options})  # passed through
 def build_layer_skip(build: BuildContext, num_layers: int | None = None,
                      num_draft_tokens: int = 4, tree_width: int = 1, tree: str = "chain",
                      topk: int = 4, max_nodes: int = 12, **options: Any) -> LayerSkipDrafter:
     """Self-speculation with the target's first ``num_layers`` layers (default None: chosen from
-    measured agreement); the other options are ``draft-model``'s, passed through."""
+    measured agreement); the other options are ``draft-model``'s, passed through (checked against
+    the registration like every drafter's)."""
     model = build.target.model
     total = model.config.num_hidden_layers
     if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)):
@@ -335,5 +328,4 @@ def build_layer_skip(build: BuildContext, num_layers: int | None = None,
         shallow_view(model, max(1, total // 2))  # a target too shallow to skip fails here
     draft_options = dict(num_draft_tokens=num_draft_tokens, tree_width=tree_width, tree=tree,
                          topk=topk, max_nodes=max_nodes, **options)
-    _check_options(draft_options)
     return LayerSkipDrafter(model, num_layers, draft_options)

@@ -56,6 +56,7 @@ from collections.abc import Sequence
 import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, NODES, count, owner_only
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
@@ -257,7 +258,9 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
-@register("lookahead")
+@register("lookahead", options={
+    "num_draft_tokens": DEPTH, "window": count(1, "nodes", nullable=True),
+    "max_ngrams": count(0, "nodes"), "max_nodes": NODES, "pool_size": owner_only("int", 1, 10**8)})
 def build_lookahead(build: BuildContext, num_draft_tokens: int = 4, window: int | None = None,
                     max_ngrams: int = 5, max_nodes: int = 12,
                     pool_size: int = 65536) -> LookaheadDrafter:

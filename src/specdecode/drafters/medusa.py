@@ -22,7 +22,10 @@ import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.draft_model import coupled_ranking
+from specdecode.drafters.eagle import HOST_KEY as HEADS_KEY
 from specdecode.drafters.eagle import DraftVocab, resolve_head, vocab_subset
+from specdecode.drafters.options import HEAD, NODES
+from specdecode.drafters.registry import Needs
 from specdecode.models.heads import MedusaHeads
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
@@ -110,10 +113,11 @@ class MedusaDrafter:
         """Nothing to learn: the next feature comes with the next proposal."""
 
 
-@register("medusa")
+@register("medusa", needs=Needs.HEADS, options={"max_nodes": NODES, **HEAD})
 def build_medusa(build: BuildContext, head=None, max_nodes: int = 16,
                  draft_vocab: int | None = None) -> MedusaDrafter:
-    module, config = resolve_head("medusa", head, build.target.model)
+    module, config = resolve_head("medusa", head, build.target.model,
+                                  build.host.get(HEADS_KEY, dict))
     tree = config.get("tree") or prior_tree(len(module.lm_heads), 64)
     vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
     return MedusaDrafter(module, tree, max_nodes, vocab)

@@ -18,13 +18,13 @@ source's share, default half), ``num_draft_tokens`` (depth, passed to every sour
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, replace
 
 import torch
 
 from specdecode.drafters.base import REGISTRY, BuildContext, DraftContext, Drafter, make_drafter, register
+from specdecode.drafters.options import NODES, Option, count
 from specdecode.types import Draft, SpecDecodeError, TargetFeedback, Verdict
 
 log = logging.getLogger("specdecode")
@@ -143,14 +143,15 @@ class MixDrafter:
 
 
 def _source_options(name: str, options: dict) -> dict:
-    params = inspect.signature(REGISTRY[name]).parameters
-    return {k: v for k, v in options.items() if k in params}
+    return {k: v for k, v in options.items() if k in REGISTRY[name].options}
 
 
 DEFAULT_SOURCES = "suffix+token-recycling"
 
 
-@register("mix")
+@register("mix", sources="sources", options={
+    "sources": Option("names"), "max_nodes": NODES, "spine_nodes": count(1, "nodes", nullable=True),
+    "num_draft_tokens": count(1, "nodes", nullable=True)})
 def build_mix(build: BuildContext, sources: str | list[str] = DEFAULT_SOURCES,
               max_nodes: int = 8, spine_nodes: int | None = None,
               num_draft_tokens: int | None = None, **source_options) -> MixDrafter:
@@ -158,8 +159,10 @@ def build_mix(build: BuildContext, sources: str | list[str] = DEFAULT_SOURCES,
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise SpecDecodeError("mix needs sources=name+name (e.g. suffix+token-recycling)")
-    if "mix" in names:
-        raise SpecDecodeError("mix cannot be its own source")
+    nested = [n for n in names if n in REGISTRY and REGISTRY[n].sources is not None]
+    if nested:
+        raise SpecDecodeError(f"mix cannot take {', '.join(nested)} as a source (a drafter with "
+                              "sources cannot be its own source, nor another's)")
     if max_nodes < 1:
         raise SpecDecodeError(f"mix max_nodes must be >= 1, got {max_nodes}")
     spine = max_nodes // 2 if spine_nodes is None else spine_nodes
@@ -174,7 +177,7 @@ def build_mix(build: BuildContext, sources: str | list[str] = DEFAULT_SOURCES,
             raise SpecDecodeError(f"mix source {name!r} is not a registered drafter")
         built.append((name, make_drafter(name, build, **_source_options(name, shared))))
     unused = [k for k in source_options
-              if not any(k in inspect.signature(REGISTRY[n]).parameters for n in names)]
+              if not any(k in REGISTRY[n].options for n in names)]
     if unused:
         raise SpecDecodeError(f"mix: no source takes option(s) {', '.join(unused)}")
     return MixDrafter(built, max_nodes, spine)

@@ -9,6 +9,7 @@ O(new tokens x (max_n - min_n + 1)), never O(context).
 from __future__ import annotations
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, count
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
@@ -44,7 +45,8 @@ class NgramDrafter:
         pass
 
 
-@register("ngram")
+@register("ngram", options={"num_draft_tokens": DEPTH, "min_n": count(1, 16),
+                            "max_n": count(1, 16)})
 def build_ngram(build: BuildContext, num_draft_tokens: int = 5, min_n: int = 1,
                 max_n: int = 3) -> NgramDrafter:
     return NgramDrafter(num_draft_tokens, min_n, max_n)

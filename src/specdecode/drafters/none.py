@@ -14,6 +14,6 @@ class NoDrafter:
         pass
 
 
-@register("none")
+@register("none", options={})
 def build_none(build: BuildContext) -> NoDrafter:
     return NoDrafter()

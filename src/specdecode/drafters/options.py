@@ -1,4 +1,8 @@
-"""Every drafter option in one table: its type, its bounds and who may set it.
+"""The option machinery every drafter and policy registration uses: ``Option`` (type, default,
+bounds, who may set it), ``Limits`` (what relative bounds are relative to), the shared option
+blocks (``DEPTH``, ``NODES``, ``DRAFT_TREE``...) and ``check_value``. The tables themselves live
+beside their factories: each drafter file registers its factory with its options
+(``drafters/registry.py``), each policy file likewise (``policies/base.py``).
 
 A bound is absolute (a number) or relative to the run: ``"nodes"`` (the draft node cap:
 ``max_draft_nodes`` in the library, ``--max-draft-nodes`` in the server; ``NODE_CEILING`` when none
@@ -6,23 +10,19 @@ is known), ``"vocab"`` (the target's vocabulary), ``"layers-1"`` (the target's l
 one). An option's upper bound is the smallest of its terms. ``request``: whether a client of the
 server may set it per request; options that name files, pick or size a store shared by all requests
 (``datastore``, ``cache_file``, ``hot``, ``max_depth`` of the suffix store...) are the process
-owner's only.
-
-``check_options(drafter, options, limits)`` is the one check: an unknown type or a value out of
-range raises ``SpecDecodeError`` naming the drafter, the option and its bound; nothing is clamped.
-``prepare`` (every ``generate`` / ``Scheduler`` request) calls it, and the server calls it with
-``request=True`` on the HTTP side before a request reaches the engine thread. A registered drafter
-without an entry here is not checked by the library and takes no per-request options in the server.
+owner's only. A value out of range raises ``SpecDecodeError`` naming the drafter, the option and its
+bound; nothing is clamped.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from specdecode.drafters.mix import DEFAULT_SOURCES
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 NODE_CEILING = 1024  # the "nodes" bound when no node cap is known
@@ -69,65 +69,40 @@ class Option:
     choices: tuple[str, ...] = ()
     owner_if: str | None = None
     nullable: bool = False
+    default: Any = None  # the factory's own default, filled in by ``declare``
+    required: bool = False  # the factory has no default: the host must give it
+
+    def describe(self) -> str:
+        """``int in [1, 8 | nodes], request`` for listings."""
+        text = self.kind + (f" in [{self.low:g}, {' | '.join(str(h) for h in self.high)}]"
+                            if self.low is not None and self.high else
+                            f" >= {self.low:g}" if self.low is not None else "")
+        if self.choices:
+            text += f" ({'/'.join(self.choices)})"
+        return text + (", per request" if self.request and not self.owner_if else
+                       f", per request unless {self.owner_if}" if self.request else ", owner only")
 
 
-def _count(low: int = 1, *high: Term, request: bool = True, nullable: bool = False) -> Option:
+def count(low: int = 1, *high: Term, request: bool = True, nullable: bool = False) -> Option:
+    """An int option in [low, min(high...)]."""
     return Option("int", low, high, request, nullable=nullable)
 
 
-def _owner(kind: str = "owner", low: float | None = None, *high: Term) -> Option:
+def owner_only(kind: str = "owner", low: float | None = None, *high: Term) -> Option:
+    """An option only the process owner may set (files, stores, store sizes)."""
     return Option(kind, low, high, request=False, nullable=True)
 
 
-DEPTH = _count(1, "nodes")  # draft depth / chain length
-NODES = _count(1, "nodes")  # node budget of one draft
-TREE_TOPK = _count(1, 16, "vocab")  # children per expanded node: topk^2 candidates per level
+DEPTH = count(1, "nodes")  # draft depth / chain length
+NODES = count(1, "nodes")  # node budget of one draft
+TREE_TOPK = count(1, 16, "vocab")  # children per expanded node: topk^2 candidates per level
 DRAFT_TREE: dict[str, Option] = {
     "num_draft_tokens": DEPTH, "max_nodes": NODES, "topk": TREE_TOPK,
-    "tree_width": _count(1, 16, "vocab"), "tree": Option("text", choices=("chain", "dynamic")),
-    "num_drafts": _count(1, 16, "vocab"), "branch_depth": _count(1, "nodes"),
+    "tree_width": count(1, 16, "vocab"), "tree": Option("text", choices=("chain", "dynamic")),
+    "num_drafts": count(1, 16, "vocab"), "branch_depth": count(1, "nodes"),
     "replacement": Option("bool"),
 }
-HEAD = {"head": _owner(), "draft_vocab": _owner("int", 0, "vocab")}
-
-SPECS: dict[str, dict[str, Option]] = {
-    "none": {},
-    "ngram": {"num_draft_tokens": DEPTH, "min_n": _count(1, 16), "max_n": _count(1, 16)},
-    "suffix": {"num_draft_tokens": DEPTH, "max_nodes": NODES,
-               "alpha": Option("float", 0.0, (1000.0,)), "offset": Option("float", -1000.0, (1000.0,)),
-               "min_prob": Option("float", 0.0, (1.0,)),
-               "max_depth": _owner("int", 2, 4096), "cache_size": _owner("int", 0, 10**9),
-               "cache_file": _owner(), "use_global": _owner("bool"), "store": _owner()},
-    "sam": {"num_draft_tokens": DEPTH, "min_match": _count(1, 256), "corpus": _owner(),
-            "corpus_tokens": _owner()},
-    "token-recycling": {"num_draft_tokens": DEPTH, "max_nodes": NODES,
-                        "topk": Option("int", 1, (64, "vocab"), owner_if="hot"),
-                        "hot": _owner("bool")},
-    "lookahead": {"num_draft_tokens": DEPTH, "window": _count(1, "nodes", nullable=True),
-                  "max_ngrams": _count(0, "nodes"), "max_nodes": NODES,
-                  "pool_size": _owner("int", 1, 10**8)},
-    "draft-model": DRAFT_TREE,
-    "layer-skip": {"num_layers": _count(1, "layers-1", nullable=True), **DRAFT_TREE},
-    "eagle": {"num_draft_tokens": DEPTH, "topk": TREE_TOPK, "max_nodes": NODES, **HEAD},
-    "medusa": {"max_nodes": NODES, **HEAD},
-    "mix": {"sources": Option("names"), "max_nodes": NODES, "spine_nodes": _count(1, "nodes", nullable=True),
-            "num_draft_tokens": _count(1, "nodes", nullable=True)},
-    "rest": {"datastore": _owner(), "num_draft_tokens": DEPTH, "max_nodes": NODES,
-             "max_candidates": _owner("int", 1, 10**6), "min_suffix": _count(1, 64),
-             "max_suffix": _count(1, 64)},
-    "oracle": {"continuation": _owner(), "num_draft_tokens": DEPTH},
-    "grammar": {"num_draft_tokens": DEPTH},
-}
-# drafters that need a resource only the process owner can give (the rest are self-contained;
-# eagle and medusa use the heads shipped for the demo target unless given one)
-NEEDS: dict[str, str] = {"oracle": "continuation", "rest": "datastore",
-                         "draft-model": "a draft model"}
-
-
-def self_contained() -> tuple[str, ...]:
-    """Drafters a server lets requests pick by default: declared here, needing no resource."""
-    return tuple(sorted(set(SPECS) - set(NEEDS)))
-
+HEAD: dict[str, Option] = {"head": owner_only(), "draft_vocab": owner_only("int", 0, "vocab")}
 
 # options of the request itself that travel with the drafter's (``generate``'s ``sampling``)
 COMMON: dict[str, Option] = {"sampling": Option("text", choices=SAMPLING_MODES)}
@@ -172,7 +147,8 @@ def _number(drafter: str, name: str, opt: Option, value: Any, limits: Limits) ->
     return value
 
 
-def _one(drafter: str, name: str, opt: Option, value: Any, limits: Limits) -> Any:
+def check_value(drafter: str, name: str, opt: Option, value: Any, limits: Limits) -> Any:
+    """``value`` of option ``name`` of ``drafter`` checked (integral numbers become ints)."""
     if value is None and opt.nullable:
         return None
     if opt.kind in ("int", "float"):
@@ -189,60 +165,41 @@ def _one(drafter: str, name: str, opt: Option, value: Any, limits: Limits) -> An
     return value
 
 
-def spec_of(drafter: str) -> dict[str, Option] | None:
-    return SPECS.get(drafter)
+def declare(factory: Callable, table: Mapping[str, Option], what: str) -> dict[str, Option]:
+    """``table`` with each option's default read from ``factory``'s signature, once, when it
+    registers. Every parameter of the factory (but the first, the ``BuildContext``, and a
+    ``**options`` it passes on) must have an entry: a developer error fails at import."""
+    params = list(inspect.signature(factory).parameters.values())[1:]
+    out = dict(table)
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        if p.name not in out:
+            raise TypeError(f"{what}: parameter {p.name!r} has no option entry")
+        empty = p.default is inspect.Parameter.empty
+        out[p.name] = replace(out[p.name], default=None if empty else p.default, required=empty)
+    return out
 
 
-def check_options(drafter: str, options: dict[str, Any], limits: Limits, *, request: bool = False,
-                  allowed: frozenset[str] | None = None, owner: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
-    """``options`` checked against the table (see the module docstring); returns them with
-    integral numbers as ints. ``request``: a client's options (owner-only ones refused);
-    ``allowed``: the drafters a mix may name; ``owner``: the owner's options of the same drafter
-    (``owner_if`` reads them). A drafter without an entry passes unchecked unless ``request``."""
-    spec = SPECS.get(drafter)
-    if spec is None:
-        if request and options:
-            raise SpecDecodeError(f"drafter {drafter!r} takes no options per request")
-        return dict(options)
-    merged = {**(owner or {}), **options}
+def check_table(owner: str, table: Mapping[str, Option], values: Mapping[str, Any],
+                limits: Limits, *, request: bool = False,
+                merged: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checked values, values with no entry in ``table``) of ``values`` for ``owner`` (e.g.
+    "ngram", "policy adaptive"); ``request``: refuse the owner-only ones (``merged``: every value
+    in force, which ``owner_if`` reads)."""
+    merged = values if merged is None else merged
     out: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    for name, value in options.items():
-        opt = spec.get(name) or COMMON.get(name)
+    for name, value in values.items():
+        opt = table.get(name)
         if opt is None:
             extra[name] = value
             continue
         if request and (not opt.request or (opt.owner_if and merged.get(opt.owner_if))):
             why = f" while {opt.owner_if} is set" if opt.owner_if and opt.request else ""
-            raise SpecDecodeError(f"{drafter} option {name} cannot be set per request{why}: it is "
+            settable = sorted(n for n, o in table.items() if o.request)
+            raise SpecDecodeError(f"{owner} option {name} cannot be set per request{why}: it is "
                                   f"the server's (options a request may set: "
-                                  f"{', '.join(request_options(drafter))})")
-        out[name] = _one(drafter, name, opt, value, limits)
-    if drafter == "mix":
-        sources = source_names(merged.get("sources", DEFAULT_SOURCES))
-        bad = [s for s in sources if s == "mix" or (allowed is not None and s not in allowed)]
-        if bad and request and ("sources" in options or "sources" not in (owner or {})):
-            raise SpecDecodeError(f"mix source(s) {', '.join(bad)} not allowed on this server; "
-                                  f"allowed: {', '.join(sorted((allowed or set()) - {'mix'}))}")
-        for name, value in extra.items():  # options passed through to the sources
-            takers = [s for s in sources if name in SPECS.get(s, {})]
-            if not takers and request:
-                raise SpecDecodeError(f"mix: no source takes option {name}")
-            for s in takers:
-                value = check_options(s, {name: value}, limits, request=request,
-                                      owner=owner)[name]
-            out[name] = value
-    elif extra and request:
-        raise SpecDecodeError(f"{drafter} option(s) {', '.join(extra)} cannot be set per request "
-                              f"(options a request may set: "
-                              f"{', '.join(request_options(drafter)) or 'none'})")
-    else:
-        out.update(extra)  # the factory reports unknown names
-    return out
-
-
-def request_options(drafter: str) -> list[str]:
-    """Names a request may set for ``drafter`` (mix: also its sources' options)."""
-    spec = SPECS.get(drafter, {})
-    return sorted({n for n, o in {**spec, **COMMON}.items() if o.request})
+                                  f"{', '.join(settable) or 'none'})")
+        out[name] = check_value(owner, name, opt, value, limits)
+    return out, extra

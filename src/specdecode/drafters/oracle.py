@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, owner_only
+from specdecode.drafters.registry import Needs
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
@@ -25,7 +27,8 @@ class OracleDrafter:
         pass
 
 
-@register("oracle")
+@register("oracle", needs=Needs.ANSWER, options={"continuation": owner_only(),
+                                                 "num_draft_tokens": DEPTH})
 def build_oracle(build: BuildContext, continuation: Sequence[int] | None = None,
                  num_draft_tokens: int = 5) -> OracleDrafter:
     if continuation is None:

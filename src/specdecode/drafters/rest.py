@@ -28,6 +28,7 @@ guidance of small trees (REST's own: 10-token continuations, 64 nodes); both are
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,8 @@ import torch
 
 from specdecode.datastore import Datastore, open_datastore
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, NODES, count, owner_only
+from specdecode.drafters.registry import Needs
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
@@ -148,7 +151,10 @@ class RestDrafter:
         pass
 
 
-@register("rest")
+@register("rest", needs=Needs.DATASTORE, options={
+    "datastore": owner_only(), "num_draft_tokens": DEPTH, "max_nodes": NODES,
+    "max_candidates": owner_only("int", 1, 10**6), "min_suffix": count(1, 64),
+    "max_suffix": count(1, 64)})
 def build_rest(build: BuildContext, datastore: str | os.PathLike | Datastore | None = None,
                num_draft_tokens: int = 8, max_nodes: int = 4, max_candidates: int = 1000,
                min_suffix: int = 2, max_suffix: int = 16) -> RestDrafter:
@@ -157,7 +163,8 @@ def build_rest(build: BuildContext, datastore: str | os.PathLike | Datastore | N
     if datastore is None or datastore == "":
         raise SpecDecodeError("rest needs a datastore: -o datastore=DIR (build one with "
                               "`specdecode datastore build` or `specdecode datastore build-demo`)")
-    store = datastore if isinstance(datastore, Datastore) else open_datastore(str(datastore))
+    store = datastore if isinstance(datastore, Datastore) else open_datastore(
+        str(datastore), build.host.get("datastores", OrderedDict))
     target_vocab = getattr(build.target, "vocab_size", None)
     if target_vocab is not None and int(target_vocab) != store.vocab_size:
         raise SpecDecodeError(

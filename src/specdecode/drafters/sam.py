@@ -16,8 +16,9 @@ corpus position but the last, so each static match has at least one continuation
 
 Corpus files: a ``.npy`` file holding a 1-D integer array, or any other file holding
 whitespace-separated non-negative ints (documents may simply be concatenated, e.g. separated by the
-EOS id). Automata are read-only once built and shared across requests through ``CORPUS_CACHE``, a
-module-level ``CorpusCache`` bounded to ``MAX_CACHED_CORPORA`` entries (least recently used out),
+EOS id). Automata are read-only once built and shared across the requests of one host through its
+``CorpusCache`` (``build.host``, ``specdecode/host.py``) bounded to ``MAX_CACHED_CORPORA``
+entries (least recently used out),
 keyed by resolved path, size and modification time (``corpus``) or by content (``corpus_tokens``).
 Building is pure Python: about 0.25 s and ~40 MB per 100k tokens of random text.
 
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, count, owner_only
 from specdecode.drafters.suffix_automaton import SuffixAutomaton
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
@@ -148,7 +150,7 @@ class CorpusCache:
         return self._get(key, lambda: StaticCorpus(key[1]))
 
 
-CORPUS_CACHE = CorpusCache()
+HOST_KEY = "sam-corpora"  # the host's ``CorpusCache``
 
 
 class SamDrafter:
@@ -208,12 +210,14 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-@register("sam")
+@register("sam", options={"num_draft_tokens": DEPTH, "min_match": count(1, 256),
+                          "corpus": owner_only(), "corpus_tokens": owner_only()})
 def build_sam(build: BuildContext, num_draft_tokens: int = 8, min_match: int = 1,
               corpus: str | os.PathLike | None = None,
               corpus_tokens: Sequence[int] | None = None) -> SamDrafter:
     """SAM-Decoding drafter; ``corpus`` (file path) or ``corpus_tokens`` (ints) adds a static
-    automaton, cached in ``CORPUS_CACHE``."""
+    automaton, cached in the host's ``CorpusCache``."""
+    cache = build.host.get(HOST_KEY, CorpusCache) if build is not None else CorpusCache()
     k = _positive_int("num_draft_tokens", num_draft_tokens)
     min_match = _positive_int("min_match", min_match)
     static = None
@@ -222,7 +226,7 @@ def build_sam(build: BuildContext, num_draft_tokens: int = 8, min_match: int = 1
     if corpus is not None:
         if not isinstance(corpus, (str, os.PathLike)) or not os.fspath(corpus):
             raise SpecDecodeError(f"sam option corpus must be a file path, got {corpus!r}")
-        static = CORPUS_CACHE.from_path(corpus)
+        static = cache.from_path(corpus)
         what = f"sam corpus {os.fspath(corpus)!r}"
     elif corpus_tokens is not None:
         if isinstance(corpus_tokens, np.ndarray) and corpus_tokens.ndim == 1:
@@ -232,7 +236,7 @@ def build_sam(build: BuildContext, num_draft_tokens: int = 8, min_match: int = 1
                                   f"{type(corpus_tokens).__name__}")
         if not corpus_tokens:
             raise SpecDecodeError("sam option corpus_tokens is empty")
-        static = CORPUS_CACHE.from_tokens(corpus_tokens)
+        static = cache.from_tokens(corpus_tokens)
         what = "sam corpus_tokens"
     vocab = getattr(build.target, "vocab_size", None) if build is not None else None
     if static is not None and vocab is not None and static.max_token >= vocab:

@@ -6,7 +6,7 @@ Two depth-limited suffix trees with counts (``suffix_tree.py``):
 
 - a per-request tree over prompt + output, extended at each ``propose`` with the tokens committed
   since the last one (O(max_depth) per new token);
-- a global ``SuffixStore`` over the outputs of earlier requests in this process (``GLOBAL_STORE`` by
+- a global ``SuffixStore`` over the outputs of earlier requests of this host (``build.host``'s by
   default), which learns a request's output in ``finish(output)``; at most ``cache_size`` tokens,
   FIFO eviction by insertion order.
 
@@ -28,13 +28,14 @@ Options and defaults:
 - ``min_prob=0.1``: the paper's threshold.
 - ``max_depth=64``: D of both trees (the paper's 64); matches use the last D - 1 tokens.
 - ``cache_size=100_000``: tokens held by the global store (the reference bounds requests instead).
-- ``use_global=True``; ``store``: a ``SuffixStore`` to use instead of ``GLOBAL_STORE``;
+- ``use_global=True``; ``store``: a ``SuffixStore`` to use instead of the host's (``HOST_KEY``);
   ``cache_file``: a JSON file the store is loaded from the first time a request names it (if it
   exists) and saved to after every ``finish``.
 
 The store's bounds follow the latest request's options: a request with another ``cache_size``
 re-bounds the shared store (evicting at once if smaller), another ``max_depth`` rebuilds it from the
-outputs it holds. ``GLOBAL_STORE.clear()`` empties it (tests do that between functions).
+outputs it holds. The store belongs to the host (a ``Scheduler``, a model's plain ``generate``
+calls, a benchmark method: ``specdecode/host.py``); two hosts never share one.
 
 Deviation from the reference: the reference divides a child's count by its parent's full count,
 which includes occurrences with no continuation (the live one at the end of the context, the ends
@@ -51,11 +52,11 @@ import os
 import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, NODES, Option, owner_only
 from specdecode.drafters.suffix_tree import SuffixStore, SuffixTree
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
-GLOBAL_STORE = SuffixStore()
-"""Shared by every ``suffix`` drafter of this process unless ``store``/``use_global`` say otherwise."""
+HOST_KEY = "suffix"  # the host's store, shared by its ``suffix`` drafters unless ``store`` is given
 
 
 class SuffixDrafter:
@@ -136,7 +137,11 @@ def _check_float(name: str, value, low: float, high: float = math.inf) -> float:
     return float(value)
 
 
-@register("suffix")
+@register("suffix", options={
+    "num_draft_tokens": DEPTH, "max_nodes": NODES, "alpha": Option("float", 0.0, (1000.0,)),
+    "offset": Option("float", -1000.0, (1000.0,)), "min_prob": Option("float", 0.0, (1.0,)),
+    "max_depth": owner_only("int", 2, 4096), "cache_size": owner_only("int", 0, 10**9),
+    "cache_file": owner_only(), "use_global": owner_only("bool"), "store": owner_only()})
 def build_suffix(build: BuildContext, num_draft_tokens: int = 16, max_nodes: int = 16,
                  alpha: float = 1.0, offset: float = 0.0, min_prob: float = 0.1, max_depth: int = 64,
                  cache_size: int = 100_000, cache_file: str | None = None, use_global: bool = True,
@@ -161,7 +166,7 @@ def build_suffix(build: BuildContext, num_draft_tokens: int = 16, max_nodes: int
         cache_file = os.fspath(cache_file)
     if not use_global:
         return SuffixDrafter(num_draft_tokens, max_nodes, alpha, offset, min_prob, max_depth)
-    store = GLOBAL_STORE if store is None else store
+    store = build.host.get(HOST_KEY, SuffixStore) if store is None else store
     store.configure(cache_size=cache_size, max_depth=max_depth)
     if cache_file is not None and os.path.abspath(cache_file) not in store.loaded_files:
         if os.path.exists(cache_file):

@@ -28,8 +28,9 @@ Cost per step: the update is two vectorised numpy assignments over the n + 1 row
 the duplicate rule), the draft is one gather per depth over the <= 80 template nodes plus a
 vectorised sibling dedup: O(nodes), never O(context) or O(V). Allocating a table is O(V k) once.
 
-``hot=True`` keeps one table per (vocab size, topk) across requests in this process, in the
-module-level ``HOT_STORE`` (bounded: at most ``max_tables`` tables, least recently used evicted).
+``hot=True`` keeps one table per (vocab size, topk) across the requests of one host (a
+``Scheduler``, a model's plain ``generate`` calls: ``specdecode/host.py``), in its ``RecyclingStore``
+(bounded: at most ``max_tables`` tables, least recently used evicted).
 Hot and cold starts differ: a hot request drafts from its first step with what earlier requests
 (of any model with the same vocabulary size) taught the table, a cold one starts from the prompt's
 prefill predictions only. The paper reports 2.08x hot vs 1.93x cold.
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.options import DEPTH, NODES, Option, owner_only
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 #: Published template shape: nodes per depth below the root (80 nodes, depth 6).
@@ -71,7 +73,7 @@ class Template:
         return int(self.parent.size)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=16)  # a pure function's memo: a template is a constant of its arguments
 def build_template(ranks: int = TEMPLATE_RANKS, widths: tuple[int, ...] = PUBLISHED_WIDTHS
                    ) -> Template:
     """The template with ``widths`` nodes per depth, children drawn from ranks ``0..ranks-1``.
@@ -143,8 +145,7 @@ class RecyclingStore:
         self.tables.clear()
 
 
-#: The process-wide store behind ``hot=True``.
-HOT_STORE = RecyclingStore()
+HOST_KEY = "token-recycling"  # the host's store behind ``hot=True``
 
 
 def last_wins(rows: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,12 +236,14 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-@register("token-recycling")
+@register("token-recycling", options={
+    "num_draft_tokens": DEPTH, "max_nodes": NODES, "hot": owner_only("bool"),
+    "topk": Option("int", 1, (64, "vocab"), owner_if="hot")})
 def build_token_recycling(build: BuildContext, num_draft_tokens: int = 6, max_nodes: int = 12,
                           topk: int = 8, hot: bool = False) -> TokenRecyclingDrafter:
     """Token Recycling (Luo et al., 2024). ``num_draft_tokens``: maximum tree depth (the template
     has 6 levels); ``max_nodes``: node budget per draft; ``topk``: table width (successors kept per
-    token; the template uses ranks < 8); ``hot``: share the table across requests (``HOT_STORE``)."""
+    token; the template uses ranks < 8); ``hot``: share the table across the host's requests."""
     num_draft_tokens = _positive_int("num_draft_tokens", num_draft_tokens)
     max_nodes = _positive_int("max_nodes", max_nodes)
     topk = _positive_int("topk", topk)
@@ -248,5 +251,6 @@ def build_token_recycling(build: BuildContext, num_draft_tokens: int = 6, max_no
         raise SpecDecodeError(f"token-recycling option hot must be true or false, got {hot!r}")
     vocab_size = int(build.target.vocab_size)
     width = min(topk, vocab_size)  # the engine's feedback has min(topk, V) columns
-    table = HOT_STORE.table(vocab_size, width) if hot else new_table(vocab_size, width)
+    table = build.host.get(HOST_KEY, RecyclingStore).table(vocab_size, width) if hot \
+        else new_table(vocab_size, width)
     return TokenRecyclingDrafter(table, num_draft_tokens, max_nodes)

@@ -31,7 +31,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from specdecode.drafters import BuildContext, DraftContext, Drafter, make_drafter
+from specdecode.drafters import BuildContext, DraftContext, Drafter, check_options, make_drafter
+from specdecode.drafters.options import Limits
 from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
 
 log = logging.getLogger("specdecode.vllm")
@@ -106,6 +107,8 @@ class SpecdecodeProposer:
             except json.JSONDecodeError as err:
                 raise SpecDecodeError(f"SPECDECODE_VLLM_OPTIONS is not JSON: {err}") from None
         self.drafter_options.setdefault("num_draft_tokens", self.k)
+        self.drafter_options = check_options(self.drafter, self.drafter_options,
+                                             Limits(vocab=vocab))  # types and bounds
         make_drafter(self.drafter, self.build, **self.drafter_options)  # bad options fail now
         self.requests: dict[Any, _Request] = {}
         self.params = SamplingParams()

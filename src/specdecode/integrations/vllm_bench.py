@@ -29,7 +29,8 @@ OUR_ROWS = [("specdecode vanilla", "none"), ("specdecode ngram", "ngram"),
 
 
 def _prompts() -> list[list[int]]:
-    from specdecode.bench.questions import chat_prompt, load_questions
+    from specdecode.bench.questions import load_questions
+    from specdecode.chat import chat_prompt
     from specdecode.demo import load_demo
 
     tokenizer = load_demo().tokenizer

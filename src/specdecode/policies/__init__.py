@@ -5,11 +5,13 @@ from specdecode.policies.base import (
     POLICIES,
     Budget,
     Policy,
+    PolicySpec,
     StepRecord,
     available_policies,
+    check_policy,
     make_policy,
     register_policy,
 )
 
-__all__ = ["POLICIES", "Budget", "Policy", "StepRecord", "available_policies", "make_policy",
-           "register_policy"]
+__all__ = ["POLICIES", "Budget", "Policy", "PolicySpec", "StepRecord", "available_policies",
+           "check_policy", "make_policy", "register_policy"]

@@ -40,7 +40,10 @@ from typing import Any
 
 import torch
 
+from specdecode.drafters.options import Option, count
+from specdecode.host import HostState
 from specdecode.policies.base import Budget, StepRecord, register_policy
+from specdecode.policies.cost import HOST_KEY as COST_KEY
 from specdecode.policies.cost import CostModel, measured_curve
 from specdecode.types import Draft, SpecDecodeError
 
@@ -48,7 +51,7 @@ from specdecode.types import Draft, SpecDecodeError
 # starts from what the last one of its kind learned about costs and the drafter's shape instead of
 # paying again to find out, and from a slow average of their acceptance (each request then tracks
 # its own). Bounded; decisions never change outputs, so sharing is safe.
-_LATEST: dict[str, AdaptivePolicy] = {}
+HOST_KEY = "adaptive"  # the host's dict: kind -> the latest AdaptivePolicy of that kind
 _LATEST_LIMIT = 256
 _LEARNED = ("depth_cap", "node_ratio", "tree", "scored", "draft_cost", "t_miss", "t_other_spec",
             "t_other_plain", "calibration", "probe_extra", "first_extra", "hits", "asks")
@@ -56,7 +59,8 @@ _LEARNED = ("depth_cap", "node_ratio", "tree", "scored", "draft_cost", "t_miss",
 
 class AdaptivePolicy:
     def __init__(self, cost: CostModel, *, ema: float = 0.3, probe_every: int = 8,
-                 max_probe_every: int = 64, prior: float = 0.5, kind: str = "") -> None:
+                 max_probe_every: int = 64, prior: float = 0.5, kind: str = "",
+                 latest: dict[str, AdaptivePolicy] | None = None) -> None:
         if not 0.0 < ema <= 1.0:
             raise SpecDecodeError(f"adaptive ema must be in (0, 1], got {ema}")
         if probe_every < 1 or max_probe_every < probe_every:
@@ -84,10 +88,10 @@ class AdaptivePolicy:
         self.calibration = 1.0  # observed accepted / predicted sum of scores
         self.batch_size = 1  # rows in flight, set by the engine before each ``plan``
         if kind:
-            self._resume(kind)
+            self._resume(kind, {} if latest is None else latest)
 
-    def _resume(self, kind: str) -> None:
-        previous = _LATEST.pop(kind, None)
+    def _resume(self, kind: str, latest: dict[str, AdaptivePolicy]) -> None:
+        previous = latest.pop(kind, None)
         if previous is not None:
             for name in _LEARNED:
                 setattr(self, name, copy.copy(getattr(previous, name)))
@@ -99,9 +103,9 @@ class AdaptivePolicy:
             self.prior_alpha = [old[d] + 0.3 * (a - old[d]) if d < len(old) else a
                                 for d, a in enumerate(previous.alpha)] + old[len(previous.alpha):]
             self.alpha = list(self.prior_alpha)
-        while len(_LATEST) >= _LATEST_LIMIT:
-            _LATEST.pop(next(iter(_LATEST)))
-        _LATEST[kind] = self
+        while len(latest) >= _LATEST_LIMIT:
+            latest.pop(next(iter(latest)))
+        latest[kind] = self
 
     # --- the model -------------------------------------------------------------------------
     @property
@@ -328,11 +332,16 @@ def _ema(old: float | None, value: float, a: float) -> float:
     return value if old is None else old + a * (value - old)
 
 
-@register_policy("adaptive")
+@register_policy("adaptive", options={
+    "probe_every": count(1, 10**6), "max_probe_every": count(1, 10**6),
+    "ema": Option("float", 0.0, (1.0,)), "cost_cache": Option("bool"), "remember": Option("bool")})
 def build_adaptive(build: Any, probe_every: int = 8, max_probe_every: int = 64,
                    ema: float = 0.3, cost_cache: bool = True,
                    remember: bool = True) -> AdaptivePolicy:
-    curve = measured_curve(build.target.model, use_disk=cost_cache, exact=build.target.exact)
+    host = getattr(build, "host", None) or HostState()
+    curve = measured_curve(build.target.model, use_disk=cost_cache, exact=build.target.exact,
+                           memory=host.get(COST_KEY, dict))
     return AdaptivePolicy(CostModel(curve["chain"], curve["tree"]), ema=ema,
                           probe_every=probe_every, max_probe_every=max_probe_every,
-                          kind=getattr(build, "kind", "") if remember else "")
+                          kind=getattr(build, "kind", "") if remember else "",
+                          latest=host.get(HOST_KEY, dict) if remember else None)

@@ -14,11 +14,11 @@ decide what is emitted, whatever the budget.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from specdecode.drafters.options import Limits, Option, check_table, declare
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -69,15 +69,27 @@ class Policy(Protocol):
     def observe(self, record: StepRecord) -> None: ...
 
 
-Factory = Callable[..., Policy]
-POLICIES: dict[str, Factory] = {}
+@dataclass(frozen=True)
+class PolicySpec:
+    """One registered policy: its factory and its options (type, default, bounds), like a
+    drafter's (``drafters/registry.py``)."""
+
+    name: str
+    factory: Callable[..., Policy]
+    options: Mapping[str, Option] = field(default_factory=dict)
 
 
-def register_policy(name: str) -> Callable[[Factory], Factory]:
-    """Register ``factory(build: BuildContext, **options) -> Policy`` under ``name``."""
+POLICIES: dict[str, PolicySpec] = {}
 
-    def wrap(factory: Factory) -> Factory:
-        POLICIES[name] = factory
+
+def register_policy(name: str, *, options: Mapping[str, Option] | None = None
+                    ) -> Callable[[Callable], Callable]:
+    """Register ``factory(build: BuildContext, **options) -> Policy`` under ``name`` with its
+    options (defaults read from the factory)."""
+
+    def wrap(factory: Callable) -> Callable:
+        POLICIES[name] = PolicySpec(name, factory, declare(factory, options or {},
+                                                           f"policy {name!r}"))
         return factory
 
     return wrap
@@ -87,15 +99,19 @@ def available_policies() -> list[str]:
     return sorted(POLICIES)
 
 
-def make_policy(name: str, build: Any, **options: Any) -> Policy:
-    """A fresh policy for one request; bad names and options raise ``SpecDecodeError``."""
-    if name not in POLICIES:
-        raise SpecDecodeError(f"unknown policy {name!r}; available: "
+def check_policy(name: Any) -> str:
+    """``name`` if it is a registered policy, else ``SpecDecodeError`` listing them."""
+    if not isinstance(name, str) or name not in POLICIES:
+        raise SpecDecodeError(f"unknown policy {str(name)[:64]!r}; available: "
                               f"{', '.join(available_policies())}")
-    factory = POLICIES[name]
-    params = [p for p in inspect.signature(factory).parameters if p != "build"]
-    unknown = [k for k in options if k not in params]
+    return name
+
+
+def make_policy(name: str, build: Any, limits: Limits | None = None, **options: Any) -> Policy:
+    """A fresh policy for one request; bad names, options and values raise ``SpecDecodeError``."""
+    spec = POLICIES[check_policy(name)]
+    checked, unknown = check_table(f"policy {name}", spec.options, options, limits or Limits())
     if unknown:
         raise SpecDecodeError(f"policy {name!r} has no option(s) {', '.join(unknown)}; "
-                              f"its options: {', '.join(params) or 'none'}")
-    return factory(build, **options)
+                              f"its options: {', '.join(spec.options) or 'none'}")
+    return spec.factory(build, **checked)

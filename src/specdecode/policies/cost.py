@@ -78,7 +78,7 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
 log = logging.getLogger("specdecode")
 CURVE_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CURVE_VERSION = 3  # bumped when the verification forward changes (3: exact in half precision)
-_MEASURED: dict[str, dict] = {}
+HOST_KEY = "cost-curves"  # a host's measured curves in memory: curve_key -> curve
 
 
 def cache_dir() -> Path:
@@ -103,9 +103,11 @@ def curve_key(model, exact: bool | None = None) -> str:
 
 
 def measured_curve(model, *, use_disk: bool = True, repeats: int = 7,
-                   exact: bool | None = None) -> dict:
+                   exact: bool | None = None, memory: dict[str, dict] | None = None) -> dict:
     """``{"chain": {n: seconds}, "tree": {n: seconds}}`` for ``CURVE_COUNTS`` (up to the model's
-    context), from memory, from disk, or measured now (about 1 s for the demo target)."""
+    context), from ``memory`` (a host's), from disk, or measured now (about 1 s for the demo
+    target)."""
+    _MEASURED: dict[str, dict] = {} if memory is None else memory
     key = curve_key(model, exact)
     if key in _MEASURED:
         return _MEASURED[key]

@@ -19,6 +19,6 @@ class FixedPolicy:
         pass
 
 
-@register_policy("fixed")
+@register_policy("fixed", options={})
 def build_fixed(build: Any) -> FixedPolicy:
     return FixedPolicy()

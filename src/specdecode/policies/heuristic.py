@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from specdecode.drafters.options import count
 from specdecode.policies.base import Budget, StepRecord, register_policy
 from specdecode.types import Draft, SpecDecodeError
 
@@ -34,6 +35,6 @@ class HeuristicPolicy:
             self.k = max(1, self.k - 1)
 
 
-@register_policy("heuristic")
+@register_policy("heuristic", options={"start": count(1, "nodes", nullable=True)})
 def build_heuristic(build: Any, start: int | None = None) -> HeuristicPolicy:
     return HeuristicPolicy(start)

@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from specdecode.api import DEFAULT_POLICY
-from specdecode.bench.questions import chat_prompt
-from specdecode.drafters import available
-from specdecode.drafters.options import Limits, self_contained
+from specdecode.chat import chat_prompt
+from specdecode.drafters.options import Limits
+from specdecode.drafters.registry import REGISTRY, Needs, available, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
@@ -50,13 +50,6 @@ from specdecode.types import SpecDecodeError
 
 log = logging.getLogger("specdecode.server")
 
-# Drafters a request may pick unless the server says otherwise: all that need no server-side
-# resource (``drafters/options.py``: oracle needs the answer, rest a datastore, draft-model a draft
-# model). eagle and medusa use the heads shipped for the demo target (another target's request for
-# them is refused unless the server was started with --drafter eagle -o head=DIR).
-SELF_CONTAINED = self_contained()
-
-
 @dataclass
 class ServerConfig:
     """What the server was started with (``specdecode serve``'s options)."""
@@ -66,7 +59,7 @@ class ServerConfig:
     drafter_options: dict[str, Any] = field(default_factory=dict)
     policy: str | None = None
     max_batch_size: int = 8
-    allowed_drafters: tuple[str, ...] | None = None  # None: SELF_CONTAINED + the server's own
+    allowed_drafters: tuple[str, ...] | None = None  # None: self_contained() + the server's own
     max_draft_nodes: int | None = None
     api_key: str | None = None  # every route but /health needs "Authorization: Bearer KEY"
     metrics_public: bool = False  # /metrics without the key
@@ -97,9 +90,14 @@ class ServerState:
         self.vocab = int(vocab)
         self.in_flight = 0  # requests admitted and not finished (running or queued)
         self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="specdecode-tokenize")
-        allowed = set(config.allowed_drafters or SELF_CONTAINED) | {config.drafter}
+        # Drafters a request may pick unless the owner says otherwise: every registered drafter
+        # that needs nothing the owner must give (``Needs``; read now, so plugins count), and
+        # those needing a draft model when one is loaded. eagle / medusa use the heads shipped
+        # for the demo target (another target's request for them fails unless --drafter eagle
+        # -o head=DIR).
+        allowed = set(config.allowed_drafters or self_contained()) | {config.drafter}
         if draft_model is not None and config.allowed_drafters is None:
-            allowed.add("draft-model")
+            allowed |= {n for n, s in REGISTRY.items() if s.needs == Needs.DRAFT_MODEL}
         unknown = sorted(allowed - set(available()))
         if unknown:
             raise SpecDecodeError(f"unknown drafter(s) {', '.join(unknown)}; available: "

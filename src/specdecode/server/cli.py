@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from specdecode.cli_shared import (
+    check_drafter,
+    check_policy_name,
     int_list,
     load_models,
     model_id,
@@ -20,14 +22,14 @@ from specdecode.types import SpecDecodeError
 
 @click.command()
 @model_options()
-@click.option("--drafter", default="ngram", show_default=True,
+@click.option("--drafter", default="ngram", show_default=True, callback=check_drafter,
               help="Drafter of requests that do not pick one (`specdecode drafters` lists them; "
                    "'none' serves without speculation).")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Option of --drafter (repeatable), e.g. -o num_draft_tokens=4.")
-@click.option("--policy", type=click.Choice(["fixed", "heuristic", "adaptive"]), default=None,
-              help="Draft-length policy of requests that do not pick one (default: the "
-                   "library's default, fixed).")
+@click.option("--policy", default=None, callback=check_policy_name,
+              help="Draft-length policy of requests that do not pick one, a registered policy "
+                   "(default: the library's default, fixed).")
 @click.option("--allow-drafters", default=None, metavar="A,B,...",
               help="Drafters a request may pick in its \"speculative\" field (default: every one "
                    "that needs no server-side resource, plus --drafter, plus draft-model when a "
@@ -71,7 +73,7 @@ def serve(target, draft_model, dtype, device, exact, drafter, options, policy, a
     "adaptive"}, or turn it off with "speculative": false; its response's usage then reports
     drafts, draft tokens, accepted tokens and the mean acceptance length. Every output is exactly
     what the target alone would produce. Options a request may set and their bounds:
-    specdecode/drafters/options.py.
+    `specdecode drafters`.
     """
     import torch
     import uvicorn
@@ -92,7 +94,7 @@ def serve(target, draft_model, dtype, device, exact, drafter, options, policy, a
         model, draft, tokenizer = load_models(target, draft_model, True, trust_remote_code, dtype,
                                               device)
         config = ServerConfig(model_name=name, drafter=drafter,
-                              drafter_options=parse_options(options), policy=policy,
+                              drafter_options=parse_options(options, drafter), policy=policy,
                               max_batch_size=max_batch_size, allowed_drafters=allowed,
                               max_draft_nodes=max_draft_nodes, api_key=api_key or None,
                               metrics_public=metrics_public, max_body_bytes=max_body_bytes,

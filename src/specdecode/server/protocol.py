@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from specdecode.drafters.options import Limits, check_options
-from specdecode.policies import available_policies
+from specdecode.drafters.options import Limits
+from specdecode.drafters.registry import check_options
+from specdecode.policies import check_policy
 from specdecode.types import SpecDecodeError
 
 MAX_STOP_STRINGS = 8  # stop strings per request
@@ -194,7 +195,7 @@ def speculation(req: _Common, *, drafter: str, options: dict[str, Any], policy: 
                 ) -> tuple[str, dict[str, Any], str | None]:
     """(drafter, its options, policy) for a request: the server's unless the request's
     "speculative" field picks another allowed drafter or sets its own draft-shaping options
-    (checked against ``drafters/options.py``: type, bound, settable per request); ``false``
+    (checked against the drafter's registration: type, bound, settable per request); ``false``
     turns speculation off (the ``none`` drafter)."""
     spec = req.speculative
     if spec is None or spec is True:
@@ -207,9 +208,11 @@ def speculation(req: _Common, *, drafter: str, options: dict[str, Any], policy: 
         raise APIError(400, f"speculative.drafter {str(name)[:64]!r} is not allowed on this "
                        f"server; allowed: {', '.join(sorted(allowed))}", param="speculative.drafter")
     chosen_policy = spec.pop("policy", policy)
-    if chosen_policy is not None and chosen_policy not in available_policies():
-        raise APIError(400, f"speculative.policy must be one of {', '.join(available_policies())}, "
-                       f"got {str(chosen_policy)[:64]!r}", param="speculative.policy")
+    try:
+        if chosen_policy is not None:
+            check_policy(chosen_policy)
+    except SpecDecodeError as err:
+        raise APIError(400, f"speculative.policy: {err}", param="speculative.policy") from None
     own = dict(options) if name == drafter else {}
     try:
         checked = check_options(name, spec, limits or Limits(), request=True, allowed=allowed,

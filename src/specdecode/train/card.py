@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 import specdecode as sd
-from specdecode.bench.questions import chat_prompt, load_questions
+from specdecode.bench.questions import load_questions
+from specdecode.chat import chat_prompt
 from specdecode.demo import demo_dir, load_demo
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from specdecode.train.loop import LoopSettings, TrainLoop
 
 # name -> (hidden, layers, heads, kv_heads, intermediate)
 SIZES = {
@@ -53,13 +53,6 @@ def build_model(size: str, vocab_size: int, max_positions: int = 2048):
         bos_token_id=None, eos_token_id=4, pad_token_id=0,
     )
     return LlamaForCausalLM(config)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def get_batch(data: np.ndarray, step: int, cfg: TrainConfig, salt: int = 0) -> torch.Tensor:
@@ -104,44 +97,14 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    ckpt = out_dir / "checkpoint.pt"
-    step, elapsed, history = 0, 0.0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        print(f"resumed from step {step}")
-
-    def save() -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "elapsed": elapsed, "history": history, "config": asdict(cfg)}, ckpt)
-
+    loop = TrainLoop(LoopSettings.of(cfg), {"model": model}, opt, out_dir / "checkpoint.pt",
+                     log=print)
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.size} ({n_params / 1e6:.1f}M)")
-    start = time.perf_counter() - elapsed
     model.train()
-    while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = _loss(model, get_batch(train_data, step, cfg))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{step * tokens_per_step / elapsed:.0f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            history.append({"step": step, "loss": loss.item(), "elapsed_s": elapsed})
-            save()
-        if cfg.time_budget_s and elapsed >= cfg.time_budget_s and step < cfg.steps:
-            save()
-            print(f"time budget reached at step {step}; rerun the same command to resume")
-            break
-    bar.close()
+    loop.run(lambda step: (_loss(model, get_batch(train_data, step, cfg)), {}),
+             f"train {cfg.size} ({n_params / 1e6:.1f}M)")
+    step, elapsed = loop.step, loop.elapsed
     val_loss = evaluate(model, val_data, cfg)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")

@@ -14,20 +14,19 @@ teacher-generated data, which puts the target's own greedy paths (what greedy sp
 verifies) into the data; the frozen target scores the whole sequences; the loss is
 the divergence between the target's and the draft's next-token distributions at every position
 that predicts a generated token. AdamW, warm-up then cosine decay by step count; checkpoints every
-``checkpoint_every`` steps and at the time budget, so a stopped run resumes exactly.
+``checkpoint_every`` steps and at the time budget, so a stopped run resumes exactly (the loop every
+trainer shares: ``train/loop.py``).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from specdecode.train.loop import LoopSettings, TrainLoop
 from specdecode.train.rollout import continue_rows
 
 LOSSES = ("tvd", "kl")
@@ -56,13 +55,6 @@ def divergence(target_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str)
     if loss == "tvd":
         return 0.5 * (target_logp.exp() - draft_logp.exp()).abs().sum(-1)
     return (target_logp.exp() * (target_logp - draft_logp)).sum(-1)
-
-
-def lr_at(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def prompts_at(data: np.ndarray, step: int, cfg: DistillConfig, salt: int = 0) -> torch.Tensor:
@@ -117,52 +109,21 @@ def distill(target, draft, train_data: np.ndarray, val_data: np.ndarray, out_dir
     for p in target.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    ckpt = out_dir / "checkpoint.pt"
-    step, elapsed, history = 0, 0.0, []
     shaping = {k: v for k, v in asdict(cfg).items()
                if k not in ("time_budget_s", "threads", "checkpoint_every", "eval_batches")}
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["shaping"] != shaping:
-            raise ValueError(f"{ckpt} was written with other settings; use another --out")
-        draft.load_state_dict(state["draft"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        tqdm.write(f"resumed from step {step}")
-    before = evaluate(target, draft, val_data, cfg) if step == 0 else None
+    loop = TrainLoop(LoopSettings.of(cfg), {"draft": draft}, opt, out_dir / "checkpoint.pt",
+                     shaping=shaping)
+    if loop.step == 0:
+        loop.extra["before"] = evaluate(target, draft, val_data, cfg)
+    before = loop.extra.get("before")
 
-    def save() -> None:
-        torch.save({"draft": draft.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "elapsed": elapsed, "history": history, "shaping": shaping,
-                    "before": before}, ckpt)
-
-    if before is None:
-        before = torch.load(ckpt, weights_only=False).get("before")
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"distill draft ({cfg.loss})")
-    start = time.perf_counter() - elapsed
-    while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         seqs = on_policy(target, draft, prompts_at(train_data, step, cfg), cfg, step)
         loss, accept = step_loss(target, draft, seqs, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        opt.step()
-        step += 1
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", accept=f"{accept.item():.3f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            history.append({"step": step, "loss": round(loss.item(), 4),
-                            "expected_acceptance": round(accept.item(), 4),
-                            "elapsed_s": round(elapsed, 1)})
-            save()
-        if cfg.time_budget_s and elapsed >= cfg.time_budget_s and step < cfg.steps:
-            save()
-            tqdm.write(f"time budget reached at step {step}; rerun the same command to resume")
-            break
-    bar.close()
+        return loss, {"expected_acceptance": accept}
+
+    loop.run(step_fn, f"distill draft ({cfg.loss})")
+    step, elapsed, history = loop.step, loop.elapsed, loop.history
     after = evaluate(target, draft, val_data, cfg)
     model_dir = out_dir / "model"
     draft.to(torch.float16).save_pretrained(model_dir)

@@ -15,24 +15,23 @@ F (last hidden states after the final norm) and its next-token distributions P, 
   0.8^(d-1) * cross-entropy against the target's own distribution P_{t+d} (self-distillation, as
   the paper recommends when the corpus is not the target's own output).
 
-The learning rate warms up then decays by cosine, by step count only; AdamW; checkpoints every
+The learning rate warms up then decays by cosine, by step count only (``train/loop.py``, shared
+by every trainer); AdamW; checkpoints every
 ``checkpoint_every`` steps and at the time budget. At the end: held-out loss and top-1 agreement
 with the target per depth (Medusa: the top-k accuracy table that shapes its static tree).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from specdecode.models.heads import EagleHead, MedusaHeads, load_head, save_head
+from specdecode.train.loop import LoopSettings, TrainLoop
 from specdecode.train.rollout import continue_rows
 
 
@@ -84,13 +83,6 @@ def batch_at(data: np.ndarray, step: int, cfg: HeadConfig, salt: int = 0,
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
     greedy = torch.arange(cfg.batch_size) < round(cfg.batch_size * cfg.greedy_share)
     return continue_rows(target, ids, cfg.seq_len - prompt, greedy, generator)
-
-
-def lr_at(step: int, cfg: HeadConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 @torch.no_grad()
@@ -228,53 +220,22 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
         subset = torch.tensor(sorted(most_used(train_data, vocab_size, cfg.loss_vocab)))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
-    ckpt = out_dir / "checkpoint.pt"
-    step, elapsed, history = 0, 0.0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if _shaping(state["config"]) != _shaping(asdict(cfg)):
-            raise ValueError(f"{ckpt} was written with other settings; use another --out")
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        torch.set_rng_state(state["rng"])
-        tqdm.write(f"resumed from step {step}")
-
-    def save() -> None:
-        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "elapsed": elapsed, "history": history, "config": asdict(cfg),
-                    "rng": torch.get_rng_state()}, ckpt)
-
+    loop = TrainLoop(LoopSettings.of(cfg), {"head": head}, opt, out_dir / "checkpoint.pt",
+                     shaping=_shaping(asdict(cfg)))
     n_params = sum(p.numel() for p in head.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind} head ({n_params / 1e6:.2f}M)")
-    start = time.perf_counter() - elapsed
-    while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         ids = batch_at(train_data, step, cfg, target=target)
         feats, logp = target_pass(target, ids, subset)
         if cfg.kind == "eagle":
             loss, agree = eagle_loss(head, target, ids, feats, logp, noise=True, subset=subset)
         else:
             loss, agree = medusa_loss(head, feats, logp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        step += 1
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{agree.item():.2f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            history.append({"step": step, "loss": round(loss.item(), 4),
-                            "agreement": round(agree.item(), 4), "elapsed_s": round(elapsed, 1)})
-            save()
-        if cfg.time_budget_s and elapsed >= cfg.time_budget_s and step < cfg.steps:
-            save()
-            tqdm.write(f"time budget reached at step {step}; rerun the same command to resume")
-            break
-    bar.close()
+        return loss, {"agreement": agree}
+
+    loop.run(step_fn, f"train {cfg.kind} head ({n_params / 1e6:.2f}M)")
+    step, elapsed, history = loop.step, loop.elapsed, loop.history
     result = evaluate(cfg.kind, head, target, val_data, cfg, subset=subset)
     extra = {"trained": {"steps": step, "tokens": step * tokens_per_step}}
     if 0 < cfg.draft_vocab < vocab_size:
