@@ -55,7 +55,10 @@ def _llg():
 
 _LOCK = threading.Lock()
 _TOKENIZERS: dict[int, tuple[Any, Any]] = {}  # id(hf tokenizer) -> (tokenizer, LLTokenizer)
-_CACHE: OrderedDict[tuple, Constraint] = OrderedDict()
+# (id(tokenizer), kind, source) -> (tokenizer, compiled): the entry holds its tokenizer, so the id
+# cannot be reused by another tokenizer while the entry lives (a pure memo: compiled grammars are
+# immutable, so sharing them between schedulers in one process is safe)
+_CACHE: OrderedDict[tuple, tuple[Any, Constraint]] = OrderedDict()
 
 
 def _ll_tokenizer(tokenizer) -> Any:
@@ -140,9 +143,9 @@ def compile_constraint(spec: Any, tokenizer) -> Constraint:
     key = (id(tokenizer), kind, source)
     with _LOCK:
         hit = _CACHE.get(key)
-        if hit is not None:
+        if hit is not None and hit[0] is tokenizer:
             _CACHE.move_to_end(key)
-            return hit
+            return hit[1]
     llg = _llg()
     llt = _ll_tokenizer(tokenizer)
     what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
@@ -165,7 +168,7 @@ def compile_constraint(spec: Any, tokenizer) -> Constraint:
     if compiled.proto.is_error():
         raise SpecDecodeError(f"invalid {what}: {compiled.proto.get_error()}")
     with _LOCK:
-        _CACHE[key] = compiled
+        _CACHE[key] = (tokenizer, compiled)
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     return compiled
