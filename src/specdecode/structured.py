@@ -35,7 +35,7 @@ import torch
 from specdecode.structured_bounds import choice_regex, parser_limits
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
-INSTALL = "pip install 'llguidance>=1.9,<2'  (or: pip install 'specdecode[structured]')"
+INSTALL = "pip install 'llguidance>=1.7,<2'  (or: pip install 'specdecode[structured]')"
 CACHE_SIZE = 64  # compiled grammars kept
 KINDS = ("json", "regex", "grammar")
 # JSON layout unless the schema's "x-guidance" says otherwise: one space after ',' and ':' and no
