@@ -42,7 +42,7 @@ def test_missing_llguidance_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(SpecDecodeError) as err:
         structured.compile_constraint({"regex": "a+"}, object())
-    assert "pip install 'llguidance>=1.9,<2'" in str(err.value) and "\n" not in str(err.value)
+    assert "pip install 'llguidance>=1.7,<2'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cli_generate_flags(tmp_path):
