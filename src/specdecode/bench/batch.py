@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import specdecode as sd
+from specdecode.bench.divergence import first_divergence, top2_margin
 from specdecode.bench.methods import HF_METHODS, Settings, method_options, parse_spec
 
 NEAR_TIE = 1e-5
@@ -76,23 +77,14 @@ def run_hf_batch(s: Settings, prompts: list[list[int]], batch_size: int,
     return time.perf_counter() - start, outputs
 
 
-@torch.inference_mode()
-def tie_margin(model, prompt: list[int], reference: list[int], position: int) -> float:
-    """Vanilla's top-2 logit margin where it chose ``reference[position]`` (teacher-forced)."""
-    ids = torch.tensor([prompt + reference[:position]])
-    top = model(input_ids=ids).logits[0, -1].float().topk(2).values
-    return float(top[0] - top[1])
-
-
 def compare_rows(model, prompts, references, outputs) -> dict:
     equal = near = mismatch = 0
     for prompt, ref, out in zip(prompts, references, outputs):
         if out == ref:
             equal += 1
             continue
-        first = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref),
-                                                                                  len(out)))
-        if first < len(ref) and tie_margin(model, prompt, ref, first) < NEAR_TIE:
+        first = first_divergence(ref, out)
+        if first < len(ref) and top2_margin(model, prompt, ref[:first]) < NEAR_TIE:
             near += 1
         else:
             mismatch += 1
