@@ -134,3 +134,32 @@ def test_exact_whatever_attention_the_model_was_loaded_with():
     model = tiny_model("llama", seed=3, dtype=torch.bfloat16, vocab=256)
     model.set_attn_implementation("eager")
     assert mismatches(model, exact=True, trials=8, seed=3) == 0
+
+
+@pytest.mark.parametrize("dim,kv_heads,group", [(64, 3, 3), (64, 2, 1), (128, 1, 4)])
+def test_exact_attention_at_real_shapes(dim, kv_heads, group):
+    """The bfloat16 exact attention at real head sizes and contexts past 512 keys: a token's output
+    is the same computed alone (plain decoding), inside a chain of 1 to 40 tokens sharing the
+    row's keys, or as a tree node with its keys gathered."""
+    from specdecode.models.exact import _matmul_attention, window_end
+
+    gen = torch.Generator().manual_seed(dim + group)
+    for length in (32, 96, 544, 1120):
+        k = torch.randn(kv_heads, length, dim, generator=gen).to(torch.bfloat16)
+        v = torch.randn(kv_heads, length, dim, generator=gen).to(torch.bfloat16)
+        for g in (1, 2, 5, 17, 40):
+            q = torch.randn(g, kv_heads, group, dim, generator=gen).to(torch.bfloat16)
+            positions = torch.randint(max(0, length - 32), length, (g,), generator=gen)
+            assert all(window_end(int(p)) == length for p in positions)
+            mask = torch.arange(length)[None, :] <= positions[:, None]  # [g, length]
+            chain = _matmul_attention(q.transpose(0, 1).reshape(kv_heads, g * group, dim), k, v,
+                                      mask[:, None].expand(g, group, length).reshape(-1, length),
+                                      0.125).view(kv_heads, g, group, dim).transpose(0, 1)
+            tree = _matmul_attention(q, k.expand(g, -1, -1, -1).contiguous(),
+                                     v.expand(g, -1, -1, -1).contiguous(),
+                                     mask[:, None, None].expand(g, 1, group, length), 0.125)
+            for i in range(g):
+                alone = _matmul_attention(q[i].reshape(kv_heads, group, dim), k, v,
+                                          mask[i, None].expand(group, length), 0.125)
+                assert torch.equal(chain[i], alone.view(kv_heads, group, dim)), (length, g, i)
+                assert torch.equal(tree[i], chain[i]), (length, g, i)

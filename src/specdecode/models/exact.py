@@ -6,8 +6,10 @@ Where a forward's result for one token could depend on the others, the exact for
 token exactly what plain decoding does for it (Thinking Machines, "Defeating Nondeterminism in LLM
 Inference", 2025; vLLM's and SGLang's batch-invariant modes, here on the CPU):
 
-- attention (``_exact_attention``): one call per query token over exactly the keys it sees, in
-  position order and with no mask, the call plain decoding makes for that token;
+- attention (``_exact_attention``): a token at position p attends over the keys up to the end of
+  its ``WINDOW``-aligned block, in position order, the later ones masked, as its own item (its GQA
+  group of heads) of a call shared by the row's tokens: the key length and the item's computation
+  are functions of p alone, the same in every forward;
 - matmuls: half-precision matmuls on the CPU (oneDNN) take another reduction order for the
   smallest row counts (measured: one row for SmolLM2's 1536-wide down projection, up to two for a
   64-wide one), then one order whatever the count (checked up to 600 rows on SmolLM2's layers and
@@ -26,6 +28,7 @@ from transformers import AttentionInterface
 from specdecode.models.attention import _FORWARD, EXACT_ATTENTION
 
 MIN_ROWS = 4  # tokens per exact half-precision forward, at least (see above)
+WINDOW = 32  # key-length granularity of the exact attention (divides the cache's 64)
 
 
 def default_exact(dtype: torch.dtype) -> bool:
@@ -36,37 +39,70 @@ def default_exact(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Attention as two bfloat16 matmuls around a float32 softmax, per batch of items: ``q`` [...,
+    M, dim], ``k`` / ``v`` [..., length, dim], ``mask`` [..., M, length] bool. oneDNN's bfloat16
+    matmul reduces each output element in one order whatever M from ``MIN_ROWS`` up (measured on
+    this CPU up to 200 rows and 4,000 keys; a single row with 2 threads may be split across them,
+    so fewer rows are padded; the tests check it on every run), the softmax works row by row, and
+    the elementwise ops are exactly rounded: an item's result does not depend on the other
+    items."""
+    rows = q.shape[-2]
+    if rows < MIN_ROWS:  # oneDNN may split a one-row product across threads: pad (as for linears)
+        pad = [*q.shape[:-2], MIN_ROWS - rows]
+        q = torch.cat([q, q.new_zeros(*pad, q.shape[-1])], dim=-2)
+        mask = torch.cat([mask.expand(*q.shape[:-2], rows, mask.shape[-1]),
+                          mask.new_ones(*pad, mask.shape[-1])], dim=-2)
+    scores = torch.add(torch.matmul(q, k.transpose(-1, -2)),
+                       torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")))
+    probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)[..., :rows, :]
+
+
 def _exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs):
-    """Batch-invariant attention (``BatchTarget(exact=True)``): every query token attends through
-    its own call, over exactly the keys it sees laid out in position order (slots 0..p of its row
-    for a chain; the committed prefix, then its tree path, for a tree node), with no mask: the
-    very call plain decoding makes for that token at that position. Its result therefore does not
-    depend on how many draft nodes or batch rows share the forward (Thinking Machines, "Defeating
-    Nondeterminism in LLM Inference", 2025: fixed reduction order per token). ``_FORWARD.exact``:
-    per row, (its committed length + 1, [(query column, tree path slots or None)])."""
+    """Batch-invariant attention (``BatchTarget(exact=True)``). A query at position p attends over
+    ``window_end(p)`` keys laid out in position order (key t at index t: the row's own slots for a
+    chain; the committed prefix then the tree path, gathered, for a tree node), those after p
+    masked. Neither the key length nor the computation for an item (a token's GQA group of heads)
+    depends on how many draft nodes or batch rows share the forward: the result for a token is the
+    one plain decoding computes for it (Thinking Machines, "Defeating Nondeterminism in LLM
+    Inference", 2025: a fixed reduction order per token). bfloat16 runs ``_matmul_attention`` over
+    all of a row's queries at once; other dtypes run sdpa with each token as its own batch item.
+    One call per row and key length (``exact_plan``), not per token. Masked keys are finite (the
+    cache starts zeroed), so they contribute exact zeros."""
     b, heads, q, dim = query.shape
     kv_heads = key.shape[1]
-    # each query's heads as [kv heads, group, dim] rows (GQA), contiguous whatever b and q: the
-    # kernel sees the same layout for a token in any forward
-    queries_ = query.transpose(1, 2).reshape(b, q, kv_heads, heads // kv_heads, dim).contiguous()
+    group = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    # each query's heads as [kv heads, group, dim] (GQA), contiguous whatever b and q
+    queries_ = query.transpose(1, 2).reshape(b, q, kv_heads, group, dim).contiguous()
     out = query.new_zeros(b, q, heads, dim)
+    matmul = query.dtype == torch.bfloat16
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    for r, (prefix, queries) in enumerate(_FORWARD.exact):
-        keys, values, scratch = key[r:r + 1], value[r:r + 1], None
-        for j, path in queries:
-            if path is None:  # a chain node (or the pending token): a view of its row's slots
-                k, v = keys.narrow(2, 0, prefix + j), values.narrow(2, 0, prefix + j)
-            else:  # a tree node: the prefix, then its ancestors and itself, in a scratch row
-                if scratch is None:
-                    scratch = (keys.new_empty(keys.shape), values.new_empty(values.shape))
-                    scratch[0][:, :, :prefix] = keys[:, :, :prefix]
-                    scratch[1][:, :, :prefix] = values[:, :, :prefix]
-                end = prefix + len(path)
-                scratch[0][:, :, prefix:end] = keys.index_select(2, path)
-                scratch[1][:, :, prefix:end] = values.index_select(2, path)
-                k, v = scratch[0][:, :, :end], scratch[1][:, :, :end]
-            out[r, j] = sdpa(queries_[r, j, None], k, v, scale=scaling).view(heads, dim)
+    for r, calls in enumerate(_FORWARD.exact):
+        for cols, length, mask, gather in calls:
+            g, items = mask.shape[0], queries_[r, cols]  # [g, kv heads, group, dim]
+            if gather is None:  # a chain: a view of the row's slots, shared by every item
+                k, v = key[r, :, :length], value[r, :, :length]  # [kv heads, length, dim]
+                if matmul:
+                    res = _matmul_attention(
+                        items.transpose(0, 1).reshape(kv_heads, g * group, dim), k, v,
+                        mask[:, 0, 0, None].expand(g, group, length).reshape(g * group, length),
+                        scale)
+                    out[r, cols] = res.view(kv_heads, g, group, dim).transpose(0, 1) \
+                        .reshape(g, heads, dim)
+                    continue
+                k, v = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)
+            else:  # tree nodes: each item's keys gathered in position order
+                k = key[r].index_select(1, gather).view(kv_heads, g, length, dim).transpose(0, 1)
+                v = value[r].index_select(1, gather).view(kv_heads, g, length, dim).transpose(0, 1)
+            if matmul:  # [g, kv heads, group, dim] items against their own keys
+                res = _matmul_attention(items, k, v, mask.expand(g, 1, group, length), scale)
+            else:
+                res = sdpa(items, k, v, attn_mask=mask, scale=scaling)
+            out[r, cols] = res.reshape(g, heads, dim)
     return out, None
 
 
@@ -93,22 +129,44 @@ class ExactMatmul(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def window_end(position: int) -> int:
+    """How many keys the exact attention lays out for a query at ``position``: up to the end of
+    its ``WINDOW``-aligned block (a function of the position alone, so the same in every forward)."""
+    return (position // WINDOW + 1) * WINDOW
+
+
 def exact_plan(lengths: list[int], drafts: list, device) -> list:
-    """Per row: (committed length + 1, [(query column, None for a chain node, else the slots of its
-    tree path in depth order)]), for ``_exact_attention``."""
+    """Per row, the sdpa calls of ``_exact_attention``: (query columns, key length, mask [g, 1, 1,
+    length] (key t visible to an item iff t <= its position), gather index or None for a chain).
+    Row r's query 0 is its pending token at position ``lengths[r]``, query i + 1 draft node i."""
     plan = []
-    for length, draft in zip(lengths, drafts):
-        prefix = length + 1
+    for n, draft in zip(lengths, drafts):
         if draft.is_chain():
-            plan.append((prefix, [(j, None) for j in range(len(draft) + 1)]))
-            continue
-        parents = draft.parents.tolist()
-        queries: list = [(0, None)]
-        for i in range(len(parents)):
-            path, node = [], i
-            while node >= 0:
-                path.append(prefix + node)
-                node = parents[node]
-            queries.append((i + 1, torch.tensor(path[::-1], device=device)))
-        plan.append((prefix, queries))
+            nodes = [(j, n + j, None) for j in range(len(draft) + 1)]
+        else:
+            parents = draft.parents.tolist()
+            nodes = [(0, n, [])]
+            for i in range(len(parents)):
+                path, node = [], i
+                while node >= 0:
+                    path.append(n + 1 + node)
+                    node = parents[node]
+                nodes.append((i + 1, n + len(path), path[::-1]))
+        groups: dict[int, list] = {}
+        for j, p, path in nodes:
+            groups.setdefault(window_end(p), []).append((j, p, path))
+        calls = []
+        for length, items in groups.items():
+            cols = torch.tensor([j for j, _, _ in items], device=device)
+            positions = torch.tensor([p for _, p, _ in items])
+            mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None]
+            gather = None
+            if items[0][2] is not None:
+                index = torch.zeros(len(items), length, dtype=torch.long)
+                index[:, :n + 1] = torch.arange(n + 1)
+                for row, (_, _, path) in enumerate(items):
+                    index[row, n + 1:n + 1 + len(path)] = torch.tensor(path, dtype=torch.long)
+                gather = index.reshape(-1).to(device)
+            calls.append((cols, length, mask.to(device), gather))
+        plan.append(calls)
     return plan

@@ -19,7 +19,13 @@ from typing import Any, Protocol
 import torch
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
-from specdecode.models.exact import MIN_ROWS, ExactMatmul, default_exact, exact_plan
+from specdecode.models.exact import (
+    MIN_ROWS,
+    ExactMatmul,
+    default_exact,
+    exact_plan,
+    window_end,
+)
 from specdecode.models.packed import packed_linears
 from specdecode.models.sources import load_causal_lm  # noqa: F401 - re-exported
 from specdecode.types import Draft, SpecDecodeError
@@ -271,6 +277,8 @@ class BatchTarget(_Adapter):
             q = -(-MIN_ROWS // b)
         lens = torch.tensor(self.lengths)
         kv_len = int(lens.max()) + q
+        if self.exact:  # the exact attention reads up to the end of each query's key window
+            kv_len = window_end(kv_len - 1)
         self.cache.reserve(b, kv_len)
         ids = torch.zeros(b, q, dtype=torch.long)
         positions = lens[:, None].repeat(1, q)
