@@ -11,7 +11,6 @@ from conftest import tiny_model
 
 import specdecode as sd
 from specdecode.models.exact import MIN_ROWS
-from specdecode.models.hf import BatchTarget
 from specdecode.models.packed import PackedLinears, can_pack, packed_linears
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in)
@@ -41,8 +40,8 @@ def test_packed_rows_do_not_depend_on_the_row_count(shape):
 
 def test_packs_are_kept_and_refreshed():
     model = tiny_model("llama", seed=2, dtype=torch.bfloat16)
-    first = BatchTarget(model).packed
-    assert first is not None and BatchTarget(model).packed is first  # made once per model
+    first = packed_linears(model)  # (BatchTarget uses models/lean.py's own packs for a llama)
+    assert first is not None and packed_linears(model) is first  # made once per model
     twin = copy.deepcopy(model)  # a copy packs its own weights
     assert packed_linears(twin) is not first
     prompt = [5, 6, 7, 5, 6, 7, 5]
@@ -54,7 +53,7 @@ def test_packs_are_kept_and_refreshed():
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, -1].float()
     assert logits.argmax().item() == other  # (the top logit was positive)
-    assert BatchTarget(model).packed is not first
+    assert packed_linears(model) is not first
     after = sd.generate(model, prompt, drafter="none", max_new_tokens=1, eos_token_id=[])
     assert after.token_ids == [other]  # a stale pack would still say ``top``
     assert packed_linears(tiny_model("llama", dtype=torch.float32)) is None  # fp32: never

@@ -1,0 +1,82 @@
+"""The lean forward (models/lean.py) gives bitwise the logits and features of the model's own
+forward, for prefill and for chain / tree / multi-row steps, exact or not, in float32 and
+bfloat16; models it does not reproduce keep their own forward."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from specdecode.models import lean
+from specdecode.models.hf import BatchTarget
+from specdecode.types import Draft
+
+
+def _run(model, exact: bool, seed: int) -> list[torch.Tensor]:
+    """Logits and features of a prefill and three steps over two rows (chains and trees)."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    target = BatchTarget(model, exact=exact)
+    out = []
+    for length in (5, 40):
+        row = target.add_row(length + 40)
+        out.append(target.prefill(row, [rng.randrange(vocab) for _ in range(length)],
+                                  hidden=True))
+        out.append(target.hidden)
+    for _ in range(3):
+        drafts = []
+        for _ in range(2):
+            n = rng.randint(0, 6)
+            parents = list(range(-1, n - 1)) if rng.random() < 0.5 else \
+                [rng.randint(-1, i - 1) for i in range(n)]
+            drafts.append(Draft(torch.tensor([rng.randrange(vocab) for _ in range(n)]),
+                                torch.tensor(parents, dtype=torch.long)))
+        logits = target.step([rng.randrange(vocab) for _ in range(2)], drafts, hidden=True)
+        out += logits + list(target.hidden)
+        for r, draft in enumerate(drafts):
+            target.keep(r, [0] if len(draft) else [])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("exact", [True, False])
+def test_lean_equals_the_models_forward(arch, dtype, exact, monkeypatch):
+    model = tiny_model(arch, seed=2, dtype=dtype, vocab=128)
+    assert lean.supported(model)
+    fast = _run(model, exact, seed=5)
+    assert getattr(model, lean._ATTR, None) is not None  # the lean forward did run
+    monkeypatch.setattr(lean.LeanForward, "build", classmethod(lambda cls, m: None))
+    slow = _run(model, exact, seed=5)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_changed_weights_rebuild_it():
+    model = tiny_model("llama", seed=2, dtype=torch.bfloat16, vocab=128)
+    first = _run(model, True, seed=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    second = _run(model, True, seed=1)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_kept_per_model_and_never_copied():
+    model = tiny_model("qwen2", seed=2, dtype=torch.bfloat16, vocab=128)
+    first = lean.LeanForward.build(model)
+    assert first is not None and lean.LeanForward.build(model) is first
+    twin = copy.deepcopy(model)
+    assert lean.LeanForward.build(twin) is not first
+    assert all(torch.equal(a, b) for a, b in zip(_run(twin, True, 3), _run(model, True, 3)))
+
+
+def test_other_architectures_keep_their_forward():
+    assert not lean.supported(tiny_model("gpt2", seed=0))
+    model = tiny_model("llama", seed=0)
+    model.model.layers[0].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(32))
+    assert not lean.supported(model)
