@@ -100,13 +100,13 @@ def test_bench_end_to_end_writes_every_file(tmp_path, tiny_pair):
     args = ["bench", "--target", str(tiny_pair / "target"), "--draft-model",
             str(tiny_pair / "draft"), "--questions", str(questions), "--max-new-tokens", "12",
             "--out", str(out), "--methods",
-            "vanilla,ngram,draft-model:tree_width=2,layer-skip,oracle,hf-pld,hf-assisted"]
+            "vanilla,ngram,draft-model:tree_width=2,layer-skip,oracle,hf-generate,hf-pld,hf-assisted"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     for name in ("report.json", "report.md", "speedup_by_category.png", "accept_lengths.png"):
         assert (out / name).exists(), name
-    for spec in ("vanilla", "ngram", "draft-model:tree_width=2", "oracle", "hf-pld"):
+    for spec in ("vanilla", "ngram", "draft-model:tree_width=2", "oracle", "hf-generate", "hf-pld"):
         rows = [json.loads(line) for line in method_file(out, spec).read_text().splitlines()]
         assert [r["question_id"] for r in rows] == [1, 2]
         assert len(rows[0]["choices"][0]["turns"]) == 2

@@ -61,8 +61,9 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True,
               help="Comma-separated methods: vanilla; our drafters, each optionally with options "
                    "as name:key=value:key=value (e.g. ngram:max_n=4:num_draft_tokens=6); oracle "
-                   "(proposes vanilla's output: the physical bound); hf-pld and hf-assisted "
-                   "(transformers' prompt lookup and assisted generation); vllm, vllm-ngram and "
+                   "(proposes vanilla's output: the physical bound); hf-generate, hf-pld and "
+                   "hf-assisted (transformers' own generate: plain, with prompt lookup, with "
+                   "assisted generation); vllm, vllm-ngram and "
                    "vllm-specdecode-ngram|suffix|sam (vLLM's engine in a subprocess: alone, with "
                    "its own prompt lookup, with our drafters as its proposers).")
 @click.option("--datastore", type=click.Path(path_type=Path), default=None,

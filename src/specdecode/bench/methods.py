@@ -22,7 +22,7 @@ from specdecode.drafters.registry import REGISTRY, Needs, check_options, needs_o
 from specdecode.host import HostState
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
-HF_METHODS = ("hf-pld", "hf-assisted")
+HF_METHODS = ("hf-generate", "hf-pld", "hf-assisted")  # transformers' own generate
 
 
 @dataclass
@@ -209,7 +209,7 @@ def run_hf(spec: str, s: Settings, prompt: list[int]) -> Outcome:
         kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     if name == "hf-pld":
         kwargs["prompt_lookup_num_tokens"] = options.get("num_draft_tokens", s.num_draft_tokens)
-    else:
+    elif name == "hf-assisted":
         kwargs["assistant_model"] = s.draft
     start = time.perf_counter()
     out = s.target.generate(ids, **kwargs)
