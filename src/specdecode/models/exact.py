@@ -95,13 +95,20 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
                         .reshape(g, heads, dim)
                     continue
                 k, v = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)
-            else:  # tree nodes: each item's keys gathered in position order
-                k = key[r].index_select(1, gather).view(kv_heads, g, length, dim).transpose(0, 1)
-                v = value[r].index_select(1, gather).view(kv_heads, g, length, dim).transpose(0, 1)
-            if matmul:  # [g, kv heads, group, dim] items against their own keys
-                res = _matmul_attention(items, k, v, mask.expand(g, 1, group, length), scale)
-            else:
-                res = sdpa(items, k, v, attn_mask=mask, scale=scaling)
+            else:  # tree nodes: each item's keys gathered in position order, [kv heads * g, ...]
+                k = key[r].index_select(1, gather).view(kv_heads * g, length, dim)
+                v = value[r].index_select(1, gather).view(kv_heads * g, length, dim)
+                if matmul:
+                    res = _matmul_attention(
+                        items.transpose(0, 1).reshape(kv_heads * g, group, dim), k, v,
+                        mask[None, :, 0].expand(kv_heads, g, group, length)
+                        .reshape(kv_heads * g, group, length), scale)
+                    out[r, cols] = res.view(kv_heads, g, group, dim).transpose(0, 1) \
+                        .reshape(g, heads, dim)
+                    continue
+                k = k.view(kv_heads, g, length, dim).transpose(0, 1)
+                v = v.view(kv_heads, g, length, dim).transpose(0, 1)
+            res = sdpa(items, k, v, attn_mask=mask, scale=scaling)
             out[r, cols] = res.reshape(g, heads, dim)
     return out, None
 
