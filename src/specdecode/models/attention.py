@@ -94,6 +94,7 @@ def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bo
         yield
         return
     _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = chunks or [], causal, exact
+    _FORWARD.memo = {}  # what the exact attention computes once per forward
     config._attn_implementation_internal = EXACT_ATTENTION if exact is not None else ROWS_ATTENTION
     try:
         yield

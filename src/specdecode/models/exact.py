@@ -39,25 +39,35 @@ def default_exact(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+def additive(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask [..., M, length] as the float32 additive mask ``_attend`` takes, its rows padded
+    to ``MIN_ROWS`` with visible ones (oneDNN may split a one-row product across threads)."""
+    rows = mask.shape[-2]
+    bias = torch.zeros(*mask.shape[:-2], max(rows, MIN_ROWS), mask.shape[-1])
+    bias[..., :rows, :].masked_fill_(~mask, float("-inf"))
+    return bias
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+            scale: float) -> torch.Tensor:
     """Attention as two bfloat16 matmuls around a float32 softmax, per batch of items: ``q`` [...,
-    M, dim], ``k`` / ``v`` [..., length, dim], ``mask`` [..., M, length] bool. oneDNN's bfloat16
-    matmul reduces each output element in one order whatever M from ``MIN_ROWS`` up (measured on
-    this CPU up to 200 rows and 4,000 keys; a single row with 2 threads may be split across them,
-    so fewer rows are padded; the tests check it on every run), the softmax works row by row, and
-    the elementwise ops are exactly rounded: an item's result does not depend on the other
-    items."""
+    M, dim] (padded to ``bias``'s rows here), ``k`` / ``v`` [..., length, dim], ``bias`` from
+    ``additive``. oneDNN's bfloat16 matmul reduces each output element in one order whatever M
+    from ``MIN_ROWS`` up (measured on this CPU up to 200 rows and 4,000 keys; the tests check it
+    on every run), the softmax works row by row, and the elementwise ops are exactly rounded: an
+    item's result does not depend on the other items. Returns [..., M, dim]."""
     rows = q.shape[-2]
-    if rows < MIN_ROWS:  # oneDNN may split a one-row product across threads: pad (as for linears)
-        pad = [*q.shape[:-2], MIN_ROWS - rows]
-        q = torch.cat([q, q.new_zeros(*pad, q.shape[-1])], dim=-2)
-        mask = torch.cat([mask.expand(*q.shape[:-2], rows, mask.shape[-1]),
-                          mask.new_ones(*pad, mask.shape[-1])], dim=-2)
-    scores = torch.add(torch.matmul(q, k.transpose(-1, -2)),
-                       torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")))
+    if rows < bias.shape[-2]:
+        q = torch.nn.functional.pad(q, (0, 0, 0, bias.shape[-2] - rows))
+    scores = torch.add(torch.matmul(q, k.transpose(-1, -2)), bias)
     probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)[..., :rows, :]
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """``_attend`` with a bool ``mask`` [..., M, length]."""
+    return _attend(q, k, v, additive(mask.expand(*q.shape[:-1], mask.shape[-1])), scale)
 
 
 def _exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -81,16 +91,18 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
     out = query.new_zeros(b, q, heads, dim)
     matmul = query.dtype == torch.bfloat16
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    memo = _FORWARD.memo  # per forward: the additive masks, made at the first layer
     for r, calls in enumerate(_FORWARD.exact):
-        for cols, length, mask, gather in calls:
+        for i, (cols, length, mask, gather) in enumerate(calls):
             g, items = mask.shape[0], queries_[r, cols]  # [g, kv heads, group, dim]
             if gather is None:  # a chain: a view of the row's slots, shared by every item
                 k, v = key[r, :, :length], value[r, :, :length]  # [kv heads, length, dim]
                 if matmul:
-                    res = _matmul_attention(
-                        items.transpose(0, 1).reshape(kv_heads, g * group, dim), k, v,
-                        mask[:, 0, 0, None].expand(g, group, length).reshape(g * group, length),
-                        scale)
+                    if (r, i) not in memo:
+                        memo[r, i] = additive(mask[:, 0, 0, None].expand(g, group, length)
+                                              .reshape(g * group, length))
+                    res = _attend(items.transpose(0, 1).reshape(kv_heads, g * group, dim), k, v,
+                                  memo[r, i], scale)
                     out[r, cols] = res.view(kv_heads, g, group, dim).transpose(0, 1) \
                         .reshape(g, heads, dim)
                     continue
@@ -99,10 +111,11 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
                 k = key[r].index_select(1, gather).view(kv_heads * g, length, dim)
                 v = value[r].index_select(1, gather).view(kv_heads * g, length, dim)
                 if matmul:
-                    res = _matmul_attention(
-                        items.transpose(0, 1).reshape(kv_heads * g, group, dim), k, v,
-                        mask[None, :, 0].expand(kv_heads, g, group, length)
-                        .reshape(kv_heads * g, group, length), scale)
+                    if (r, i) not in memo:
+                        memo[r, i] = additive(mask[None, :, 0].expand(kv_heads, g, group, length)
+                                              .reshape(kv_heads * g, group, length))
+                    res = _attend(items.transpose(0, 1).reshape(kv_heads * g, group, dim), k, v,
+                                  memo[r, i], scale)
                     out[r, cols] = res.view(kv_heads, g, group, dim).transpose(0, 1) \
                         .reshape(g, heads, dim)
                     continue
@@ -143,8 +156,9 @@ def window_end(position: int) -> int:
 
 
 def exact_plan(lengths: list[int], drafts: list, device) -> list:
-    """Per row, the sdpa calls of ``_exact_attention``: (query columns, key length, mask [g, 1, 1,
-    length] (key t visible to an item iff t <= its position), gather index or None for a chain).
+    """Per row, the calls of ``_exact_attention``: (query columns (a slice where contiguous), key
+    length, mask [g, 1, 1, length] (key t visible to an item iff t <= its position), gather index
+    or None for a chain).
     Row r's query 0 is its pending token at position ``lengths[r]``, query i + 1 draft node i."""
     plan = []
     for n, draft in zip(lengths, drafts):
@@ -164,7 +178,9 @@ def exact_plan(lengths: list[int], drafts: list, device) -> list:
             groups.setdefault(window_end(p), []).append((j, p, path))
         calls = []
         for length, items in groups.items():
-            cols = torch.tensor([j for j, _, _ in items], device=device)
+            js = [j for j, _, _ in items]
+            cols = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[-1] + 1)) else \
+                torch.tensor(js, device=device)
             positions = torch.tensor([p for _, p, _ in items])
             mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None]
             gather = None

@@ -227,7 +227,10 @@ class BatchTarget(_Adapter):
         visible = (rel < 0)[:, None, :] | (own & window[:, None, :])
         cache = self.cache
         cache.rows, cache.start, cache.kv_len = slice(0, b), None, kv_len
-        cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
+        if b == 1:  # one row: its new entries are contiguous
+            cache.start, cache.index = self.lengths[0], None
+        else:
+            cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
         try:
             chunks = plan_chunks((lens + q).tolist()) if b > 1 and not self.exact else None
             logits = self._forward(ids, positions, self._additive(visible)[:, None],
