@@ -69,10 +69,12 @@ class LeanForward:
                     qkv_bias, attn, self._linear(attn.o_proj.weight),
                     layer.post_attention_layernorm,
                     self._linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    self._linear(mlp.down_proj.weight), mlp.act_fn))
+                    self._linear(mlp.down_proj.weight),
+                    torch.nn.functional.silu if config.hidden_act in ("silu", "swish")
+                    else mlp.act_fn))
             self.head = self._linear(model.lm_head.weight)
         module = sys.modules[type(inner.layers[0].self_attn).__module__]
-        self.rope, self.eager = module.apply_rotary_pos_emb, module.eager_attention_forward
+        self.eager = module.eager_attention_forward
         self.params = _weights(model)  # (module, name, tensor): replaced or changed in place?
         self.versions = [p._version for _, _, p in self.params]
 
@@ -92,6 +94,12 @@ class LeanForward:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return torch.nn.functional.linear(x, weight, bias)  # ExactMatmul sees it in float32
 
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """transformers' ``apply_rotary_pos_emb`` for one tensor (the same ops)."""
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
     def stale(self) -> bool:
         return any(getattr(module, name) is not p or p._version != version
                    for (module, name, p), version in zip(self.params, self.versions))
@@ -103,6 +111,7 @@ class LeanForward:
         b, q = ids.shape
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        self.eager)
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
@@ -110,9 +119,10 @@ class LeanForward:
         for i, (norm1, qkv, qkv_bias, attn, o, norm2, gate_up, down, act) in \
                 enumerate(self.layers):
             y = self._mm(_rms_norm(norm1, flat), qkv, qkv_bias).view(b, q, -1, attn.head_dim)
-            query, key, value = y.split([heads, kv_heads, kv_heads], dim=2)
-            query, key = self.rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
-            key, value = cache.update(key, value.transpose(1, 2), i)
+            # rotary embedding of the queries and keys together (the same elementwise ops)
+            rotated = self._rope(y[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+            query, key = rotated[:, :heads], rotated[:, heads:]
+            key, value = cache.update(key, y[:, :, heads + kv_heads:].transpose(1, 2), i)
             out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
             flat = flat + self._mm(out.reshape(b * q, -1), o)
             h = self._mm(_rms_norm(norm2, flat), gate_up)
@@ -127,12 +137,16 @@ class LeanForward:
     def build(cls, model) -> LeanForward | None:
         """The model's lean forward (made on first use, kept on the model, remade when its
         weights change), or None where the model is not one it reproduces."""
-        if not supported(model):
-            return None
         current = getattr(model, _ATTR, None)
-        if current is None or current.stale():
-            current = cls(model)
-            setattr(model, _ATTR, current)
+        if current is False:  # checked before: not a model this reproduces
+            return None
+        if current is not None and not current.stale():
+            return current
+        if not supported(model):
+            setattr(model, _ATTR, False)
+            return None
+        current = cls(model)
+        setattr(model, _ATTR, current)
         return current
 
 
