@@ -91,21 +91,26 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
     out = query.new_zeros(b, q, heads, dim)
     matmul = query.dtype == torch.bfloat16
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    memo = _FORWARD.memo  # per forward: the additive masks, made at the first layer
+    memo = _FORWARD.memo  # per forward: masks and indices, made at the first layer
+    if matmul:  # every row's chain queries, one call per key length across the rows
+        if "chains" not in memo:
+            memo["chains"] = _chain_calls(_FORWARD.exact, q, group, key.device)
+        flat_q, flat_out = queries_.view(b * q, kv_heads, group, dim), out.view(b * q, heads, dim)
+        for rows, tokens, bias, out_index, res_index in memo["chains"]:
+            n, length = rows.numel(), bias.shape[-1]
+            items = flat_q[tokens.view(-1)].view(n, -1, kv_heads, group, dim).transpose(1, 2)
+            res = _attend(items.reshape(n, kv_heads, -1, dim),
+                          key[:, :, :length].index_select(0, rows),
+                          value[:, :, :length].index_select(0, rows), bias, scale)
+            res = res.view(n, kv_heads, -1, group, dim).transpose(1, 2).reshape(-1, heads, dim)
+            flat_out[out_index] = res[res_index]
     for r, calls in enumerate(_FORWARD.exact):
         for i, (cols, length, mask, gather) in enumerate(calls):
             g, items = mask.shape[0], queries_[r, cols]  # [g, kv heads, group, dim]
             if gather is None:  # a chain: a view of the row's slots, shared by every item
+                if matmul:
+                    continue  # done above
                 k, v = key[r, :, :length], value[r, :, :length]  # [kv heads, length, dim]
-                if matmul:  # (contiguous copies: oneDNN's matmul is twice as fast on them)
-                    if (r, i) not in memo:
-                        memo[r, i] = additive(mask[:, 0, 0, None].expand(g, group, length)
-                                              .reshape(g * group, length))
-                    res = _attend(items.transpose(0, 1).reshape(kv_heads, g * group, dim),
-                                  k.contiguous(), v.contiguous(), memo[r, i], scale)
-                    out[r, cols] = res.view(kv_heads, g, group, dim).transpose(0, 1) \
-                        .reshape(g, heads, dim)
-                    continue
                 k, v = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)
             else:  # tree nodes: each item's keys gathered in position order, [kv heads * g, ...]
                 k = key[r].index_select(1, gather).view(kv_heads * g, length, dim)
@@ -147,6 +152,37 @@ class ExactMatmul(TorchFunctionMode):
                 rows = [func(bias, x[i:i + 1], *args[2:], **kwargs) for i in range(x.shape[0])]
                 return torch.cat(rows)
         return func(*args, **kwargs)
+
+
+def _chain_calls(plan: list, q: int, group: int, device) -> list:
+    """The chain calls of ``plan`` (every row's), grouped by key length, as batched calls: (rows
+    [n], token indices [n, t] into the forward's b * q tokens (padded with the entry's first),
+    additive mask [n, 1, t * group, length] (padding rows all visible; t * group >= MIN_ROWS), the
+    output token of every real row and its index in the call's [n * t] results)."""
+    by_length: dict[int, list] = {}
+    for r, calls in enumerate(plan):
+        for cols, length, mask, gather in calls:
+            if gather is None:
+                js = list(range(cols.start, cols.stop)) if isinstance(cols, slice) \
+                    else cols.tolist()
+                by_length.setdefault(length, []).append((r, js, mask[:, 0, 0].cpu()))
+    out = []
+    for length, entries in by_length.items():
+        t = max(max(len(js) for _, js, _ in entries), -(-MIN_ROWS // group))
+        tokens = torch.empty(len(entries), t, dtype=torch.long)
+        visible = torch.ones(len(entries), t, length, dtype=torch.bool)
+        out_index, res_index = [], []
+        for i, (r, js, mask) in enumerate(entries):
+            tokens[i] = r * q + js[0]
+            tokens[i, :len(js)] = torch.tensor([r * q + j for j in js])
+            visible[i, :len(js)] = mask
+            out_index += [r * q + j for j in js]
+            res_index += range(i * t, i * t + len(js))
+        bias = additive(visible.repeat_interleave(group, dim=1))[:, None]
+        rows = torch.tensor([r for r, _, _ in entries])
+        out.append(tuple(x.to(device) for x in (rows, tokens, bias, torch.tensor(out_index),
+                                                torch.tensor(res_index))))
+    return out
 
 
 def window_end(position: int) -> int:
