@@ -21,7 +21,7 @@ from specdecode.cli_shared import (
 from specdecode.types import SAMPLING_MODES, SpecDecodeError
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
-                   "eagle,medusa,oracle,hf-pld,hf-assisted")
+                   "eagle,medusa,oracle,hf-generate,hf-pld,hf-assisted")
 # --workload json: every method constrained by each question's schema, plus unconstrained vanilla
 JSON_METHODS = ("vanilla,vanilla:constrained=false,ngram,suffix,draft-model,grammar,"
                 "mix:sources=grammar+suffix,oracle")

@@ -78,10 +78,11 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
     masked. Neither the key length nor the computation for an item (a token's GQA group of heads)
     depends on how many draft nodes or batch rows share the forward: the result for a token is the
     one plain decoding computes for it (Thinking Machines, "Defeating Nondeterminism in LLM
-    Inference", 2025: a fixed reduction order per token). bfloat16 runs ``_matmul_attention`` over
-    all of a row's queries at once; other dtypes run sdpa with each token as its own batch item.
-    One call per row and key length (``exact_plan``), not per token. Masked keys are finite (the
-    cache starts zeroed), so they contribute exact zeros."""
+    Inference", 2025: a fixed reduction order per token). bfloat16 runs ``_attend``: one call per
+    key length for the chain queries of every row, one per row for tree nodes; other dtypes run
+    sdpa per row and key length with each token as its own batch item (``exact_plan``). Never one
+    call per token. Masked keys are finite (the cache starts zeroed), so they contribute exact
+    zeros."""
     b, heads, q, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
