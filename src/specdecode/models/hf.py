@@ -1,4 +1,5 @@
-"""The model adapter over transformers: the only file that touches the HF cache API.
+"""The model adapters over transformers: with ``models/slot_cache.py``, the only code that touches
+the HF cache API.
 
 Two adapters, one invariant: a request's cache holds its committed tokens except the last one (the
 *pending* token), so one step is exactly one forward over ``[pending] + draft`` with a tree mask,

@@ -49,7 +49,7 @@ class LeanForward:
 
     def __init__(self, model) -> None:
         inner, config = model.model, model.config
-        self.model, self.config = model, config
+        self.config = config
         self.pack = can_pack(model)
         if self.pack:
             try:  # float16 packing needs AVX512-FP16 / AVX-NE-CONVERT
@@ -102,8 +102,9 @@ class LeanForward:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def stale(self) -> bool:
-        return any(getattr(module, name) is not p or p._version != version
-                   for (module, name, p), version in zip(self.params, self.versions))
+        """A weight replaced or changed in place since this was built (checked every forward)."""
+        return [p._version for _, _, p in self.params] != self.versions or any(
+            module._parameters.get(name) is not p for module, name, p in self.params)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
