@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 
 from specdecode.models import lean
-from specdecode.models.hf import BatchTarget
+from specdecode.models.hf import BatchTarget, HFModel
 from specdecode.types import Draft
 
 
@@ -80,3 +80,55 @@ def test_other_architectures_keep_their_forward():
     model = tiny_model("llama", seed=0)
     model.model.layers[0].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(32))
     assert not lean.supported(model)
+
+
+def _run_draft(model, seed: int) -> list[torch.Tensor]:
+    """A draft model's calls through ``HFModel``: prefill, one- and many-token extends on a
+    non-empty cache, a tree, new tree nodes, keep and crop."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    draft = HFModel(model)
+    draft.reset()
+    out = [draft.extend([rng.randrange(vocab) for _ in range(9)]),
+           draft.extend([rng.randrange(vocab)], last_only=True),
+           draft.extend([rng.randrange(vocab) for _ in range(4)])]
+    tree = Draft(torch.tensor([rng.randrange(vocab) for _ in range(4)]),
+                 torch.tensor([-1, 0, 0, 1]))
+    out.append(draft.forward_tree(rng.randrange(vocab), tree))
+    draft.keep([0, 1], 4)
+    past = draft.length
+    visible = torch.ones(2, past + 2, dtype=torch.bool)
+    visible[0, -1] = False
+    out.append(draft.forward_nodes([rng.randrange(vocab) for _ in range(2)], [past, past],
+                                   visible))
+    draft.crop(past)
+    out.append(draft.extend([rng.randrange(vocab) for _ in range(3)]))
+    return out + [kv for pair in draft.cached_kv() for kv in pair]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_draft_models_run_it_too(arch, dtype, attn, monkeypatch):
+    model = tiny_model(arch, seed=4, dtype=dtype, vocab=128)
+    model.set_attn_implementation(attn)
+    fast = _run_draft(model, seed=7)
+    assert getattr(model, lean._ATTR, None)  # the lean forward did run
+    monkeypatch.setattr(lean.LeanForward, "build", classmethod(lambda cls, m: None))
+    slow = _run_draft(model, seed=7)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_a_shallow_view_builds_its_own():
+    """Layer-skip's view shares the target's weights (and, copied shallowly, its attributes): it
+    must not run the target's lean forward over all the layers."""
+    from specdecode.drafters.layer_skip import shallow_view
+
+    model = tiny_model("llama", seed=1, dtype=torch.bfloat16, vocab=128)
+    full = lean.LeanForward.build(model)
+    view = shallow_view(model, 1)
+    own = lean.LeanForward.build(view)
+    assert own is not None and own is not full and len(own.layers) == 1
+    assert lean.LeanForward.build(model) is full

@@ -9,6 +9,8 @@ after which ``keep(path)`` leaves the pending token and the accepted path in the
   request, each at its own offset. A step runs every row together; nothing is concatenated or
   copied per step (see ``SlotCache``).
 - ``HFModel``: one request on a growing ``DynamicCache``, with ``crop``; draft models use it.
+
+Both run Llama-family models through ``models/lean.py`` (the same values, less overhead).
 """
 
 from __future__ import annotations
@@ -283,6 +285,21 @@ class HFModel(_Adapter):
                  last_only: bool = False) -> torch.Tensor:
         if self.cache is None:
             self.reset()
+        lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
+        if lean is not None:
+            q = len(ids)
+            sdpa = self.model.config._attn_implementation == "sdpa"  # causal without a mask
+            if mask is None and q > 1 and (self.length or not sdpa):
+                # the model's forward would make this causal mask itself: the new tokens see the
+                # whole cache and each other up to themselves
+                visible = torch.arange(self.length + q)[None, :] <= \
+                    (self.length + torch.arange(q))[:, None]
+                mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(
+                    ~visible, torch.finfo(self.dtype).min)[None, None].to(self.device)
+            logits, _ = lean(torch.tensor([ids], device=self.device),
+                             positions[None].to(self.device), mask, self.cache, last_only)
+            self.length += q
+            return logits[0]
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         out = self.model(input_ids=torch.tensor([ids], device=self.device),
                          position_ids=positions[None].to(self.device), attention_mask=mask,

@@ -28,6 +28,7 @@ from specdecode.models.packed import can_pack
 
 ARCHITECTURES = ("llama", "qwen2")
 _ATTR = "_specdecode_lean_forward"
+_OWNER = "_specdecode_lean_owner"  # the model that the False marker was set for
 
 
 def _weights(model) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
@@ -76,6 +77,7 @@ class LeanForward:
             self.head = self._linear(model.lm_head.weight)
         module = sys.modules[type(inner.layers[0].self_attn).__module__]
         self.eager = module.eager_attention_forward
+        self.owner = id(model)  # a shallow copy of the model (layer-skip's view) builds its own
         self.params = _weights(model)  # (module, name, tensor): replaced or changed in place?
         self.versions = [p._version for _, _, p in self.params]
 
@@ -140,12 +142,13 @@ class LeanForward:
         """The model's lean forward (made on first use, kept on the model, remade when its
         weights change), or None where the model is not one it reproduces."""
         current = getattr(model, _ATTR, None)
-        if current is False:  # checked before: not a model this reproduces
+        if current is False and getattr(model, _OWNER, None) == id(model):  # checked before
             return None
-        if current is not None and not current.stale():
+        if current and current.owner == id(model) and not current.stale():
             return current
         if not supported(model):
             setattr(model, _ATTR, False)
+            setattr(model, _OWNER, id(model))
             return None
         current = cls(model)
         setattr(model, _ATTR, current)
