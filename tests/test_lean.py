@@ -132,3 +132,57 @@ def test_a_shallow_view_builds_its_own():
     own = lean.LeanForward.build(view)
     assert own is not None and own is not full and len(own.layers) == 1
     assert lean.LeanForward.build(model) is full
+
+
+def _prefill_many(model, runs, last_only, together: bool):
+    target = BatchTarget(model, exact=True)
+    rows = [target.add_row(len(run) + 8) for run in runs]
+    target.prefill(rows[0], runs[0][:3])  # a row that already holds tokens
+    runs = [runs[0][3:]] + runs[1:]
+    if together:
+        logits = target.prefill_rows(rows, runs, last_only, hidden=True)
+        hidden = target.hidden
+    else:
+        logits, hidden = [], []
+        for row, run, last in zip(rows, runs, last_only):
+            logits.append(target.prefill(row, run, last, hidden=True))
+            hidden.append(target.hidden)
+    cached = [kv for row in rows for pair in target.cached_kv(row) for kv in pair]
+    step = target.step([1] * len(rows), [Draft.empty()] * len(rows))
+    return logits + hidden + cached + step, list(target.lengths)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_joining_rows_prefill_together_exactly_as_alone(arch, attn):
+    """Requests that join together are prefilled in one forward (bf16: oneDNN's packed matmuls,
+    whose rows do not depend on how many share the call); every row's logits, features and cache
+    are bitwise its prefill alone."""
+    model = tiny_model(arch, seed=3, dtype=torch.bfloat16, vocab=128)
+    model.set_attn_implementation(attn)
+    assert lean.LeanForward.build(model).pack
+    rng = random.Random(arch + attn)
+    for _ in range(4):
+        runs = [[rng.randrange(128) for _ in range(rng.choice([4, 9, 33, 70]))]
+                for _ in range(rng.randint(2, 5))]
+        last_only = [rng.random() < 0.7 for _ in runs]
+        alone, lengths = _prefill_many(model, runs, last_only, together=False)
+        together, lengths2 = _prefill_many(model, runs, last_only, together=True)
+        assert lengths == lengths2 and len(alone) == len(together)
+        for a, b in zip(alone, together):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_prefill_together_is_one_forward_and_fp32_stays_per_row(monkeypatch):
+    calls = []
+    original = lean.LeanForward.__call__
+    monkeypatch.setattr(lean.LeanForward, "__call__",
+                        lambda self, *a, **k: calls.append(a[0].shape) or original(self, *a, **k))
+    runs = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    for dtype, forwards in ((torch.bfloat16, 1), (torch.float32, 3)):
+        calls.clear()
+        target = BatchTarget(tiny_model("llama", seed=3, dtype=dtype, vocab=128))
+        rows = [target.add_row(16) for _ in runs]
+        out = target.prefill_rows(rows, runs, [True, False, True])
+        assert len(calls) == forwards and [o.shape[0] for o in out] == [1, 2, 1]
+        assert target.lengths == [4, 2, 3]

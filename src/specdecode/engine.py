@@ -115,20 +115,26 @@ class Batch:
             self.target.reserve(len(self.seqs) + len(joining),
                                 max(self._need(s) for s in joining))
 
-    def add(self, seq: Sequence) -> None:
-        tokens = seq.tokens
-        seq.row = self.target.add_row(self._need(seq))
-        self.seqs.append(seq)
+    def add(self, *seqs: Sequence) -> None:
+        """Prefill ``seqs`` (in one forward where the target can) and give each its row."""
+        for seq in seqs:
+            seq.row = self.target.add_row(self._need(seq))
+            self.seqs.append(seq)
         start = time.perf_counter()
-        if len(tokens) > 1:
-            logits = self.target.prefill(seq.row, tokens[:-1], last_only=not seq.feedback_topk,
-                                         hidden=seq.feedback_hidden)
-            if seq.feedback_hidden:
-                seq.hidden.append(self.target.hidden)
-            if seq.feedback_topk:
-                seq.prefill_topk = logits.topk(min(seq.feedback_topk, logits.size(-1)),
-                                               dim=-1).indices
-        seq.stats.prefill_s = time.perf_counter() - start
+        todo = [seq for seq in seqs if len(seq.tokens) > 1]
+        hidden = any(seq.feedback_hidden for seq in todo)
+        if todo:
+            all_logits = self.target.prefill_rows([s.row for s in todo],
+                                                  [s.tokens[:-1] for s in todo],
+                                                  [not s.feedback_topk for s in todo], hidden)
+            for i, (seq, logits) in enumerate(zip(todo, all_logits)):
+                if seq.feedback_hidden:
+                    seq.hidden.append(self.target.hidden[i])
+                if seq.feedback_topk:
+                    seq.prefill_topk = logits.topk(min(seq.feedback_topk, logits.size(-1)),
+                                                   dim=-1).indices
+        for seq in seqs:  # a request waits for the prefill it joined with
+            seq.stats.prefill_s = time.perf_counter() - start
 
     def remove(self, seq: Sequence) -> None:
         """Free ``seq``'s row now and tell its drafter the request ended."""

@@ -37,7 +37,7 @@ class Scheduler:
 
     ``add_request(prompt, **options)`` takes ``generate``'s options (drafter, sampling, policy...),
     checks them at once (``SpecDecodeError``) and queues the request; ``step()`` admits queued
-    requests while there is room (prefilling each), runs one verification step for every running
+    requests while there is room (prefilled together), runs one verification step for every running
     request and returns their events; a finished request leaves at once (its cache row is freed
     and the next queued request can take it); ``abort(id)`` ends one early. ``defaults`` are
     options applied to every request unless it overrides them."""
@@ -88,14 +88,16 @@ class Scheduler:
         events: list[RequestEvent] = []
         room = self.max_batch_size - len(self.batch)
         self.batch.reserve([seq for _, seq in itertools.islice(self.waiting, max(0, room))])
-        while self.waiting and len(self.batch) < self.max_batch_size:
+        joining = []
+        while self.waiting and len(self.batch) + len(joining) < self.max_batch_size:
             rid, seq = self.waiting.popleft()
             seq.start = time.perf_counter()  # latency counts from admission; queueing is separate
             if seq.max_new_tokens == 0:
                 self.reasons[rid] = "length"
                 events.append(RequestEvent(rid, [], StepStats(), True, "length"))
                 continue
-            self.batch.add(seq)
+            joining.append(seq)
+        self.batch.add(*joining)  # prefilled together
         if not len(self.batch):
             return events
         for seq, event in self.batch.step():

@@ -55,6 +55,7 @@ def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
 # engine next to the caller's own decoding) never see each other's plan.
 ROWS_ATTENTION = "specdecode_rows"
 EXACT_ATTENTION = "specdecode_exact"
+SEGMENTS_ATTENTION = "specdecode_segments"
 _FORWARD = threading.local()
 CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
 
@@ -80,27 +81,60 @@ def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
 AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
 
 
+def _segments_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """Prefills of several rows in one forward (``_FORWARD.segments``: row, cached length, offset
+    of its tokens in the forward, their count). Each row's queries attend over its own slots
+    exactly as its prefill alone would: plain causal sdpa on an empty row (``_FORWARD.causal``: the
+    model's attention is sdpa), else the model's attention with the additive mask
+    ``BatchTarget.prefill`` gives; ``key`` / ``value`` are the
+    whole cache buffers."""
+    outs = []
+    for row, past, offset, q in _FORWARD.segments:
+        part = query[:, :, offset:offset + q]
+        keys, values = key[row:row + 1, :, :past + q], value[row:row + 1, :, :past + q]
+        if past == 0 and q > 1 and _FORWARD.causal:
+            out, _ = sdpa_attention_forward(module, part, keys, values, None, *args,
+                                            is_causal=True, **kwargs)
+        else:
+            if ("mask", past, q) not in _FORWARD.memo:
+                visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
+                mask = torch.zeros(visible.shape, dtype=query.dtype)
+                _FORWARD.memo["mask", past, q] = mask.masked_fill_(
+                    ~visible, torch.finfo(query.dtype).min)[None, None].to(query.device)
+            out, _ = _FORWARD.inner(module, part, keys, values, _FORWARD.memo["mask", past, q],
+                                    *args, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, 1), None
+
+
+AttentionInterface.register(SEGMENTS_ATTENTION, _segments_attention)
+
+
 @contextmanager
 def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bool,
-                   exact: list | None = None):
+                   exact: list | None = None, segments: list | None = None, inner=None):
     """For one forward of a model whose attention is sdpa: run it per row group (``chunks``, when
-    there are several), plainly causal (``causal``, a fresh row's prefill) or per token
-    (``exact``: the plan ``_exact_attention`` reads). The model's config is switched only inside
-    the block and restored after: the user's model is left as it was."""
+    there are several), plainly causal (``causal``, a fresh row's prefill), per token (``exact``:
+    the plan ``_exact_attention`` reads) or per row prefill (``segments``, with ``inner`` the
+    model's own attention function). The model's config is switched only inside the block and
+    restored after: the user's model is left as it was."""
     original = config._attn_implementation_internal
-    switch = exact is not None or (
+    switch = exact is not None or segments is not None or (
         (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa")
     if not switch:
         yield
         return
     _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = chunks or [], causal, exact
+    _FORWARD.segments, _FORWARD.inner = segments, inner
     _FORWARD.memo = {}  # what the exact attention computes once per forward
-    config._attn_implementation_internal = EXACT_ATTENTION if exact is not None else ROWS_ATTENTION
+    config._attn_implementation_internal = SEGMENTS_ATTENTION if segments is not None else \
+        EXACT_ATTENTION if exact is not None else ROWS_ATTENTION
     try:
         yield
     finally:
         config._attn_implementation_internal = original
         _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = [], False, None
+        _FORWARD.segments, _FORWARD.inner = None, None
 
 
 def plan_chunks(need: list[int], overhead: int = CHUNK_OVERHEAD_SLOTS) -> list[tuple[int, int, int]]:

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
 from specdecode.models.exact import (
@@ -55,6 +56,9 @@ class TargetModel(Protocol):
 
     def prefill(self, row: int, ids: list[int], last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor: ...
+
+    def prefill_rows(self, rows: list[int], ids: list[list[int]], last_only: list[bool],
+                     hidden: bool = False) -> list[torch.Tensor]: ...
 
     def step(self, roots: list[int], drafts: list[Draft], hidden: bool = False
              ) -> list[torch.Tensor]: ...
@@ -197,6 +201,51 @@ class BatchTarget(_Adapter):
             self.hidden = self.hidden[0]
         self.lengths[row] = past + q
         return logits[0]
+
+    def prefill_rows(self, rows: list[int], ids: list[list[int]], last_only: list[bool],
+                     hidden: bool = False) -> list[torch.Tensor]:
+        """``prefill`` of several rows (requests joining together), in one forward where that
+        gives each row exactly its own prefill's values: the lean forward on oneDNN's packed
+        half-precision matmuls, whose result for a token does not depend on how many tokens
+        share the call (measured: tests/test_lean.py). Each row's attention runs alone, as in
+        its own prefill. Else one prefill per row. With ``hidden``, ``self.hidden`` is then a list
+        of each row's features."""
+        lean = LeanForward.build(self.model)
+        if len(rows) < 2 or lean is None or not lean.pack:
+            out, features = [], []
+            for row, run, last in zip(rows, ids, last_only):
+                out.append(self.prefill(row, run, last, hidden))
+                features.append(self.hidden)
+            self.hidden = features if hidden else None
+            return out
+        segments, offset, select = [], 0, []
+        for row, run, last in zip(rows, ids, last_only):
+            segments.append((row, self.lengths[row], offset, len(run)))
+            select.extend([offset + len(run) - 1] if last else range(offset, offset + len(run)))
+            offset += len(run)
+        self.cache.reserve(len(self.lengths), max(p + q for _, p, _, q in segments))
+        positions = torch.cat([torch.arange(p, p + q) for _, p, _, q in segments])
+        config = self.model.config
+        inner = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, lean.eager)
+        self.cache.segments = segments
+        try:
+            sdpa = config._attn_implementation == "sdpa"  # empty rows then plainly causal
+            with torch.inference_mode(), rows_attention(config, None, sdpa,
+                                                        segments=segments, inner=inner):
+                logits, states = lean(torch.tensor([sum(ids, [])], device=self.device),
+                                      positions[None].to(self.device), None, self.cache,
+                                      select=torch.tensor(select, device=self.device),
+                                      hidden=hidden)
+        finally:
+            self.cache.segments = None
+        out, first = [], 0
+        for (row, past, _, q), last in zip(segments, last_only):
+            n = 1 if last else q
+            out.append(logits[0, first:first + n])
+            first += n
+            self.lengths[row] = past + q
+        self.hidden = [states[0, o:o + q] for _, _, o, q in segments] if hidden else None
+        return out
 
     def step(self, roots: list[int], drafts: list[Draft], hidden: bool = False
              ) -> list[torch.Tensor]:

@@ -110,8 +110,9 @@ class LeanForward:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
-                 last_only: bool = False, hidden: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 last_only: bool = False, hidden: bool = False,
+                 select: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``select``: logits [1, n, V] of only these tokens (indices into the b * q)."""
         b, q = ids.shape
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
@@ -133,6 +134,9 @@ class LeanForward:
             gate, up = h.chunk(2, dim=-1)
             flat = flat + self._mm(act(gate) * up, down)
         states = _rms_norm(self.norm, flat).view(b, q, -1)
+        if select is not None:
+            picked = states.view(b * q, -1).index_select(0, select)
+            return self._mm(picked, self.head)[None].float(), states if hidden else None
         logits = self._mm((states[:, -1:] if last_only else states).reshape(-1, flat.shape[-1]),
                           self.head).view(b, 1 if last_only else q, -1)
         return logits.float(), states if hidden else None

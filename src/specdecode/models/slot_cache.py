@@ -10,8 +10,9 @@ class SlotCache:
     layers make (``update`` and ``get_seq_length``). Layout per layer: [rows, kv heads, capacity,
     head dim]; row r holds its tokens at slots 0..length_r - 1. Before each forward the owner sets
     ``rows`` (the batch rows this forward covers, a slice: a view, never a copy), where each row's
-    new entries go (``start`` for a single row's contiguous run, else ``index`` [b, q] slots), and
-    ``kv_len``, the prefix of slots the attention reads (the mask hides what a row must not see).
+    new entries go (``start`` for a single row's contiguous run, else ``index`` [b, q] slots, or
+    ``segments`` for several rows' prefills in one forward), and ``kv_len``, the prefix of slots
+    the attention reads (the mask hides what a row must not see).
     Buffers start zeroed so that masked slots never hold NaN/inf (0 x NaN would leak through)."""
 
     def __init__(self, num_layers: int, device, dtype) -> None:
@@ -23,6 +24,8 @@ class SlotCache:
         self.start: int | None = 0
         self.index: torch.Tensor | None = None
         self.kv_len = 0
+        # or several rows' runs in one forward: (row, first slot, offset in the forward, count)
+        self.segments: list[tuple[int, int, int, int]] | None = None
 
     @torch.inference_mode()
     def reserve(self, rows: int, length: int) -> None:
@@ -53,6 +56,12 @@ class SlotCache:
             self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
             self.values[layer_idx] = torch.zeros(shape, dtype=value_states.dtype,
                                                  device=self.device)
+        if self.segments is not None:  # several rows' prefills: each run to its row's slots
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+            for row, past, offset, q in self.segments:
+                keys[row, :, past:past + q] = key_states[0, :, offset:offset + q]
+                values[row, :, past:past + q] = value_states[0, :, offset:offset + q]
+            return keys, values
         keys = self.keys[layer_idx][self.rows]
         values = self.values[layer_idx][self.rows]
         if self.index is None:
