@@ -1,15 +1,19 @@
-"""specdecode's engine beside vLLM, with and without speculation, on the demo target.
+"""specdecode's engine beside vLLM, with and without speculation, on one target.
 
     python -m specdecode.integrations.vllm_bench --out docs/benchmarks/vllm-cpu
+    python -m specdecode.integrations.vllm_bench --target smollm2-135m --dtype bfloat16 \
+        --systems vanilla,suffix,vllm,vllm-ngram --out docs/benchmarks/smollm2-vllm-flight-cpu
 
 Run in an environment with the ``vllm`` extra. The quick benchmark's 26 Spec-Bench first turns
 (chat template), greedy, ``--max-tokens`` new tokens, 5 draft tokens for every drafter; each
-system at batch 1 (one request at a time) and with every request in flight. Rows: vLLM without
-speculation, vLLM's own ngram, vLLM with specdecode's proposers
-(``specdecode.integrations.vllm``), and specdecode's own engine with the same drafters. Every
-output is compared with specdecode's vanilla. Each vLLM configuration gets a fresh engine (so
-SuffixDecoding's cross-request tree starts empty in every cell, as our engine's does with a fresh
-store); cells run one after another, not interleaved."""
+system at batch 1 (one request at a time) and with every request in flight. Rows (``--systems``,
+default all): vLLM without speculation (``vllm``), vLLM's own ngram (``vllm-ngram``), vLLM with
+specdecode's proposers (``vllm-ngram-ours``, ``vllm-suffix-ours``, ``vllm-sam-ours``:
+``specdecode.integrations.vllm``), and specdecode's own engine (``vanilla``, ``ngram``,
+``suffix``, ``sam``), in the target's ``--dtype`` (ours with the exact forward where that is the
+default: half precision). Every output is compared with specdecode's vanilla. Each vLLM
+configuration gets a fresh engine (so SuffixDecoding's cross-request tree starts empty in every
+cell, as our engine's does with a fresh store); cells run one after another, not interleaved."""
 
 from __future__ import annotations
 
@@ -19,35 +23,48 @@ import json
 import time
 from pathlib import Path
 
-VLLM_ROWS = [("vllm", None), ("vllm-ngram", {"method": "ngram", "num_speculative_tokens": 5,
-                                              "prompt_lookup_max": 3, "prompt_lookup_min": 1}),
-             ("vllm + specdecode ngram", "NgramProposer"),
-             ("vllm + specdecode suffix", "SuffixProposer"),
-             ("vllm + specdecode sam", "SamProposer")]
-OUR_ROWS = [("specdecode vanilla", "none"), ("specdecode ngram", "ngram"),
-            ("specdecode suffix", "suffix"), ("specdecode sam", "sam")]
+VLLM_ROWS = {"vllm": ("vllm", None),
+             "vllm-ngram": ("vllm-ngram", {"method": "ngram", "num_speculative_tokens": 5,
+                                           "prompt_lookup_max": 3, "prompt_lookup_min": 1}),
+             "vllm-ngram-ours": ("vllm + specdecode ngram", "NgramProposer"),
+             "vllm-suffix-ours": ("vllm + specdecode suffix", "SuffixProposer"),
+             "vllm-sam-ours": ("vllm + specdecode sam", "SamProposer")}
+OUR_ROWS = {"vanilla": ("specdecode vanilla", "none"), "ngram": ("specdecode ngram", "ngram"),
+            "suffix": ("specdecode suffix", "suffix"), "sam": ("specdecode sam", "sam")}
 
 
-def _prompts() -> list[list[int]]:
+def _paths(target: str | None) -> tuple[str, str]:
+    """(model directory, tokenizer directory) of ``--target`` (default: the demo pair's)."""
+    if target is None:
+        from specdecode.demo import demo_dir
+
+        d = demo_dir()
+        return str(d / "target"), str(d / "tokenizer")
+    from specdecode.models.sources import resolve_source
+
+    path = str(resolve_source(target, what="target model"))
+    return path, path
+
+
+def _prompts(tokenizer_path: str) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
     from specdecode.bench.questions import load_questions
     from specdecode.chat import chat_prompt
-    from specdecode.demo import load_demo
 
-    tokenizer = load_demo().tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])
             for q in load_questions(limit_per_category=2)]
 
 
-def _vllm_cell(spec, prompts: list[list[int]], max_tokens: int, all_in_flight: bool):
+def _vllm_cell(spec, prompts: list[list[int]], max_tokens: int, all_in_flight: bool,
+               paths: tuple[str, str], dtype: str):
     import vllm
-
-    from specdecode.demo import demo_dir
 
     if isinstance(spec, str):
         spec = {"method": "custom_class", "model": f"specdecode.integrations.vllm.{spec}",
                 "num_speculative_tokens": 5}
-    d = demo_dir()
-    llm = vllm.LLM(model=str(d / "target"), tokenizer=str(d / "tokenizer"), dtype="float32",
+    llm = vllm.LLM(model=paths[0], tokenizer=paths[1], dtype=dtype,
                    enforce_eager=True, kv_cache_memory_bytes=1 << 30, max_model_len=2048,
                    max_num_seqs=max(32, len(prompts)), seed=0, speculative_config=spec)
     params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=False)
@@ -65,12 +82,11 @@ def _vllm_cell(spec, prompts: list[list[int]], max_tokens: int, all_in_flight: b
     return tokens, wall
 
 
-def _our_cell(drafter: str, prompts: list[list[int]], max_tokens: int, all_in_flight: bool):
+def _our_cell(drafter: str, prompts: list[list[int]], max_tokens: int, all_in_flight: bool,
+              target):
     import specdecode as sd
-    from specdecode.demo import load_demo
     from specdecode.drafters.suffix_tree import SuffixStore
 
-    target = load_demo().target
     options = {} if drafter == "none" else {"num_draft_tokens": 5}
     if drafter == "suffix":
         options["store"] = SuffixStore()  # a fresh cross-request tree in every cell
@@ -87,23 +103,38 @@ def _our_cell(drafter: str, prompts: list[list[int]], max_tokens: int, all_in_fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--target", default=None,
+                        help="model directory, .gguf file or preset (default: the demo target)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--systems", default=",".join([*OUR_ROWS, *VLLM_ROWS]),
+                        help="comma-separated rows: " + ", ".join([*OUR_ROWS, *VLLM_ROWS]))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    unknown = [x for x in systems if x not in OUR_ROWS and x not in VLLM_ROWS]
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {[*OUR_ROWS, *VLLM_ROWS]}")
     import torch
 
-    prompts = _prompts()
-    reference, _ = _our_cell("none", prompts, args.max_tokens, False)
+    from specdecode.models.sources import load_causal_lm
+
+    paths = _paths(args.target)
+    target = load_causal_lm(paths[0], what="target model", dtype=args.dtype)
+    prompts = _prompts(paths[1])
+    reference, _ = _our_cell("none", prompts, args.max_tokens, False, target)
     rows = []
     for mode in (False, True):
-        for name, drafter in OUR_ROWS:
-            tokens, wall = _our_cell(drafter, prompts, args.max_tokens, mode)
+        for key in systems:
+            name, spec = OUR_ROWS.get(key) or VLLM_ROWS[key]
+            if key in OUR_ROWS:
+                tokens, wall = _our_cell(spec, prompts, args.max_tokens, mode, target)
+            else:
+                tokens, wall = _vllm_cell(spec, prompts, args.max_tokens, mode, paths,
+                                          args.dtype)
             rows.append((name, mode, tokens, wall))
             print(name, mode, round(wall, 2), flush=True)
-        for name, spec in VLLM_ROWS:
-            tokens, wall = _vllm_cell(spec, prompts, args.max_tokens, mode)
-            rows.append((name, mode, tokens, wall))
-            print(name, mode, round(wall, 2), flush=True)
-    table = _table(rows, reference, len(prompts), args.max_tokens, torch.get_num_threads())
+    what = f"{args.target or 'demo target'} {args.dtype}"
+    table = _table(rows, reference, len(prompts), args.max_tokens, torch.get_num_threads(), what)
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -114,8 +145,8 @@ def main() -> None:
             indent=2))
 
 
-def _table(rows, reference, n: int, max_tokens: int, threads: int) -> str:
-    lines = [f"{n} quick-benchmark first turns, greedy, {max_tokens} new tokens, demo target fp32, "
+def _table(rows, reference, n: int, max_tokens: int, threads: int, what: str) -> str:
+    lines = [f"{n} quick-benchmark first turns, greedy, {max_tokens} new tokens, {what}, "
              f"{threads} torch threads in the driver (`python -m specdecode.integrations."
              f"vllm_bench`)", "",
              "| system | batch | tokens/s | vs own vanilla | identical to specdecode vanilla |",
