@@ -98,11 +98,14 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
             memo["chains"] = _chain_calls(_FORWARD.exact, q, group, key.device)
         flat_q, flat_out = queries_.view(b * q, kv_heads, group, dim), out.view(b * q, heads, dim)
         for rows, tokens, bias, out_index, res_index in memo["chains"]:
-            n, length = rows.numel(), bias.shape[-1]
+            n, length = bias.shape[0], bias.shape[-1]
             items = flat_q[tokens.view(-1)].view(n, -1, kv_heads, group, dim).transpose(1, 2)
-            res = _attend(items.reshape(n, kv_heads, -1, dim),
-                          key[:, :, :length].index_select(0, rows),
-                          value[:, :, :length].index_select(0, rows), bias, scale)
+            if isinstance(rows, slice):  # consecutive rows (one row, every row): a view
+                keys, values = key[rows, :, :length], value[rows, :, :length]
+            else:
+                keys = key[:, :, :length].index_select(0, rows)
+                values = value[:, :, :length].index_select(0, rows)
+            res = _attend(items.reshape(n, kv_heads, -1, dim), keys, values, bias, scale)
             res = res.view(n, kv_heads, -1, group, dim).transpose(1, 2).reshape(-1, heads, dim)
             flat_out[out_index] = res[res_index]
     for r, calls in enumerate(_FORWARD.exact):
@@ -157,9 +160,10 @@ class ExactMatmul(TorchFunctionMode):
 
 def _chain_calls(plan: list, q: int, group: int, device) -> list:
     """The chain calls of ``plan`` (every row's), grouped by key length, as batched calls: (rows
-    [n], token indices [n, t] into the forward's b * q tokens (padded with the entry's first),
-    additive mask [n, 1, t * group, length] (padding rows all visible; t * group >= MIN_ROWS), the
-    output token of every real row and its index in the call's [n * t] results)."""
+    [n] (a slice where consecutive), token indices [n, t] into the forward's b * q tokens (padded
+    with the entry's first), additive mask [n, 1, t * group, length] (padding rows all visible;
+    t * group >= MIN_ROWS), the output token of every real row and its index in the call's [n * t]
+    results)."""
     by_length: dict[int, list] = {}
     for r, calls in enumerate(plan):
         for cols, length, mask, gather in calls:
@@ -180,9 +184,11 @@ def _chain_calls(plan: list, q: int, group: int, device) -> list:
             out_index += [r * q + j for j in js]
             res_index += range(i * t, i * t + len(js))
         bias = additive(visible.repeat_interleave(group, dim=1))[:, None]
-        rows = torch.tensor([r for r, _, _ in entries])
-        out.append(tuple(x.to(device) for x in (rows, tokens, bias, torch.tensor(out_index),
-                                                torch.tensor(res_index))))
+        rows = [r for r, _, _ in entries]
+        rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
+            else torch.tensor(rows, device=device)
+        out.append((rows, *(x.to(device) for x in (tokens, bias, torch.tensor(out_index),
+                                                   torch.tensor(res_index)))))
     return out
 
 
