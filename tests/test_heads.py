@@ -153,6 +153,35 @@ def test_a_second_stage_starts_from_the_saved_head(tmp_path):
                    HeadConfig(**{**still.__dict__, "kind": "eagle"}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_medusa_heads_train_blocks_only_and_draft_losslessly(tmp_path, dtype):
+    """``--tied-heads``: the heads read out through the target's LM head (over the loss
+    vocabulary while training); only the blocks are trained and saved; loaded against the target
+    they are tied to it again and draft losslessly."""
+    target = tiny_model("llama", seed=2, dtype=dtype)
+    data = _data(target)
+    cfg = HeadConfig(kind="medusa", steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup=2,
+                     eval_batches=2, medusa_tied=True, loss_vocab=64, draft_vocab=48)
+    untrained = train_head(copy.deepcopy(target), data, data, tmp_path / "zero",
+                           HeadConfig(**{**cfg.__dict__, "steps": 1}))
+    full = train_head(copy.deepcopy(target), data, data, tmp_path / "full", cfg)
+    assert full["val_loss"] < untrained["val_loss"] - 0.05
+    assert full["parameters"] == 3 * (32 * 32 + 32)  # the blocks alone
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "full" / "head" / "head.safetensors"))
+    assert sorted(saved) == sorted(f"blocks.{i}.{n}" for i in range(3) for n in ("weight", "bias"))
+    head, config = load_head(tmp_path / "full" / "head", "medusa", target)
+    assert config["tied"] and head.shared is not None
+    assert head.shared.data_ptr() == target.get_output_embeddings().weight.data_ptr()
+    for i, prompt in enumerate(make_prompts(4, seed=3)):
+        out = sd.generate(target, prompt, drafter="medusa", head=str(tmp_path / "full" / "head"),
+                          max_new_tokens=20, eos_token_id=[])
+        assert out.token_ids == vanilla(target, prompt, 20), i
+    with pytest.raises(SpecDecodeError, match="need the target's LM head"):
+        MedusaHeads(32, 96, 2, tied=True).readout_weights()
+
+
 def test_static_tree_is_best_first_and_closed_under_prefixes():
     accuracy = [[0.5, 0.2, 0.1], [0.4, 0.1, 0.05], [0.3, 0.1, 0.0]]
     tree = static_tree(accuracy, 12)

@@ -60,11 +60,12 @@ class MedusaDrafter:
                  vocab: torch.Tensor | None = None) -> None:
         if max_nodes < 1:
             raise SpecDecodeError("max_nodes must be >= 1")
-        if not tree or any(not p or len(p) > len(heads.lm_heads) for p in tree):
+        if not tree or any(not p or len(p) > len(heads.blocks) for p in tree):
             raise SpecDecodeError("the Medusa tree needs paths of 1 to num_heads ranks")
         self.heads, self.tree, self.max_nodes = heads, tree, max_nodes
-        self.readout = DraftVocab(heads.lm_heads[0].weight, vocab)
-        self.weights = [self.readout.trim(h.weight) for h in heads.lm_heads]
+        weights = heads.readout_weights()
+        self.readout = DraftVocab(weights[0], vocab)
+        self.weights = [self.readout.trim(w) for w in weights]
         self.last: torch.Tensor | None = None  # feature of the token before the pending one
 
     @torch.inference_mode()
@@ -118,6 +119,6 @@ def build_medusa(build: BuildContext, head=None, max_nodes: int = 16,
                  draft_vocab: int | None = None) -> MedusaDrafter:
     module, config = resolve_head("medusa", head, build.target.model,
                                   build.host.get(HEADS_KEY, dict))
-    tree = config.get("tree") or prior_tree(len(module.lm_heads), 64)
+    tree = config.get("tree") or prior_tree(len(module.blocks), 64)
     vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
     return MedusaDrafter(module, tree, max_nodes, vocab)

@@ -91,15 +91,22 @@ class EagleHead(nn.Module):
 
 class MedusaHeads(nn.Module):
     """K Medusa-1 heads: ``forward(features [..., H])`` -> logits [K, ..., V]; head d predicts
-    the token d + 1 places after the one the target's own head predicts."""
+    the token d + 1 places after the one the target's own head predicts. With ``tied``, every head
+    reads out through the target's own LM head (``tie``; frozen, never saved): only the residual
+    blocks are trained and stored, a few MB where K vocabulary-sized matrices would be hundreds
+    (a large vocabulary's read-out is most of an untied head)."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int,
+                 tied: bool = False) -> None:
         super().__init__()
         self.config = {"kind": "medusa", "hidden_size": hidden_size, "vocab_size": vocab_size,
-                       "num_heads": num_heads}
+                       "num_heads": num_heads, **({"tied": True} if tied else {})}
         self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
-        self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False)
-                                      for _ in range(num_heads))
+        self.tied = tied
+        self.shared: torch.Tensor | None = None  # tied: the target's LM head weight
+        if not tied:
+            self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False)
+                                          for _ in range(num_heads))
         for block in self.blocks:  # a block starts as the identity (Medusa's zero init)
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
@@ -110,9 +117,27 @@ class MedusaHeads(nn.Module):
             for head in self.lm_heads:
                 head.weight.copy_(lm_head.weight)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([head(features + nn.functional.silu(block(features)))
-                            for block, head in zip(self.blocks, self.lm_heads)])
+    def tie(self, lm_head: nn.Module) -> None:
+        """Tied heads: read out through ``lm_head`` (the target's; a plain tensor here, so it is
+        neither trained nor saved)."""
+        self.shared = lm_head.weight.detach()
+
+    def readout_weights(self) -> list[torch.Tensor]:
+        """Each head's read-out matrix [V, H]."""
+        if self.tied:
+            if self.shared is None:
+                raise SpecDecodeError("tied Medusa heads need the target's LM head (tie())")
+            return [self.shared] * len(self.blocks)
+        return [head.weight for head in self.lm_heads]
+
+    def forward(self, features: torch.Tensor, weights: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """``weights``: read-out matrices to use instead of ``readout_weights()`` (e.g. rows for
+        a subset of the vocabulary)."""
+        weights = self.readout_weights() if weights is None else weights
+        return torch.stack([nn.functional.linear(features + nn.functional.silu(block(features)),
+                                                 weight.to(features.dtype))
+                            for block, weight in zip(self.blocks, weights)])
 
 
 def head_target_info(target_model) -> dict:
@@ -171,6 +196,8 @@ def load_head(directory: Path | str, kind: str, target_model) -> tuple[nn.Module
                               f"{config.get('target')}; this target has {wanted}")
     head = build_head(config)
     head.load_state_dict({k: v.float() for k, v in load_file(str(directory / HEAD_FILE)).items()})
+    if getattr(head, "tied", False):
+        head.tie(target_model.get_output_embeddings())
     return head.eval(), config
 
 
@@ -178,4 +205,5 @@ def build_head(config: dict) -> nn.Module:
     if config["kind"] == "eagle":
         return EagleHead(config["hidden_size"], config["num_heads"], config["intermediate_size"],
                          config.get("rope_theta", 10000.0), config.get("eps", 1e-6))
-    return MedusaHeads(config["hidden_size"], config["vocab_size"], config["num_heads"])
+    return MedusaHeads(config["hidden_size"], config["vocab_size"], config["num_heads"],
+                       bool(config.get("tied", False)))

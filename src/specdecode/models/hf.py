@@ -8,21 +8,29 @@ after which ``keep(path)`` leaves the pending token and the accepted path in the
 - ``BatchTarget`` (the engine's target): a preallocated cache of many rows, one per running
   request, each at its own offset. A step runs every row together; nothing is concatenated or
   copied per step (see ``SlotCache``).
-- ``HFModel``: one request on a growing ``DynamicCache``, with ``crop``; draft models use it.
+- ``HFModel`` (in ``models/adapter.py``, re-exported here): one request on a growing
+  ``DynamicCache``, with ``crop``; draft models use it.
 
 Both run Llama-family models through ``models/lean.py`` (the same values, less overhead).
 """
 
 from __future__ import annotations
 
-import inspect
 from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention, tree_mask
+from specdecode.models.adapter import (  # noqa: F401 - re-exported
+    HFModel,
+    _Adapter,
+    cache_arg,
+    check_model,
+    context_length,
+    fresh_cache,
+)
+from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention
 from specdecode.models.exact import (
     MIN_ROWS,
     ExactMatmul,
@@ -34,7 +42,9 @@ from specdecode.models.lean import LeanForward
 from specdecode.models.packed import packed_linears
 from specdecode.models.slot_cache import SlotCache
 from specdecode.models.sources import load_causal_lm  # noqa: F401 - re-exported
-from specdecode.types import Draft, SpecDecodeError
+from specdecode.types import Draft
+
+PREFILL_TOKENS = 4096  # tokens of joining requests prefilled in one forward, at most
 
 
 class TargetModel(Protocol):
@@ -64,54 +74,6 @@ class TargetModel(Protocol):
              ) -> list[torch.Tensor]: ...
 
     def keep(self, row: int, path: list[int]) -> None: ...
-
-
-def cache_arg(model) -> str:
-    """How ``model.forward`` names its KV cache (5.25 renamed ``past_key_values``; it warns)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def fresh_cache(model) -> dict:
-    """A new ``DynamicCache`` for ``model``, as keywords (decoding loops outside the engine)."""
-    from transformers import DynamicCache
-
-    return {cache_arg(model): DynamicCache()}
-
-
-def context_length(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_model(model) -> None:
-    """Refuse the models whose cache cannot follow a tree path; make sure masks are honoured."""
-    config = model.config
-    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
-        raise SpecDecodeError("models with sliding-window attention layers are not supported "
-                              "yet (their cache cannot be trimmed to a tree path)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise SpecDecodeError("encoder-decoder models are not supported; give a causal LM")
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in (None, "sdpa", "eager"):
-        model.set_attn_implementation("sdpa")  # tree masks need an implementation that takes them
-
-
-class _Adapter:
-    """What both adapters know of their model."""
-
-    def __init__(self, model) -> None:
-        check_model(model)
-        self.model = model
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_length = context_length(model.config)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        params = inspect.signature(model.forward).parameters
-        self.can_slice_logits = "logits_to_keep" in params
-        self.cache_arg = cache_arg(model)
 
 
 class BatchTarget(_Adapter):
@@ -209,15 +171,32 @@ class BatchTarget(_Adapter):
         half-precision matmuls, whose result for a token does not depend on how many tokens
         share the call (measured: tests/test_lean.py). Each row's attention runs alone, as in
         its own prefill. Else one prefill per row. With ``hidden``, ``self.hidden`` is then a list
-        of each row's features."""
+        of each row's features. Rows are grouped up to ``PREFILL_TOKENS`` tokens per forward."""
         lean = LeanForward.build(self.model)
-        if len(rows) < 2 or lean is None or not lean.pack:
-            out, features = [], []
-            for row, run, last in zip(rows, ids, last_only):
-                out.append(self.prefill(row, run, last, hidden))
+        together = lean is not None and lean.pack
+        groups: list[list[int]] = []
+        for i, run in enumerate(ids):
+            if together and groups and sum(len(ids[j]) for j in groups[-1]) + len(run) \
+                    <= PREFILL_TOKENS:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out, features = [], []
+        for group in groups:
+            if len(group) == 1:
+                i = group[0]
+                out.append(self.prefill(rows[i], ids[i], last_only[i], hidden))
                 features.append(self.hidden)
-            self.hidden = features if hidden else None
-            return out
+            else:
+                out += self._prefill_together(lean, [rows[i] for i in group],
+                                              [ids[i] for i in group],
+                                              [last_only[i] for i in group], hidden)
+                features += self.hidden or []
+        self.hidden = features if hidden else None
+        return out
+
+    def _prefill_together(self, lean: LeanForward, rows: list[int], ids: list[list[int]],
+                          last_only: list[bool], hidden: bool) -> list[torch.Tensor]:
         segments, offset, select = [], 0, []
         for row, run, last in zip(rows, ids, last_only):
             segments.append((row, self.lengths[row], offset, len(run)))
@@ -313,96 +292,3 @@ class BatchTarget(_Adapter):
         n = self.lengths[row]
         return [(k[row:row + 1, :, :n], v[row:row + 1, :, :n])
                 for k, v in zip(self.cache.keys, self.cache.values)]
-
-
-class HFModel(_Adapter):
-    """A transformers causal LM with one request's growing cache (draft models use it)."""
-
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        self.cache = None
-        self.length = 0  # tokens held in the cache
-
-    def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-        self.length = 0
-
-    @torch.inference_mode()
-    def _forward(self, ids: list[int], positions: torch.Tensor, mask,
-                 last_only: bool = False) -> torch.Tensor:
-        if self.cache is None:
-            self.reset()
-        lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
-        if lean is not None:
-            q = len(ids)
-            sdpa = self.model.config._attn_implementation == "sdpa"  # causal without a mask
-            if mask is None and q > 1 and (self.length or not sdpa):
-                # the model's forward would make this causal mask itself: the new tokens see the
-                # whole cache and each other up to themselves
-                visible = torch.arange(self.length + q)[None, :] <= \
-                    (self.length + torch.arange(q))[:, None]
-                mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(
-                    ~visible, torch.finfo(self.dtype).min)[None, None].to(self.device)
-            logits, _ = lean(torch.tensor([ids], device=self.device),
-                             positions[None].to(self.device), mask, self.cache, last_only)
-            self.length += q
-            return logits[0]
-        extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                         position_ids=positions[None].to(self.device), attention_mask=mask,
-                         use_cache=True, **{self.cache_arg: self.cache}, **extra)
-        self.length += len(ids)
-        return out.logits[0].float()
-
-    def extend(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
-        """Causal forward of ``ids`` on top of the cache; logits [len(ids), V] (with
-        ``last_only``, at least the last row: prefill skips the LM head where the model allows)."""
-        positions = torch.arange(self.length, self.length + len(ids))
-        return self._forward(ids, positions, None, last_only)
-
-    def forward_tree(self, root: int, draft: Draft) -> torch.Tensor:
-        """One forward over ``[root] + draft.tokens``; logits [n + 1, V]. A chain uses the plain
-        causal mask; a tree gets a 4D mask and per-node positions."""
-        ids = [root] + draft.tokens.tolist()
-        parents = draft.parents
-        if draft.is_chain():
-            return self.extend(ids)
-        depths = torch.cat([torch.zeros(1, dtype=torch.long), draft.depths()])
-        mask = tree_mask(parents, self.length, self.dtype).to(self.device)
-        return self._forward(ids, self.length + depths, mask)
-
-    def forward_nodes(self, ids: list[int], positions: list[int],
-                      visible: torch.Tensor) -> torch.Tensor:
-        """Forward new tree nodes on top of the cache (committed tokens, then earlier tree nodes):
-        ``visible`` [len(ids), cache length + len(ids)] (bool) says which cached entries and which
-        of the new nodes each new node attends to; ``positions`` are their absolute positions.
-        Logits [len(ids), V]. The caller crops the tree nodes away when done."""
-        mask = torch.zeros(visible.shape, dtype=self.dtype)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return self._forward(ids, torch.tensor(positions), mask[None, None].to(self.device))
-
-    @torch.inference_mode()
-    def keep(self, path: list[int], num_nodes: int) -> None:
-        """After ``forward_tree`` over ``num_nodes`` draft nodes, keep the root and ``path``."""
-        base = self.length - num_nodes  # cache index just after the root
-        keep_len = base + len(path)
-        if path != list(range(len(path))):
-            index = torch.tensor([base + i for i in path], device=self.device)
-            for layer in self.cache.layers:
-                layer.keys[..., base:keep_len, :] = layer.keys.index_select(-2, index)
-                layer.values[..., base:keep_len, :] = layer.values.index_select(-2, index)
-        self.crop(keep_len)
-
-    def crop(self, length: int) -> None:
-        """Drop every cached token from index ``length`` on."""
-        if length < self.length:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
-        self.length = min(length, self.length)
-
-    def cached_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(keys, values) per layer, for tests comparing against a fresh prefill."""
-        return [(layer.keys, layer.values) for layer in self.cache.layers]

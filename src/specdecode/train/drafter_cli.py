@@ -110,15 +110,21 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
               help="distill: rows of each batch the target continues (half greedy, half sampled) "
                    "instead of the draft.")
 @click.option("--loss-vocab", type=click.IntRange(0), default=0, show_default=True,
-              help="eagle: the head's classification loss over the N most frequent corpus tokens "
-                   "only (a large vocabulary's LM head dominates the step otherwise). 0: all.")
+              help="eagle / medusa: the heads' classification loss over the N most frequent "
+                   "corpus tokens only (a large vocabulary's LM head dominates the step "
+                   "otherwise). 0: all.")
+@click.option("--tied-heads", is_flag=True,
+              help="medusa: every head reads out through the target's own LM head (frozen, not "
+                   "saved): only the residual blocks train; a few MB instead of one "
+                   "vocabulary-sized matrix per head.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
 @click.option("--time-budget", type=float, default=0.0,
               help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
 def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tokens, steps,
                   batch_size, seq_len, lr, medusa_heads, data_kind, prompt_len, greedy_share,
-                  init_head, target_rows, loss_vocab, seed, threads, time_budget) -> None:
+                  init_head, target_rows, loss_vocab, tied_heads, seed, threads, time_budget
+                  ) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
     from specdecode.cli_shared import load_models
@@ -160,7 +166,8 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
                              lr=lr, medusa_heads=medusa_heads, seed=seed, threads=threads,
                              time_budget_s=time_budget * 60, data=data_kind,
                              prompt_len=prompt_len, greedy_share=greedy_share,
-                             init_head=init_head or "", loss_vocab=loss_vocab)
+                             init_head=init_head or "", loss_vocab=loss_vocab,
+                             medusa_tied=tied_heads)
             summary = train_head(model, train_data, val_data, out_dir, cfg)
     except ValueError as err:
         raise click.ClickException(str(err)) from None

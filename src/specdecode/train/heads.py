@@ -56,7 +56,8 @@ class HeadConfig:
     prompt_len: int = 64  # data="target": corpus tokens before the target's continuation
     greedy_share: float = 0.5  # data="target": share of the rows continued greedily (others sampled)
     init_head: str = ""  # start from this saved head (same kind and target) instead of a fresh one
-    loss_vocab: int = 0  # eagle: the distillation term over the N most used tokens only (0: all)
+    loss_vocab: int = 0  # the distillation term over the N most used tokens only (0: all)
+    medusa_tied: bool = False  # medusa: read out through the target's LM head (blocks only)
 
 
 def most_used(data: np.ndarray, vocab_size: int, n: int) -> list[int]:
@@ -108,8 +109,11 @@ def new_head(kind: str, target, cfg: HeadConfig) -> nn.Module:
         theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
         return EagleHead(hidden, heads, inter, theta)
     vocab = int(target.get_output_embeddings().weight.shape[0])
-    head = MedusaHeads(hidden, vocab, cfg.medusa_heads)
-    head.init_from(target.get_output_embeddings())
+    head = MedusaHeads(hidden, vocab, cfg.medusa_heads, tied=cfg.medusa_tied)
+    if cfg.medusa_tied:
+        head.tie(target.get_output_embeddings())
+    else:
+        head.init_from(target.get_output_embeddings())
     return head
 
 
@@ -141,10 +145,19 @@ def eagle_loss(head: EagleHead, target, ids: torch.Tensor, feats: torch.Tensor,
     return reg + 0.1 * cls, agree
 
 
-def medusa_loss(heads: MedusaHeads, feats: torch.Tensor, logp: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, top-1 agreement of head 1 with the target)."""
-    all_logits = heads(feats)  # [K, B, T, V]
+def medusa_logits(heads: MedusaHeads, feats: torch.Tensor, subset: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """[K, B, T, V] (V: ``subset``'s size where given)."""
+    if subset is None:
+        return heads(feats)
+    return heads(feats, [w[subset] for w in heads.readout_weights()])
+
+
+def medusa_loss(heads: MedusaHeads, feats: torch.Tensor, logp: torch.Tensor,
+                subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, top-1 agreement of head 1 with the target); with ``subset``, over those token ids
+    only (as ``logp``)."""
+    all_logits = medusa_logits(heads, feats, subset)  # [K, B, T, V]
     loss, agree = feats.new_zeros(()), feats.new_zeros(())
     for d in range(1, all_logits.size(0) + 1):
         logits, target = all_logits[d - 1, :, :-d], logp[:, d:]
@@ -169,8 +182,8 @@ def evaluate(kind: str, head: nn.Module, target, data: np.ndarray, cfg: HeadConf
         if kind == "eagle":
             loss, agree = eagle_loss(head, target, ids, feats, logp, noise=False, subset=subset)
         else:
-            loss, agree = medusa_loss(head, feats, logp)
-            all_logits = head(feats)
+            loss, agree = medusa_loss(head, feats, logp, subset)
+            all_logits = medusa_logits(head, feats, subset)
             for d in range(1, all_logits.size(0) + 1):
                 ranked = all_logits[d - 1, :, :-d].topk(topk, -1).indices
                 truth = logp[:, d:].argmax(-1, keepdim=True)
@@ -216,7 +229,7 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
     head.train()
     vocab_size = int(target.get_output_embeddings().weight.shape[0])
     subset = None
-    if cfg.kind == "eagle" and 0 < cfg.loss_vocab < vocab_size:
+    if 0 < cfg.loss_vocab < vocab_size:
         subset = torch.tensor(sorted(most_used(train_data, vocab_size, cfg.loss_vocab)))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
@@ -231,7 +244,7 @@ def train_head(target, train_data: np.ndarray, val_data: np.ndarray, out_dir: Pa
         if cfg.kind == "eagle":
             loss, agree = eagle_loss(head, target, ids, feats, logp, noise=True, subset=subset)
         else:
-            loss, agree = medusa_loss(head, feats, logp)
+            loss, agree = medusa_loss(head, feats, logp, subset)
         return loss, {"agreement": agree}
 
     loop.run(step_fn, f"train {cfg.kind} head ({n_params / 1e6:.2f}M)")
