@@ -86,8 +86,7 @@ def _segments_attention(module, query, key, value, attention_mask, *args, **kwar
     of its tokens in the forward, their count). Each row's queries attend over its own slots
     exactly as its prefill alone would: plain causal sdpa on an empty row (``_FORWARD.causal``: the
     model's attention is sdpa), else the model's attention with the additive mask
-    ``BatchTarget.prefill`` gives; ``key`` / ``value`` are the
-    whole cache buffers."""
+    ``BatchTarget.prefill`` gives. ``key`` / ``value`` are the whole cache buffers."""
     outs = []
     for row, past, offset, q in _FORWARD.segments:
         part = query[:, :, offset:offset + q]
