@@ -256,6 +256,8 @@ def test_train_drafter_cli_trains_a_head_the_drafter_then_uses(tmp_path, monkeyp
     assert bad.exit_code != 0 and "leaves nothing for the target" in bad.output
     bad = CliRunner().invoke(main, args + ["--target-rows", "3"])
     assert bad.exit_code != 0 and "--target-rows must be between 0 and --batch-size" in bad.output
+    bad = CliRunner().invoke(main, args + ["--tied-heads"])
+    assert bad.exit_code != 0 and "--tied-heads applies to --kind medusa only" in bad.output
 
 
 @pytest.mark.parametrize("loss,target_rows", [("tvd", 0), ("kl", 0), ("tvd", 4)])

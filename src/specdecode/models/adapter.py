@@ -8,7 +8,7 @@ import inspect
 
 import torch
 
-from specdecode.models.attention import tree_mask
+from specdecode.models.attention import additive_mask, causal_mask, tree_mask
 from specdecode.models.lean import LeanForward
 from specdecode.types import Draft, SpecDecodeError
 
@@ -85,12 +85,8 @@ class HFModel(_Adapter):
             q = len(ids)
             sdpa = self.model.config._attn_implementation == "sdpa"  # causal without a mask
             if mask is None and q > 1 and (self.length or not sdpa):
-                # the model's forward would make this causal mask itself: the new tokens see the
-                # whole cache and each other up to themselves
-                visible = torch.arange(self.length + q)[None, :] <= \
-                    (self.length + torch.arange(q))[:, None]
-                mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(
-                    ~visible, torch.finfo(self.dtype).min)[None, None].to(self.device)
+                # the causal mask the model's forward would make itself
+                mask = causal_mask(self.length, q, self.dtype).to(self.device)
             logits, _ = lean(torch.tensor([ids], device=self.device),
                              positions[None].to(self.device), mask, self.cache, last_only)
             self.length += q
@@ -125,9 +121,8 @@ class HFModel(_Adapter):
         ``visible`` [len(ids), cache length + len(ids)] (bool) says which cached entries and which
         of the new nodes each new node attends to; ``positions`` are their absolute positions.
         Logits [len(ids), V]. The caller crops the tree nodes away when done."""
-        mask = torch.zeros(visible.shape, dtype=self.dtype)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return self._forward(ids, torch.tensor(positions), mask[None, None].to(self.device))
+        mask = additive_mask(visible, self.dtype)[None, None].to(self.device)
+        return self._forward(ids, torch.tensor(positions), mask)
 
     @torch.inference_mode()
     def keep(self, path: list[int], num_nodes: int) -> None:

@@ -29,6 +29,20 @@ def tree_mask(parents: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Ten
     return mask[None, None]
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attended) as the additive mask the model's attention takes: 0 where
+    visible, the dtype's lowest value elsewhere."""
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def causal_mask(past: int, q: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, q, past + q] of ``q`` new tokens after ``past`` cached ones: each sees
+    the whole cache and the new tokens up to itself."""
+    visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
+    return additive_mask(visible, dtype)[None, None]
+
+
 def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
     """[size, size] bool: row 0 is the pending token, row i+1 draft node i (``parents`` as in
     ``Draft``); each row reaches itself and its ancestors. Rows past the draft (padding) reach only
@@ -96,10 +110,7 @@ def _segments_attention(module, query, key, value, attention_mask, *args, **kwar
                                             is_causal=True, **kwargs)
         else:
             if ("mask", past, q) not in _FORWARD.memo:
-                visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
-                mask = torch.zeros(visible.shape, dtype=query.dtype)
-                _FORWARD.memo["mask", past, q] = mask.masked_fill_(
-                    ~visible, torch.finfo(query.dtype).min)[None, None].to(query.device)
+                _FORWARD.memo["mask", past, q] = causal_mask(past, q, query.dtype).to(query.device)
             out, _ = _FORWARD.inner(module, part, keys, values, _FORWARD.memo["mask", past, q],
                                     *args, **kwargs)
         outs.append(out)

@@ -30,7 +30,13 @@ from specdecode.models.adapter import (  # noqa: F401 - re-exported
     context_length,
     fresh_cache,
 )
-from specdecode.models.attention import plan_chunks, reach_matrix, rows_attention
+from specdecode.models.attention import (
+    additive_mask,
+    causal_mask,
+    plan_chunks,
+    reach_matrix,
+    rows_attention,
+)
 from specdecode.models.exact import (
     MIN_ROWS,
     ExactMatmul,
@@ -142,10 +148,6 @@ class BatchTarget(_Adapter):
         self.hidden = out.hidden_states[-1] if hidden else None
         return out.logits.float()
 
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(visible.shape, dtype=self.dtype)
-        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-
     def prefill(self, row: int, ids: list[int], last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor:
         """Causal forward of ``ids`` after row ``row``'s cached tokens; logits [len(ids), V] (with
@@ -155,9 +157,8 @@ class BatchTarget(_Adapter):
         self.cache.reserve(len(self.lengths), past + q)
         cache = self.cache
         cache.rows, cache.start, cache.index, cache.kv_len = slice(row, row + 1), past, None, past + q
-        visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
         logits = self._forward(torch.tensor([ids]), torch.arange(past, past + q)[None],
-                               self._additive(visible)[None, None], last_only,
+                               causal_mask(past, q, self.dtype), last_only,
                                causal=past == 0 and q > 1, hidden=hidden)
         if hidden:
             self.hidden = self.hidden[0]
@@ -175,12 +176,14 @@ class BatchTarget(_Adapter):
         lean = LeanForward.build(self.model)
         together = lean is not None and lean.pack
         groups: list[list[int]] = []
+        size = 0  # tokens in the last group
         for i, run in enumerate(ids):
-            if together and groups and sum(len(ids[j]) for j in groups[-1]) + len(run) \
-                    <= PREFILL_TOKENS:
+            if together and groups and size + len(run) <= PREFILL_TOKENS:
                 groups[-1].append(i)
+                size += len(run)
             else:
                 groups.append([i])
+                size = len(run)
         out, features = [], []
         for group in groups:
             if len(group) == 1:
@@ -264,7 +267,7 @@ class BatchTarget(_Adapter):
             cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
         try:
             chunks = plan_chunks((lens + q).tolist()) if b > 1 and not self.exact else None
-            logits = self._forward(ids, positions, self._additive(visible)[:, None],
+            logits = self._forward(ids, positions, additive_mask(visible, self.dtype)[:, None],
                                    chunks=chunks, hidden=hidden,
                                    exact=exact_plan(self.lengths, drafts, self.device)
                                    if self.exact else None)

@@ -141,6 +141,8 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
                                f"in --seq-len {seq_len}")
     if not 0 <= target_rows <= batch_size:
         raise click.UsageError(f"--target-rows must be between 0 and --batch-size ({batch_size})")
+    if tied_heads and kind != "medusa":
+        raise click.UsageError("--tied-heads applies to --kind medusa only")
     try:
         model, draft, tokenizer = load_models(target, draft_model, kind == "distill")
     except SpecDecodeError as err:
