@@ -51,6 +51,9 @@ def test_server_args_per_speculation_type():
     draft = server_args("llama-server", "m.gguf", "draft", threads=2, parallel=1, draft_max=5,
                         draft_gguf="d.gguf", context=512)
     assert draft[draft.index("-md") + 1] == "d.gguf"
+    assert draft[draft.index("--spec-type") + 1] == "draft-simple"
+    # one output per slot in its draft context: at least draft_max + 1 slots, same context each
+    assert draft[draft.index("-np") + 1] == "6" and draft[draft.index("-c") + 1] == "3072"
 
 
 def test_summarize_speed_acceptance_agreement():

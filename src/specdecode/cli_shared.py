@@ -110,7 +110,8 @@ def load_tokenizer(source, trust_remote_code: bool = False):
 
 def load_models(target: str | None, draft_model: str | None, need_draft: bool,
                 trust_remote_code: bool = False, dtype=None, device=None):
-    """(target model, draft model or None, tokenizer); the demo pair when no target is given.
+    """(target model, draft model or None, tokenizer); the demo pair when no target is given, the
+    draft shipped for the target (``models/layer_draft.py``) when it has one and none is given.
     Both models in ``dtype`` on ``device`` (float32, cpu by default). ``trust_remote_code`` stays
     off unless asked for."""
     import torch
@@ -134,6 +135,10 @@ def load_models(target: str | None, draft_model: str | None, need_draft: bool,
     tokenizer = load_tokenizer(target, trust_remote_code)
     draft = (load_causal_lm(draft_model, what="draft model", trust_remote_code=trust_remote_code,
                             **place) if draft_model and need_draft else None)
+    if need_draft and draft is None:  # the draft shipped for this target, if any
+        from specdecode.models.layer_draft import shipped_draft
+
+        draft = shipped_draft(model)
     return model, draft, tokenizer
 
 

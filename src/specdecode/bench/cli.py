@@ -147,16 +147,14 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
     defaults = methods == DEFAULT_METHODS
     if datastore is not None and defaults:
         methods = methods.replace(",mix,", ",rest,mix,")
-    if target is not None and defaults:  # other targets need their draft model
-        if draft_model is None:
-            methods = methods.replace(",draft-model,", ",").replace(",hf-assisted", "")
     specs = [m.strip() for m in methods.split(",") if m.strip()]
     specs = sorted(specs, key=lambda m: (parse_spec(m)[0] != "vanilla", needs_answer(m)))
     if repeats < 1 or max_new_tokens < 1 or num_draft_tokens < 1:
         raise click.UsageError("--repeats, --max-new-tokens and --num-draft-tokens must be >= 1")
     try:
         draft_needed = any(needs_draft(m) for m in specs)
-        check_specs(specs, has_draft=draft_model is not None or target is None)
+        # a target without --draft-model may have a draft shipped for it (checked once loaded)
+        check_specs(specs, has_draft=True)
         cats = [c.strip() for c in categories.split(",")] if categories else None
         questions = load_questions(questions_file, cats, limit_per_category)
         uses_vllm = any(is_vllm(parse_spec(m)[0]) for m in specs)
@@ -171,9 +169,15 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
         if target is not None and defaults:  # and heads trained for them (eagle:head=DIR)
             specs = [m for m in specs if parse_spec(m)[0] not in HEAD_KINDS
                      or shipped_head_dir(parse_spec(m)[0], model) is not None]
+        if draft is None and draft_needed:  # neither given nor shipped for this target
+            if not defaults:
+                check_specs(specs, has_draft=False)
+            specs = [m for m in specs if not needs_draft(m)]
         target_id = model_id(target, "specdecode-demo-target")
         draft_id = (model_id(draft_model, "") if draft_model else
-                    ("specdecode-demo-draft" if target is None and draft_needed else None))
+                    "specdecode-demo-draft" if target is None and draft_needed else
+                    None if draft is None else "draft cut from the target, layers " +
+                    ",".join(str(i) for i in getattr(draft.config, "draft_layers", [])))
         place = next(model.parameters())
         dtype, device = str(place.dtype).removeprefix("torch."), str(place.device)
         if batch_sizes is not None:

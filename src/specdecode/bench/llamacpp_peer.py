@@ -103,10 +103,16 @@ def free_port() -> int:
 
 def server_args(binary: str, gguf: str, spec_type: str, *, threads: int, parallel: int,
                 draft_max: int, draft_gguf: str | None, context: int) -> list[str]:
+    if spec_type == "draft":
+        # its draft context holds one output per slot, and a verification asks for draft_max + 1
+        # (llama.cpp 9993 aborts with fewer): as many slots, each with the same context
+        slots = max(parallel, draft_max + 1)
+        context, parallel = context // parallel * slots, slots
     args = [binary, "-m", gguf, "-t", str(threads), "-tb", str(threads), "-c", str(context),
             "-np", str(parallel), "--host", "127.0.0.1", "--no-webui"]
     if spec_type == "draft":
-        args += ["-md", str(draft_gguf), "--spec-draft-n-max", str(draft_max)]
+        args += ["-md", str(draft_gguf), "--spec-type", "draft-simple", "--spec-draft-n-max",
+                 str(draft_max)]
     elif spec_type != "none":
         args += ["--spec-type", spec_type, "--spec-draft-n-max", str(draft_max)]
     return args

@@ -128,7 +128,8 @@ def check_specs(specs: list[str], has_draft: bool) -> None:
             raise SpecDecodeError(f"method {spec!r}: sampling must be one of "
                                   f"{', '.join(SAMPLING_MODES)} (our methods only)")
         if needs_draft(spec) and not has_draft:
-            raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH)")
+            raise SpecDecodeError(f"method {name!r} needs a draft model (--draft-model PATH); "
+                                  "none is shipped for this target")
         if name in REGISTRY:  # names, types and bounds, before any work
             try:
                 check_options(name, drafter_options(options), Limits())

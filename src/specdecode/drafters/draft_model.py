@@ -39,9 +39,11 @@ import torch
 
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.dynamic_tree import build_tree
-from specdecode.drafters.options import DRAFT_TREE
+from specdecode.drafters.options import DRAFT_TREE, owner_only
 from specdecode.drafters.registry import Needs
+from specdecode.models.heads import vocab_subset
 from specdecode.models.hf import HFModel, load_causal_lm
+from specdecode.models.layer_draft import shipped_draft
 from specdecode.sampling import TorchRandom, coupled_choice, keyed_gumbel, processed_probs
 from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
 
@@ -271,18 +273,43 @@ def check_vocab(target: HFModel, draft: HFModel) -> None:
                               f"target's ({target.vocab_size}); they must share a tokenizer")
 
 
-@register("draft-model", needs=Needs.DRAFT_MODEL, options=DRAFT_TREE)
+DRAFT_OPTIONS = {**DRAFT_TREE, "draft_vocab": owner_only("int", 0, "vocab")}
+SHIPPED_KEY = "shipped_draft"  # the host's draft cut for its target: (dtype, device) -> model
+
+
+def shipped_or_none(build: BuildContext):
+    """The draft shipped for the target (``models/layer_draft.py``), loaded once per host."""
+    param = next(build.target.model.parameters())
+    loaded = build.host.get(SHIPPED_KEY, dict)
+    key = (param.dtype, str(param.device))
+    if key not in loaded:
+        loaded[key] = shipped_draft(build.target.model)
+    return loaded[key]
+
+
+def reduced_vocab(model, size: int | None, vocab_size: int) -> torch.Tensor | None:
+    """The draft's reduced read-out: the first ``size`` ids of its ``config.draft_vocab`` list
+    (None: the whole list; 0 or no list: the whole vocabulary)."""
+    return vocab_subset({"draft_vocab": getattr(model.config, "draft_vocab", None)}, size,
+                        vocab_size)
+
+
+@register("draft-model", needs=Needs.DRAFT_MODEL, options=DRAFT_OPTIONS)
 def build_draft_model(build: BuildContext, num_draft_tokens: int = 4, tree_width: int = 1,
                       tree: str = "chain", topk: int = 4, max_nodes: int = 12, num_drafts: int = 1,
-                      branch_depth: int = 1, replacement: bool = True) -> DraftModelDrafter:
-    if build.draft_model is None:
-        raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
-                              "--draft-model PATH)")
-    # a path loads in the target's dtype, on its device; a loaded draft is used as it is
+                      branch_depth: int = 1, replacement: bool = True,
+                      draft_vocab: int | None = None) -> DraftModelDrafter:
     source = build.draft_model
+    if source is None:
+        source = shipped_or_none(build)
+    if source is None:
+        raise SpecDecodeError("the draft-model drafter needs a draft model (draft_model=... or "
+                              "--draft-model PATH); none is shipped for this target")
+    # a path loads in the target's dtype, on its device; a loaded draft is used as it is
     on_target = {} if not isinstance(source, (str, Path)) else {
         "dtype": build.target.dtype, "device": build.target.device}
-    draft = HFModel(load_causal_lm(source, what="draft model", **on_target))
+    model = load_causal_lm(source, what="draft model", **on_target)
+    draft = HFModel(model, reduced_vocab(model, draft_vocab, build.target.vocab_size))
     check_vocab(build.target, draft)
     return DraftModelDrafter(draft, num_draft_tokens, tree_width, tree, topk, max_nodes,
                              num_drafts, branch_depth, replacement)

@@ -36,7 +36,7 @@ from specdecode.drafters.draft_model import coupled_ranking, draft_distribution
 from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.drafters.options import DEPTH, HEAD, NODES, TREE_TOPK
 from specdecode.drafters.registry import Needs
-from specdecode.models.heads import HEAD_FILE, EagleHead, load_head
+from specdecode.models.heads import HEAD_FILE, EagleHead, load_head, vocab_subset
 from specdecode.sampling import TorchRandom
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
@@ -160,18 +160,6 @@ class DraftVocab:
 
     def trim(self, weight: torch.Tensor) -> torch.Tensor:
         return weight if self.vocab is None else weight[self.vocab].contiguous()
-
-
-def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tensor | None:
-    """The first ``size`` ids of the head's most-used-token list (None: all of it; 0 or a head
-    without a list: the whole vocabulary)."""
-    ids = config.get("draft_vocab")
-    if not ids or size == 0:
-        return None
-    if size is not None and size < 1:
-        raise SpecDecodeError(f"draft_vocab must be >= 0, got {size}")
-    ids = [int(i) for i in ids[:size] if 0 <= int(i) < vocab_size]
-    return torch.tensor(sorted(ids)) if ids and len(ids) < vocab_size else None
 
 
 def shipped_head_dir(kind: str, target_model) -> Path | None:

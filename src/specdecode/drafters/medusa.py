@@ -23,10 +23,10 @@ import torch
 from specdecode.drafters.base import BuildContext, DraftContext, register
 from specdecode.drafters.draft_model import coupled_ranking
 from specdecode.drafters.eagle import HOST_KEY as HEADS_KEY
-from specdecode.drafters.eagle import DraftVocab, resolve_head, vocab_subset
+from specdecode.drafters.eagle import DraftVocab, resolve_head
 from specdecode.drafters.options import HEAD, NODES
 from specdecode.drafters.registry import Needs
-from specdecode.models.heads import MedusaHeads
+from specdecode.models.heads import MedusaHeads, vocab_subset
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 

@@ -62,12 +62,34 @@ class _Adapter:
 
 
 class HFModel(_Adapter):
-    """A transformers causal LM with one request's growing cache (draft models use it)."""
+    """A transformers causal LM with one request's growing cache (draft models use it).
 
-    def __init__(self, model) -> None:
+    ``vocab`` (sorted token ids): read out only these tokens (a draft's reduced vocabulary:
+    VocabTrim, Goel et al. 2025; FR-Spec, Zhao et al. 2025); the others get logit -inf, so they
+    are never drafted. Logits keep the whole vocabulary's width."""
+
+    def __init__(self, model, vocab: torch.Tensor | None = None) -> None:
         super().__init__(model)
         self.cache = None
         self.length = 0  # tokens held in the cache
+        self.vocab = None if vocab is None else vocab.to(self.device)
+        self._read_out: tuple[object, torch.Tensor] | None = None  # (lean forward, its weight)
+
+    def _head(self, lean) -> torch.Tensor | None:
+        """The reduced read-out as ``lean``'s matmuls take it (made once per lean forward)."""
+        if self.vocab is None:
+            return None
+        if self._read_out is None or self._read_out[0] is not lean:
+            weight = self.model.get_output_embeddings().weight.detach()
+            self._read_out = (lean, lean.linear(weight.index_select(0, self.vocab)))
+        return self._read_out[1]
+
+    def _widen(self, logits: torch.Tensor) -> torch.Tensor:
+        """[n, len(vocab)] logits to [n, V], -inf outside the reduced vocabulary."""
+        if self.vocab is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab, logits)
 
     def reset(self) -> None:
         from transformers import DynamicCache
@@ -88,15 +110,17 @@ class HFModel(_Adapter):
                 # the causal mask the model's forward would make itself
                 mask = causal_mask(self.length, q, self.dtype).to(self.device)
             logits, _ = lean(torch.tensor([ids], device=self.device),
-                             positions[None].to(self.device), mask, self.cache, last_only)
+                             positions[None].to(self.device), mask, self.cache, last_only,
+                             head=self._head(lean))
             self.length += q
-            return logits[0]
+            return self._widen(logits[0])
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         out = self.model(input_ids=torch.tensor([ids], device=self.device),
                          position_ids=positions[None].to(self.device), attention_mask=mask,
                          use_cache=True, **{self.cache_arg: self.cache}, **extra)
         self.length += len(ids)
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        return logits if self.vocab is None else self._widen(logits.index_select(1, self.vocab))
 
     def extend(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
         """Causal forward of ``ids`` on top of the cache; logits [len(ids), V] (with

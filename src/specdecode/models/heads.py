@@ -201,6 +201,18 @@ def load_head(directory: Path | str, kind: str, target_model) -> tuple[nn.Module
     return head.eval(), config
 
 
+def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tensor | None:
+    """The first ``size`` ids of the head's most-used-token list (None: all of it; 0 or a head
+    without a list: the whole vocabulary)."""
+    ids = config.get("draft_vocab")
+    if not ids or size == 0:
+        return None
+    if size is not None and size < 1:
+        raise SpecDecodeError(f"draft_vocab must be >= 0, got {size}")
+    ids = [int(i) for i in ids[:size] if 0 <= int(i) < vocab_size]
+    return torch.tensor(sorted(ids)) if ids and len(ids) < vocab_size else None
+
+
 def build_head(config: dict) -> nn.Module:
     if config["kind"] == "eagle":
         return EagleHead(config["hidden_size"], config["num_heads"], config["intermediate_size"],

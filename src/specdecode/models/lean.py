@@ -67,21 +67,22 @@ class LeanForward:
                 if attn.q_proj.bias is not None:
                     qkv_bias = torch.cat([p.bias for p in projections])
                 self.layers.append((
-                    layer.input_layernorm, self._linear(torch.cat([p.weight for p in projections])),
-                    qkv_bias, attn, self._linear(attn.o_proj.weight),
+                    layer.input_layernorm, self.linear(torch.cat([p.weight for p in projections])),
+                    qkv_bias, attn, self.linear(attn.o_proj.weight),
                     layer.post_attention_layernorm,
-                    self._linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    self._linear(mlp.down_proj.weight),
+                    self.linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    self.linear(mlp.down_proj.weight),
                     torch.nn.functional.silu if config.hidden_act in ("silu", "swish")
                     else mlp.act_fn))
-            self.head = self._linear(model.lm_head.weight)
+            self.head = self.linear(model.lm_head.weight)
         module = sys.modules[type(inner.layers[0].self_attn).__module__]
         self.eager = module.eager_attention_forward
         self.owner = id(model)  # a shallow copy of the model (layer-skip's view) builds its own
         self.params = _weights(model)  # (module, name, tensor): replaced or changed in place?
         self.versions = [p._version for _, _, p in self.params]
 
-    def _linear(self, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as this forward's matmuls take it (prepacked where they are)."""
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4) if self.pack \
             else weight.detach()
 
@@ -111,8 +112,10 @@ class LeanForward:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
                  last_only: bool = False, hidden: bool = False,
-                 select: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``select``: logits [1, n, V] of only these tokens (indices into the b * q)."""
+                 select: torch.Tensor | None = None, head: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``select``: logits [1, n, V] of only these tokens (indices into the b * q); ``head``: a
+        read-out to use instead of the LM head (from ``linear``: a draft's reduced vocabulary)."""
         b, q = ids.shape
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
@@ -138,7 +141,7 @@ class LeanForward:
             picked = states.view(b * q, -1).index_select(0, select)
             return self._mm(picked, self.head)[None].float(), states if hidden else None
         logits = self._mm((states[:, -1:] if last_only else states).reshape(-1, flat.shape[-1]),
-                          self.head).view(b, 1 if last_only else q, -1)
+                          self.head if head is None else head).view(b, 1 if last_only else q, -1)
         return logits.float(), states if hidden else None
 
     @classmethod

@@ -20,6 +20,7 @@ trainer shares: ``train/loop.py``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,12 +50,29 @@ class DistillConfig:
     target_rows: int = 0  # rows per batch the target continues (half greedy) instead of the draft
 
 
-def divergence(target_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-position divergence between the target's distribution and the draft's."""
+def divergence(target_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str,
+               vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position divergence between the target's distribution and the draft's. With ``vocab``
+    the draft reads out only those tokens (its logits are over them) and puts no mass elsewhere:
+    the TVD then counts the target's mass outside ``vocab`` in full."""
     draft_logp = torch.log_softmax(draft_logits.float(), -1)
+    if vocab is not None:
+        p = target_logp.exp().index_select(-1, vocab)
+        return 0.5 * ((p - draft_logp.exp()).abs().sum(-1) + (1.0 - p.sum(-1)).clamp_min(0))
     if loss == "tvd":
         return 0.5 * (target_logp.exp() - draft_logp.exp()).abs().sum(-1)
     return (target_logp.exp() * (target_logp - draft_logp)).sum(-1)
+
+
+def draft_logits(draft, seqs: torch.Tensor, first: int, vocab: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """The draft's logits at the positions from ``first`` on (over ``vocab`` only, if given: the
+    LM head's other rows are never computed)."""
+    if vocab is None:
+        return draft(input_ids=seqs).logits[:, first:-1]
+    states = draft.model(input_ids=seqs).last_hidden_state[:, first:-1]
+    weight = draft.get_output_embeddings().weight
+    return torch.nn.functional.linear(states, weight.index_select(0, vocab))
 
 
 def prompts_at(data: np.ndarray, step: int, cfg: DistillConfig, salt: int = 0) -> torch.Tensor:
@@ -81,53 +99,59 @@ def on_policy(target, draft, prompts: torch.Tensor, cfg: DistillConfig, step: in
     return torch.cat(parts)
 
 
-def step_loss(target, draft, seqs: torch.Tensor, cfg: DistillConfig
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(target, draft, seqs: torch.Tensor, cfg: DistillConfig,
+              vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence, expected acceptance sum(min(p, q))) over the positions predicting generated
     tokens."""
     first = cfg.prompt_len - 1
     with torch.no_grad():
         target_logp = torch.log_softmax(target(input_ids=seqs).logits[:, first:-1].float(), -1)
-    draft_logits = draft(input_ids=seqs).logits[:, first:-1]
-    loss = divergence(target_logp, draft_logits, cfg.loss).mean()
+    logits = draft_logits(draft, seqs, first, vocab)
+    loss = divergence(target_logp, logits, cfg.loss, vocab).mean()
     with torch.no_grad():
-        accept = torch.minimum(target_logp.exp(), torch.softmax(draft_logits.float(), -1))
-        accept = accept.sum(-1).mean()
+        p = target_logp.exp() if vocab is None else target_logp.exp().index_select(-1, vocab)
+        accept = torch.minimum(p, torch.softmax(logits.float(), -1)).sum(-1).mean()
     return loss, accept
 
 
 def distill(target, draft, train_data: np.ndarray, val_data: np.ndarray, out_dir: Path,
-            cfg: DistillConfig, tokenizer=None) -> dict:
-    """Train (or resume) ``draft`` against the frozen ``target``; saves it to ``out_dir/model``
-    (fp16 safetensors, with the tokenizer) and returns the summary."""
+            cfg: DistillConfig, tokenizer=None, vocab: torch.Tensor | None = None) -> dict:
+    """Train (or resume) ``draft`` against the frozen ``target`` (in the target's own dtype; the
+    draft trains in fp32); saves it to ``out_dir/model`` (fp16 safetensors, with the tokenizer)
+    and returns the summary. ``vocab``: the draft reads out only these token ids (sorted); the
+    loss must then be ``tvd``. The draft's frozen weights (``requires_grad`` off) stay as they
+    are."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
+    if vocab is not None and cfg.loss != "tvd":
+        raise ValueError("a reduced draft vocabulary trains with the tvd loss only (the forward "
+                         "KL is infinite where the target puts mass outside it)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target, draft = target.float().eval(), draft.float().train()
+    target, draft = target.eval(), draft.float().train()
     for p in target.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=cfg.lr,
+                            betas=(0.9, 0.95), weight_decay=0.0)
     shaping = {k: v for k, v in asdict(cfg).items()
                if k not in ("time_budget_s", "threads", "checkpoint_every", "eval_batches")}
     loop = TrainLoop(LoopSettings.of(cfg), {"draft": draft}, opt, out_dir / "checkpoint.pt",
                      shaping=shaping)
     if loop.step == 0:
-        loop.extra["before"] = evaluate(target, draft, val_data, cfg)
+        loop.extra["before"] = evaluate(target, draft, val_data, cfg, vocab)
     before = loop.extra.get("before")
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         seqs = on_policy(target, draft, prompts_at(train_data, step, cfg), cfg, step)
-        loss, accept = step_loss(target, draft, seqs, cfg)
+        loss, accept = step_loss(target, draft, seqs, cfg, vocab)
         return loss, {"expected_acceptance": accept}
 
     loop.run(step_fn, f"distill draft ({cfg.loss})")
     step, elapsed, history = loop.step, loop.elapsed, loop.history
-    after = evaluate(target, draft, val_data, cfg)
+    after = evaluate(target, draft, val_data, cfg, vocab)
     model_dir = out_dir / "model"
-    draft.to(torch.float16).save_pretrained(model_dir)
-    draft.float()
+    copy.deepcopy(draft).to(torch.float16).save_pretrained(model_dir)  # the draft stays fp32
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
     tokens = cfg.batch_size * (cfg.prompt_len + cfg.gen_len)
@@ -139,16 +163,18 @@ def distill(target, draft, train_data: np.ndarray, val_data: np.ndarray, out_dir
 
 
 @torch.no_grad()
-def evaluate(target, draft, data: np.ndarray, cfg: DistillConfig) -> dict:
+def evaluate(target, draft, data: np.ndarray, cfg: DistillConfig,
+             vocab: torch.Tensor | None = None) -> dict:
     """On held-out prompts and the draft's own continuations: the divergence, the expected
     acceptance of a sampled token (sum of min(p, q)) and the greedy agreement (argmax match)."""
     losses, accepts, agrees = [], [], []
     first = cfg.prompt_len - 1
     for i in range(cfg.eval_batches):
         seqs = on_policy(target, draft, prompts_at(data, i, cfg, salt=1), cfg, i, salt=1)
-        loss, accept = step_loss(target, draft, seqs, cfg)
+        loss, accept = step_loss(target, draft, seqs, cfg, vocab)
         t = target(input_ids=seqs).logits[:, first:-1].argmax(-1)
-        d = draft(input_ids=seqs).logits[:, first:-1].argmax(-1)
+        d = draft_logits(draft, seqs, first, vocab).argmax(-1)
+        d = d if vocab is None else vocab[d]
         losses.append(loss.item())
         accepts.append(accept.item())
         agrees.append((t == d).float().mean().item())

@@ -106,6 +106,14 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
 @click.option("--init-head", type=click.Path(exists=True, file_okay=False), default=None,
               help="eagle / medusa: start from this saved head (a second training stage) instead "
                    "of a fresh one.")
+@click.option("--draft-layers", default=None,
+              help="distill: cut the draft from the target itself instead of --draft-model: these "
+                   "of its decoder layers (comma-separated indices, e.g. 0,1,2,29) on its embedding "
+                   "and LM head, which stay frozen. Also saves OUT/head (the trained layers only, "
+                   "tied to the target's weights: what ships as heads/<model>/draft).")
+@click.option("--draft-vocab", type=click.IntRange(0), default=0, show_default=True,
+              help="distill: the draft reads out only the N most used corpus tokens (its loss, "
+                   "and the draft-model drafter's read-out by default). 0: all.")
 @click.option("--target-rows", type=int, default=0, show_default=True,
               help="distill: rows of each batch the target continues (half greedy, half sampled) "
                    "instead of the draft.")
@@ -123,13 +131,15 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
               help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
 def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tokens, steps,
                   batch_size, seq_len, lr, medusa_heads, data_kind, prompt_len, greedy_share,
-                  init_head, target_rows, loss_vocab, tied_heads, seed, threads, time_budget
-                  ) -> None:
+                  init_head, draft_layers, draft_vocab, target_rows, loss_vocab, tied_heads, seed,
+                  threads, time_budget) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
+    import torch
+
     from specdecode.cli_shared import load_models
     from specdecode.train.distill import DistillConfig, distill
-    from specdecode.train.heads import HeadConfig, train_head
+    from specdecode.train.heads import HeadConfig, most_used, train_head
     from specdecode.types import SpecDecodeError
 
     lr = lr if lr is not None else (3e-4 if kind == "distill" else 1e-3)
@@ -143,8 +153,18 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
         raise click.UsageError(f"--target-rows must be between 0 and --batch-size ({batch_size})")
     if tied_heads and kind != "medusa":
         raise click.UsageError("--tied-heads applies to --kind medusa only")
+    if (draft_layers is not None or draft_vocab) and kind != "distill":
+        raise click.UsageError("--draft-layers and --draft-vocab apply to --kind distill only")
+    if draft_layers is not None and draft_model is not None:
+        raise click.UsageError("give --draft-layers (cut the draft from the target) or "
+                               "--draft-model, not both")
     try:
-        model, draft, tokenizer = load_models(target, draft_model, kind == "distill")
+        model, draft, tokenizer = load_models(target, draft_model,
+                                              kind == "distill" and draft_layers is None)
+        if draft_layers is not None:
+            from specdecode.models.layer_draft import cut_draft, parse_layers
+
+            draft = cut_draft(model, parse_layers(draft_layers, model.config.num_hidden_layers))
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None
     train_data, val_data = corpus_arrays(tokenizer, data_dir or out_dir / "data", corpus_tokens)
@@ -161,8 +181,18 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
             dcfg = DistillConfig(loss=loss, steps=steps, batch_size=batch_size, prompt_len=half,
                                  gen_len=seq_len - half, lr=lr, seed=seed, threads=threads,
                                  time_budget_s=time_budget * 60, target_rows=target_rows)
-            summary = distill(model, draft, train_data, val_data, out_dir, dcfg, tokenizer)
-            summary["draft"] = draft_model or "specdecode-demo-draft"
+            vocab = most_used(train_data, model.config.vocab_size, draft_vocab) \
+                if 0 < draft_vocab < model.config.vocab_size else None
+            draft.config.draft_vocab = vocab
+            summary = distill(model, draft, train_data, val_data, out_dir, dcfg, tokenizer,
+                              None if vocab is None else torch.tensor(sorted(vocab)))
+            summary["draft"] = (f"cut from the target: layers {draft_layers}" if draft_layers
+                                else draft_model or "specdecode-demo-draft")
+            if draft_layers is not None:
+                from specdecode.models.layer_draft import save_cut_draft
+
+                save_cut_draft(draft, out_dir / "head", model, vocab,
+                               {"steps": summary["steps"], "after": summary["after"]})
         else:
             cfg = HeadConfig(kind=kind, steps=steps, batch_size=batch_size, seq_len=seq_len,
                              lr=lr, medusa_heads=medusa_heads, seed=seed, threads=threads,
