@@ -54,6 +54,9 @@ def test_server_args_per_speculation_type():
     assert draft[draft.index("--spec-type") + 1] == "draft-simple"
     # one output per slot in its draft context: at least draft_max + 1 slots, same context each
     assert draft[draft.index("-np") + 1] == "6" and draft[draft.index("-c") + 1] == "3072"
+    flight = server_args("llama-server", "m.gguf", "draft", threads=2, parallel=3, draft_max=4,
+                         draft_gguf="d.gguf", context=1536)
+    assert flight[flight.index("-np") + 1] == "15" and flight[flight.index("-c") + 1] == "7680"
 
 
 def test_summarize_speed_acceptance_agreement():

@@ -148,7 +148,10 @@ def model_id(source: str | None, demo_name: str) -> str:
 
     if source is None:
         return demo_name
-    return Path(str(source)).name.removesuffix(".gguf") or str(source)
+    path = Path(str(source))
+    if path.name in ("model", "head") and path.parent.name:  # train-drafter's OUT/model
+        return f"{path.parent.name}/{path.name}"
+    return path.name.removesuffix(".gguf") or str(source)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

