@@ -81,3 +81,19 @@ def arch(request) -> str:
 def models(arch):
     """(target, unrelated draft model of the same vocabulary) for one architecture."""
     return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1)
+
+
+def corpus_target(tmp_path, monkeypatch):
+    """A tiny llama target saved with its own tokenizer in ``tmp_path / "target"``, and the
+    trainers' corpus replaced by a few documents: (tokenizer, model)."""
+    import specdecode.train.corpus as corpus
+    from specdecode.train.prepare import train_tokenizer
+
+    texts = [f"Document {i}: the quick brown fox {i % 7} jumps over the lazy dog. " * 8
+             for i in range(200)]
+    monkeypatch.setattr(corpus, "all_documents", lambda: ((f"d{i}", t) for i, t in
+                                                          enumerate(texts)))
+    tok = train_tokenizer(texts[:50], 120, tmp_path / "target")
+    model = tiny_model("llama", vocab=len(tok), seed=2, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "target")
+    return tok, model

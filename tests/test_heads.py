@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_prompts, tiny_model, vanilla
+from conftest import corpus_target, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.drafters.medusa import prior_tree, static_tree
@@ -226,17 +226,9 @@ def test_train_drafter_cli_trains_a_head_the_drafter_then_uses(tmp_path, monkeyp
     by a few documents): summary, head, resumable; the head then drafts losslessly."""
     from click.testing import CliRunner
 
-    import specdecode.train.corpus as corpus
     from specdecode.cli import main
-    from specdecode.train.prepare import train_tokenizer
 
-    texts = [f"Document {i}: the quick brown fox {i % 7} jumps over the lazy dog. " * 8
-             for i in range(200)]
-    monkeypatch.setattr(corpus, "all_documents", lambda: ((f"d{i}", t) for i, t in
-                                                          enumerate(texts)))
-    tok = train_tokenizer(texts[:50], 120, tmp_path / "target")
-    model = tiny_model("llama", vocab=len(tok), seed=2, dtype=torch.float32)
-    model.save_pretrained(tmp_path / "target")
+    tok, model = corpus_target(tmp_path, monkeypatch)
     args = ["train-drafter", "--kind", "eagle", "--target", str(tmp_path / "target"), "--out",
             str(tmp_path / "out"), "--steps", "6", "--batch-size", "2", "--seq-len", "16",
             "--corpus-tokens", "4000"]

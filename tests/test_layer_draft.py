@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_prompts, tiny_model, vanilla
+from conftest import corpus_target, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.models import layer_draft
@@ -149,16 +149,8 @@ def test_train_drafter_cuts_distils_and_the_commands_then_use_it(tmp_path, monke
 
     from specdecode.cli import main
     from specdecode.cli_shared import load_models
-    from specdecode.train import corpus
-    from specdecode.train.prepare import train_tokenizer
 
-    texts = [f"Document {i}: the quick brown fox {i % 7} jumps over the lazy dog. " * 8
-             for i in range(200)]
-    monkeypatch.setattr(corpus, "all_documents", lambda: ((f"d{i}", t) for i, t in
-                                                          enumerate(texts)))
-    tok = train_tokenizer(texts[:50], 120, tmp_path / "target")
-    model = tiny_model("llama", vocab=len(tok), seed=2, dtype=torch.float32)
-    model.save_pretrained(tmp_path / "target")
+    tok, model = corpus_target(tmp_path, monkeypatch)
     out = tmp_path / "out"
     args = ["train-drafter", "--kind", "distill", "--target", str(tmp_path / "target"), "--out",
             str(out), "--steps", "4", "--batch-size", "2", "--seq-len", "16",

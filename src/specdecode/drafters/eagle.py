@@ -26,7 +26,6 @@ tokens the corpus uses most, from the head's list; 0: the whole vocabulary; defa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -167,7 +166,7 @@ def shipped_head_dir(kind: str, target_model) -> Path | None:
     the package's ``heads/<model>/<kind>`` whose weights probe matches this target's weights
     (``models.heads.probe_matches``: never a head trained for another model)."""
     from specdecode.demo import demo_dir
-    from specdecode.models.heads import CONFIG_FILE, probe_matches
+    from specdecode.models.heads import shipped_dir
 
     source = getattr(target_model, "name_or_path", "") or ""
     demo = demo_dir()
@@ -177,14 +176,7 @@ def shipped_head_dir(kind: str, target_model) -> Path | None:
         is_demo = False
     if is_demo:
         return demo / kind if (demo / kind).is_dir() else None
-    for config_file in sorted(SHIPPED_HEADS.glob(f"*/{kind}/{CONFIG_FILE}")):
-        try:
-            probe = json.loads(config_file.read_text()).get("target_probe")
-        except (OSError, ValueError):
-            continue
-        if probe_matches(probe, target_model):
-            return config_file.parent
-    return None
+    return shipped_dir(SHIPPED_HEADS, kind, target_model)
 
 
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"

@@ -167,6 +167,19 @@ def probe_matches(probe: list[float] | None, target_model) -> bool:
     return mine.shape == theirs.shape and bool(torch.allclose(mine, theirs, rtol=1e-2, atol=1e-3))
 
 
+def shipped_dir(root: Path, kind: str, target_model) -> Path | None:
+    """The ``root/<model>/<kind>`` directory whose ``head.json`` probe matches ``target_model``'s
+    weights (``probe_matches``: never one trained for another model), or None."""
+    for config_file in sorted(Path(root).glob(f"*/{kind}/{CONFIG_FILE}")):
+        try:
+            probe = json.loads(config_file.read_text()).get("target_probe")
+        except (OSError, ValueError):
+            continue
+        if probe_matches(probe, target_model):
+            return config_file.parent
+    return None
+
+
 def save_head(head: nn.Module, out: Path, target_model, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 

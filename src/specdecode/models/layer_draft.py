@@ -1,14 +1,16 @@
 """Draft models cut from the target itself: a few of its decoder layers on its own embedding and
 (tied) LM head, then distilled to the target (``specdecode train-drafter --kind distill
---draft-layers 0,1,2,29``). Starting from the target's layers gives the draft the target's token
-representations for free; only the layers and the final norm train, so only they are stored
+--draft-layers 0,1,2,3``; on SmolLM2 its first layers were the best start of the cuts probed).
+Starting from the target's layers gives the draft the target's token representations for free;
+only the layers and the final norm train, so only they are stored
 (``head.safetensors`` + ``head.json``, kind ``draft``, like the trained heads): the embedding is
 read from the target when the draft is loaded, and the draft loads only against the weights it was
 cut from (``models.heads.probe_matches``).
 
 ``head.json`` also lists the tokens the corpus uses most (``draft_vocab``): the draft-model drafter
-reads out only those (``HFModel(vocab=...)``), since a 49k-token LM head otherwise costs more than
-the draft's layers. The target still verifies over its whole vocabulary, so outputs do not change.
+reads out only those (``HFModel(vocab=...)``), since a 49k-token LM head otherwise costs about as
+much as a few of the draft's layers (SmolLM2, 4 layers: 5.2 ms per draft token, 3.5 ms reading
+out 8,192 tokens). The target still verifies over its whole vocabulary, so outputs do not change.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from specdecode.models.heads import CONFIG_FILE, HEAD_FILE, probe_matches, weights_probe
+from specdecode.models.heads import (
+    CONFIG_FILE,
+    HEAD_FILE,
+    probe_matches,
+    shipped_dir,
+    weights_probe,
+)
 from specdecode.types import SpecDecodeError
 
 KIND = "draft"
@@ -124,11 +132,5 @@ def load_cut_draft(directory: Path | str, target_model):
 
 def shipped_draft(target_model):
     """The draft shipped for ``target_model`` (``heads/<model>/draft``), loaded, or None."""
-    for config_file in sorted(SHIPPED.glob(f"*/{KIND}/{CONFIG_FILE}")):
-        try:
-            probe = json.loads(config_file.read_text()).get("target_probe")
-        except (OSError, ValueError):
-            continue
-        if probe_matches(probe, target_model):
-            return load_cut_draft(config_file.parent, target_model)
-    return None
+    directory = shipped_dir(SHIPPED, KIND, target_model)
+    return None if directory is None else load_cut_draft(directory, target_model)
