@@ -108,9 +108,10 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
                    "of a fresh one.")
 @click.option("--draft-layers", default=None,
               help="distill: cut the draft from the target itself instead of --draft-model: these "
-                   "of its decoder layers (comma-separated indices, e.g. 0,1,2,29) on its embedding "
-                   "and LM head, which stay frozen. Also saves OUT/head (the trained layers only, "
-                   "tied to the target's weights: what ships as heads/<model>/draft).")
+                   "of its decoder layers (comma-separated indices, e.g. 0,1,2,3: on SmolLM2 its "
+                   "first layers were the best start) on its embedding and LM head, which stay "
+                   "frozen. Also saves OUT/head (the trained layers only, tied to the target's "
+                   "weights; copied to heads/<model>/draft it loads by default for that target).")
 @click.option("--draft-vocab", type=click.IntRange(0), default=0, show_default=True,
               help="distill: the draft reads out only the N most used corpus tokens (its loss, "
                    "and the draft-model drafter's read-out by default). 0: all.")
