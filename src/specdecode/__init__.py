@@ -19,7 +19,7 @@ from specdecode.types import (
 __all__ = ["Budget", "BuildContext", "Draft", "DraftContext", "Drafter", "GenerationResult",
            "Policy", "RequestEvent", "RunStats", "Scheduler", "StepRecord", "register_policy",
            "SamplingParams", "SpecDecodeError", "StepEvent", "StepStats", "TargetFeedback",
-           "Verdict", "available",
+           "Verdict", "available", "compile_forward",
            "generate", "generate_batch", "load_demo", "load_plugins", "prepare", "register",
            "stream"]
 __version__ = "0.1.0"
@@ -34,3 +34,11 @@ def load_demo(*args, **kwargs):
     from specdecode.demo import load_demo as _load
 
     return _load(*args, **kwargs)
+
+
+def compile_forward(model, enabled: bool = True):
+    """Run ``model``'s per-layer work through ``torch.compile`` from its next forward on; see
+    ``specdecode.models.compiled``. Returns the model."""
+    from specdecode.models.compiled import compile_forward as _compile
+
+    return _compile(model, enabled)

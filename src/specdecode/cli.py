@@ -84,7 +84,8 @@ def main(plugins: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def generate(target, draft_model, dtype, device, exact, drafter, prompt, prompts_file, batch_size, chat,
+def generate(target, draft_model, dtype, device, exact, compile_forward, drafter, prompt,
+             prompts_file, batch_size, chat,
              max_new_tokens, temperature, top_k, top_p, seed, sampling, num_draft_tokens, options,
              policy, json_schema, regex, grammar_file, compare, as_json, threads,
              trust_remote_code) -> None:
@@ -111,7 +112,7 @@ def generate(target, draft_model, dtype, device, exact, drafter, prompt, prompts
             opts["policy"] = policy
         need_draft = Needs.DRAFT_MODEL in needs_of(drafter, opts)
         model, draft, tokenizer = load_models(target, draft_model, need_draft, trust_remote_code,
-                                              dtype, device)
+                                              dtype, device, compile_forward)
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, sampling=sampling, exact=exact,
                       **constraint_kwargs(json_schema, regex, grammar_file, tokenizer))
@@ -125,6 +126,12 @@ def generate(target, draft_model, dtype, device, exact, drafter, prompt, prompts
         ids = encode_prompt(tokenizer, prompt, chat)
         sd.prepare(model, ids, drafter=drafter, draft_model=draft, **common, **opts)  # checks
         sd.generate(model, ids[:8], drafter="none", max_new_tokens=2, exact=exact)  # warm-up
+        if compile_forward:  # every kind of forward compiled before the timed run
+            from specdecode.models.compiled import warm_up
+
+            for each in (model, draft):
+                if each is not None:
+                    warm_up(each, exact)
         start = time.perf_counter()
         result = sd.generate(model, ids, drafter=drafter, draft_model=draft, **common, **opts)
         wall = time.perf_counter() - start
@@ -268,7 +275,7 @@ def list_options(table: dict) -> None:
               help="Comma-separated draft node counts.")
 @click.option("--repeats", type=int, default=15, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-def cost_curve(target, dtype, device, exact, context, nodes, repeats, threads) -> None:
+def cost_curve(target, dtype, device, exact, compile_forward, context, nodes, repeats, threads) -> None:
     """Measure the target's verification cost c(n) (ms per forward over 1 + n tokens), chain and
     tree, and print one JSON line per n. Run it with nothing else busy on the machine."""
     import torch
@@ -281,7 +288,8 @@ def cost_curve(target, dtype, device, exact, context, nodes, repeats, threads) -
     quiet_transformers()
     counts = int_list(nodes, "--nodes", 0, "node counts")
     try:
-        model, _, _ = load_models(target, None, False, dtype=dtype, device=device)
+        model, _, _ = load_models(target, None, False, dtype=dtype, device=device,
+                                  compiled=compile_forward)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and context + max(counts) + 1 > limit:
             raise SpecDecodeError(f"--context {context} + {max(counts)} nodes exceeds the model's "

@@ -25,12 +25,18 @@ EXACT_HELP = ("The batch-invariant forward: a token's logits do not depend on ho
               "its forward (draft nodes, batch rows), so every method stays token-identical to "
               "vanilla in bfloat16 and float16. Default: on in half precision, off in float32. "
               "--no-exact is faster in half precision and may change outputs at near-ties.")
+COMPILE_HELP = ("Run the target's (and draft's) per-layer work through torch.compile (Llama / Qwen2 "
+                "models; one graph for every token count). The first forwards compile (seconds to "
+                "minutes); outputs stay exact but may differ from the eager forward's. Measured "
+                "on a 2-core CPU: no faster (docs/benchmarks/compile-smollm2-bf16-cpu).")
 
 
 def model_options(draft: bool = True) -> Callable:
-    """``--target`` (and ``--draft-model``), ``--dtype``, ``--device``, ``--exact`` on a
-    command."""
+    """``--target`` (and ``--draft-model``), ``--dtype``, ``--device``, ``--exact``,
+    ``--compile`` (the ``compile_forward`` argument) on a command."""
     def decorate(command: Callable) -> Callable:
+        command = click.option("--compile", "compile_forward", is_flag=True,
+                               help=COMPILE_HELP)(command)
         command = click.option("--exact/--no-exact", default=None, help=EXACT_HELP)(command)
         command = click.option("--device", type=str, default=None, help=DEVICE_HELP)(command)
         command = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -109,11 +115,23 @@ def load_tokenizer(source, trust_remote_code: bool = False):
 
 
 def load_models(target: str | None, draft_model: str | None, need_draft: bool,
-                trust_remote_code: bool = False, dtype=None, device=None):
+                trust_remote_code: bool = False, dtype=None, device=None, compiled: bool = False):
     """(target model, draft model or None, tokenizer); the demo pair when no target is given, the
     draft shipped for the target (``models/layer_draft.py``) when it has one and none is given.
-    Both models in ``dtype`` on ``device`` (float32, cpu by default). ``trust_remote_code`` stays
-    off unless asked for."""
+    Both models in ``dtype`` on ``device`` (float32, cpu by default), their forwards compiled with
+    ``compiled`` (``models/compiled.py``). ``trust_remote_code`` stays off unless asked for."""
+    model, draft, tokenizer = _load_models(target, draft_model, need_draft, trust_remote_code,
+                                           dtype, device)
+    if compiled:
+        from specdecode.models.compiled import compile_forward
+
+        for each in (model, draft):
+            if each is not None:
+                compile_forward(each)
+    return model, draft, tokenizer
+
+
+def _load_models(target, draft_model, need_draft: bool, trust_remote_code: bool, dtype, device):
     import torch
 
     from specdecode.models.hf import load_causal_lm

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from specdecode.cli_shared import (
     check_policy_name,
@@ -108,8 +109,8 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
 @click.option("--report-only", is_flag=True,
               help="Run nothing: rebuild the report from the answers already in --out (e.g. of "
                    "a run still going or interrupted).")
-def bench(target, draft_model, dtype, device, exact, methods, datastore, workload, questions_file,
-          categories,
+def bench(target, draft_model, dtype, device, exact, compile_forward, methods, datastore, workload,
+          questions_file, categories,
           limit_per_category, max_new_tokens, num_draft_tokens, policy, temperature, sampling, seed,
           repeats, out_dir, quick, allow_lossy, threads, batch_sizes, vllm_python, report_only) -> None:
     """Run Spec-Bench questions with every method, interleaved per question, and write answer
@@ -165,7 +166,7 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
         if uses_vllm:
             check_vllm_importable(vllm_python or sys.executable)
         model, draft, tokenizer = load_models(target, draft_model, draft_needed, dtype=dtype,
-                                              device=device)
+                                              device=device, compiled=compile_forward)
         if target is not None and defaults:  # and heads trained for them (eagle:head=DIR)
             specs = [m for m in specs if parse_spec(m)[0] not in HEAD_KINDS
                      or shipped_head_dir(parse_spec(m)[0], model) is not None]
@@ -180,6 +181,12 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
                     ",".join(str(i) for i in getattr(draft.config, "draft_layers", [])))
         place = next(model.parameters())
         dtype, device = str(place.dtype).removeprefix("torch."), str(place.device)
+        compile_s = None
+        if compile_forward:  # compiled now, outside every timed region
+            from specdecode.models.compiled import warm_up
+
+            compile_s = round(warm_up(model, exact) + (warm_up(draft, exact) if draft else 0), 1)
+            tqdm.write(f"compiled the forward in {compile_s} s (first calls, not timed)")
         if batch_sizes is not None:
             run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir, target_id,
                            draft_id, max_new_tokens=max_new_tokens,
@@ -194,6 +201,7 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
                     "temperature": temperature, "workload": workload,
                     "sampling": sampling, "seed": seed, "repeats": repeats,
                     "datastore": str(datastore) if datastore else None, "policy": policy,
+                    "compiled": bool(compile_forward),
                     "questions": [q.question_id for q in questions]}
         out_dir.mkdir(parents=True, exist_ok=True)
         run_file = out_dir / "run.json"
@@ -206,6 +214,7 @@ def bench(target, draft_model, dtype, device, exact, methods, datastore, workloa
             "policy")}, model)
         env["cost_curve_ms"] = cost_curve_ms(model, settings["exact"])
         env["exact"] = settings["exact"]
+        env["compiled"], env["compile_s"] = bool(compile_forward), compile_s
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
         s = Settings(target=model, draft=draft, max_new_tokens=max_new_tokens,
                      num_draft_tokens=num_draft_tokens, temperature=temperature, seed=seed,

@@ -119,12 +119,15 @@ def markdown(report: dict, environment: dict) -> str:
              f"Model: `{environment['model_id']}` · draft: `{environment.get('draft_id')}` · "
              f"{environment['cpu']} · torch threads {environment['threads']} · "
              f"dtype {environment['dtype']} "
-             f"({'exact forward' if environment.get('exact') else 'batched forward'}) · "
+             f"({'exact forward' if environment.get('exact') else 'batched forward'}"
+             f"{', compiled' if environment.get('compiled') else ''}) · "
              f"device {environment.get('device', 'cpu')} · temperature {environment['temperature']} · "
              f"seed {environment['seed']}", "",
              f"Command: `{environment['command']}`", "",
              f"Questions: {report['questions']} answered by vanilla; skipped "
-             f"(do not fit the context): {environment.get('skipped', 0)}.", "",
+             f"(do not fit the context): {environment.get('skipped', 0)}."
+             + (f" The forward was compiled first ({environment['compile_s']} s, not timed)."
+                if environment.get("compiled") else ""), "",
              "## Overall", "",
              "| method | speedup | MAT | acceptance | tokens/s | % of oracle | identical to vanilla |",
              "|---|---|---|---|---|---|---|"]

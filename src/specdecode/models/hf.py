@@ -132,13 +132,15 @@ class BatchTarget(_Adapter):
                  causal: bool = False, hidden: bool = False, exact: list | None = None
                  ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        mode = ExactMatmul() if exact is not None and self.dtype == torch.float32 else \
+        row_by_row = exact is not None and self.dtype == torch.float32
+        mode = ExactMatmul() if row_by_row else \
             self.packed or nullcontext()  # half precision on the CPU: models/packed.py
         lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
         with rows_attention(self.model.config, chunks, causal, exact), mode:
             if lean is not None:
                 logits, self.hidden = lean(ids.to(self.device), positions.to(self.device),
-                                           mask.to(self.device), self.cache, last_only, hidden)
+                                           mask.to(self.device), self.cache, last_only, hidden,
+                                           compiled=not row_by_row)
                 return logits
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=positions.to(self.device),

@@ -24,6 +24,7 @@ import sys
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from specdecode.models.compiled import compiled_functions, layer_functions, rms_norm, wants_compile
 from specdecode.models.packed import can_pack
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -39,9 +40,7 @@ def _weights(model) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' Llama / Qwen2 RMSNorm, the same ops in the same order, without the module
     call."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 class LeanForward:
@@ -75,6 +74,8 @@ class LeanForward:
                     torch.nn.functional.silu if config.hidden_act in ("silu", "swish")
                     else mlp.act_fn))
             self.head = self.linear(model.lm_head.weight)
+        self.plain = layer_functions(self._mm)
+        self.compiled = compiled_functions(self.pack) if wants_compile(model) else None
         module = sys.modules[type(inner.layers[0].self_attn).__module__]
         self.eager = module.eager_attention_forward
         self.owner = id(model)  # a shallow copy of the model (layer-skip's view) builds its own
@@ -93,16 +94,10 @@ class LeanForward:
         return (type(None), ())
 
     def _mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-            ) -> torch.Tensor:
+            ) -> torch.Tensor:  # the packed op itself: a compiled graph needs it wrapped
         if self.pack:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return torch.nn.functional.linear(x, weight, bias)  # ExactMatmul sees it in float32
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """transformers' ``apply_rotary_pos_emb`` for one tensor (the same ops)."""
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def stale(self) -> bool:
         """A weight replaced or changed in place since this was built (checked every forward)."""
@@ -112,10 +107,12 @@ class LeanForward:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
                  last_only: bool = False, hidden: bool = False,
-                 select: torch.Tensor | None = None, head: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 select: torch.Tensor | None = None, head: torch.Tensor | None = None,
+                 compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``select``: logits [1, n, V] of only these tokens (indices into the b * q); ``head``: a
-        read-out to use instead of the LM head (from ``linear``: a draft's reduced vocabulary)."""
+        read-out to use instead of the LM head (from ``linear``: a draft's reduced vocabulary);
+        ``compiled``: False keeps the eager layers even where the model asked for compiling (the
+        float32 exact forward's row-by-row matmuls are not traced)."""
         b, q = ids.shape
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
@@ -124,18 +121,22 @@ class LeanForward:
                                                        self.eager)
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         flat = x.view(b * q, -1)
-        for i, (norm1, qkv, qkv_bias, attn, o, norm2, gate_up, down, act) in \
-                enumerate(self.layers):
-            y = self._mm(_rms_norm(norm1, flat), qkv, qkv_bias).view(b, q, -1, attn.head_dim)
-            # rotary embedding of the queries and keys together (the same elementwise ops)
-            rotated = self._rope(y[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
-            query, key = rotated[:, :heads], rotated[:, heads:]
-            key, value = cache.update(key, y[:, :, heads + kv_heads:].transpose(1, 2), i)
+        pre, post, post_pre = self.compiled if self.compiled and compiled else self.plain
+        shape = (b, q, heads, kv_heads, self.layers[0][3].head_dim)
+        norm1, qkv, qkv_bias = self.layers[0][:3]
+        query, key, value = pre(flat, norm1.weight, norm1.variance_epsilon, qkv, qkv_bias, cos,
+                                sin, *shape)
+        for i, (_, _, _, attn, o, norm2, gate_up, down, act) in enumerate(self.layers):
+            key, value = cache.update(key, value, i)
             out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
-            flat = flat + self._mm(out.reshape(b * q, -1), o)
-            h = self._mm(_rms_norm(norm2, flat), gate_up)
-            gate, up = h.chunk(2, dim=-1)
-            flat = flat + self._mm(act(gate) * up, down)
+            tail = (flat, out.reshape(b * q, -1), o, norm2.weight, norm2.variance_epsilon,
+                    gate_up, down, act)
+            if i + 1 == len(self.layers):
+                flat = post(*tail)
+            else:
+                norm1, qkv, qkv_bias = self.layers[i + 1][:3]
+                flat, query, key, value = post_pre(*tail, norm1.weight, norm1.variance_epsilon,
+                                                   qkv, qkv_bias, cos, sin, *shape)
         states = _rms_norm(self.norm, flat).view(b, q, -1)
         if select is not None:
             picked = states.view(b * q, -1).index_select(0, select)
@@ -151,7 +152,8 @@ class LeanForward:
         current = getattr(model, _ATTR, None)
         if current is False and getattr(model, _OWNER, None) == id(model):  # checked before
             return None
-        if current and current.owner == id(model) and not current.stale():
+        if current and current.owner == id(model) and not current.stale() \
+                and (current.compiled is not None) == wants_compile(model):
             return current
         if not supported(model):
             setattr(model, _ATTR, False)

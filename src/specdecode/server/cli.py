@@ -61,7 +61,8 @@ from specdecode.types import SpecDecodeError
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def serve(target, draft_model, dtype, device, exact, drafter, options, policy, allow_drafters, max_batch_size,
+def serve(target, draft_model, dtype, device, exact, compile_forward, drafter, options, policy,
+          allow_drafters, max_batch_size,
           max_draft_nodes, api_key, metrics_public, max_body_bytes, max_queue, request_timeout,
           stall_seconds, max_model_len, served_model_name, host, port, threads,
           trust_remote_code) -> None:
@@ -92,7 +93,7 @@ def serve(target, draft_model, dtype, device, exact, drafter, options, policy, a
     name = served_model_name or model_id(target, "specdecode-demo")
     try:
         model, draft, tokenizer = load_models(target, draft_model, True, trust_remote_code, dtype,
-                                              device)
+                                              device, compile_forward)
         config = ServerConfig(model_name=name, drafter=drafter,
                               drafter_options=parse_options(options, drafter), policy=policy,
                               max_batch_size=max_batch_size, allowed_drafters=allowed,
@@ -104,6 +105,11 @@ def serve(target, draft_model, dtype, device, exact, drafter, options, policy, a
         sd.prepare(model, [1, 2, 3], drafter=drafter, draft_model=draft, policy=policy, exact=exact,
                    **({"max_draft_nodes": max_draft_nodes} if max_draft_nodes else {}),
                    **config.drafter_options)  # the server's own options, checked
+        if compile_forward:  # compiled before the first request, not during it
+            from specdecode.models.compiled import warm_up
+
+            seconds = sum(warm_up(each, exact) for each in (model, draft) if each is not None)
+            click.echo(f"compiled the forward in {seconds:.1f} s", err=True)
         app = create_app(model, tokenizer, draft_model=draft, config=config)
     except SpecDecodeError as err:
         raise click.ClickException(str(err)) from None

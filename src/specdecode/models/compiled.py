@@ -1,0 +1,107 @@
+"""The lean forward's per-layer work, optionally through ``torch.compile`` (``compile_forward``,
+``--compile``): each layer's matmuls and the elementwise work between them (RMSNorm, rotary
+embedding, SiLU-gated MLP, residuals) as one compiled region from the attention output of layer i
+to the queries, keys and values of layer i + 1; the cache update and the attention stay eager
+between regions. Shapes are dynamic (one graph for every token count, no recompiling per step).
+
+On the CPU the prepacked half-precision weights (``models/packed.py``) enter the graph through
+the ``specdecode::packed_linear`` op (inductor lowers oneDNN's packed linear only for frozen
+constant weights). Exactness is unchanged in kind: every region computes each token's row with
+the same kernels whatever the token count (dynamic shapes: one kernel for all of them), and the
+tests prove the batch invariance with compiling on. The compiled forward may differ from the eager
+one (other kernels), so vanilla and every method must run the same one, which they do: the choice
+is the model's.
+
+Measured on SmolLM2-135M in bfloat16, 2 threads (``docs/benchmarks/compile-smollm2-bf16-cpu``):
+compiling does not pay on this CPU; each compiled call costs more in guards and dispatch than the
+fused elementwise work saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+_MARK = "_specdecode_compile"
+
+
+def compile_forward(model, enabled: bool = True):
+    """Run ``model``'s lean forward (``models/lean.py``) with its per-layer work compiled by
+    ``torch.compile`` (the first forward of each kind compiles: seconds to minutes). Returns the
+    model. Models the lean forward does not take keep the eager forward."""
+    setattr(model, _MARK, bool(enabled))
+    return model
+
+
+def wants_compile(model) -> bool:
+    return bool(getattr(model, _MARK, False))
+
+
+@torch.library.custom_op("specdecode::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """oneDNN's packed half-precision linear as an op the compiler calls as it is."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama / Qwen2 RMSNorm, the same ops in the same order."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def layer_functions(mm: Callable) -> tuple[Callable, Callable, Callable]:
+    """(pre, post, post_pre) of a layer with ``mm(x, weight, bias)`` as the matmul:
+    ``pre`` gives the layer's rotated queries, keys and values; ``post`` the residual stream after
+    its attention output and MLP; ``post_pre`` one layer's post then the next one's pre."""
+
+    def pre(flat, w1, eps: float, qkv, bias, cos, sin, b: int, q: int, heads: int, kv: int,
+            dim: int):
+        y = mm(rms_norm(flat, w1, eps), qkv, bias).view(b, q, -1, dim)
+        x = y[:, :, :heads + kv].transpose(1, 2)  # queries and keys rotated together
+        half = dim // 2
+        rotated = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        return rotated[:, :heads], rotated[:, heads:], y[:, :, heads + kv:].transpose(1, 2)
+
+    def post(flat, out, o, w2, eps: float, gate_up, down, act):
+        flat = flat + mm(out, o, None)
+        gate, up = mm(rms_norm(flat, w2, eps), gate_up, None).chunk(2, dim=-1)
+        return flat + mm(act(gate) * up, down, None)
+
+    def post_pre(flat, out, o, w2, eps: float, gate_up, down, act, w1, eps1: float, qkv, bias,
+                 cos, sin, b: int, q: int, heads: int, kv: int, dim: int):
+        flat = post(flat, out, o, w2, eps, gate_up, down, act)
+        return (flat, *pre(flat, w1, eps1, qkv, bias, cos, sin, b, q, heads, kv, dim))
+
+    return pre, post, post_pre
+
+
+def compiled_functions(pack: bool) -> tuple[Callable, Callable, Callable]:
+    """``layer_functions`` compiled (dynamic shapes), with the packed op where weights are packed."""
+    mm = packed_linear if pack else torch.nn.functional.linear
+    return tuple(torch.compile(fn, dynamic=True) for fn in layer_functions(mm))
+
+
+def warm_up(model, exact: bool | None = None) -> float:
+    """Compile ``model``'s forward now (a prefill, then steps over a few token counts), so that no
+    timed region pays for it; returns the seconds taken."""
+    import time
+
+    from specdecode.models.hf import BatchTarget
+    from specdecode.types import Draft
+
+    start = time.perf_counter()
+    target = BatchTarget(model, exact=exact)
+    row = target.add_row(64)
+    target.prefill(row, [0] * 16)
+    for n in (0, 3, 7):
+        target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
+        target.keep(row, [])
+    return time.perf_counter() - start
