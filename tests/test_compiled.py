@@ -29,12 +29,34 @@ def test_compiled_forward_is_batch_invariant_in_bfloat16():
     assert mismatches(model, exact=True, trials=12, seed=21) == 0
 
 
-def test_compiled_drafters_are_token_identical_to_compiled_vanilla():
+def test_compiled_drafters_are_token_identical_to_compiled_vanilla(caplog):
+    """Also: after the warm-up no forward recompiles (dynamic shapes: every token count, chains,
+    trees, batch rows and the self-draft's one-token steps run the graphs compiled once)."""
+    from specdecode.models.adapter import HFModel
+    from specdecode.models.compiled import warm_up
+
     target = _compiled("llama", torch.bfloat16, seed=0)
     other = tiny_model("llama", seed=1, layers=1, dtype=torch.bfloat16, vocab=256)
+    warm_up(target)
     rng = random.Random(2)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        HFModel(target).extend([1, 2, 3])  # a draft's forwards: several tokens, then one
+        HFModel(target).extend([4])
+        _compare_drafters(target, other, rng)
+        rows = sd.generate_batch(target, make_prompts(5, vocab=256, seed=6), drafter="ngram",
+                                 max_new_tokens=12, batch_size=3, eos_token_id=[])
+    finally:
+        torch.compiler.set_stance("default")
+    assert "drafter failed" not in caplog.text  # a recompile there would fall back silently
+    for prompt, row in zip(make_prompts(5, vocab=256, seed=6), rows):
+        alone = sd.generate(target, prompt, drafter="none", max_new_tokens=12, eos_token_id=[])
+        assert row.token_ids == alone.token_ids
+
+
+def _compare_drafters(target, other, rng: random.Random) -> None:
     accepted = 0
-    for prompt in make_prompts(4, seed=5):
+    for prompt in make_prompts(4, vocab=256, seed=5):
         new = rng.randint(8, 20)
         reference = sd.generate(target, prompt, drafter="none", max_new_tokens=new,
                                 eos_token_id=[]).token_ids

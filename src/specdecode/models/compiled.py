@@ -2,7 +2,9 @@
 ``--compile``): each layer's matmuls and the elementwise work between them (RMSNorm, rotary
 embedding, SiLU-gated MLP, residuals) as one compiled region from the attention output of layer i
 to the queries, keys and values of layer i + 1; the cache update and the attention stay eager
-between regions. Shapes are dynamic (one graph for every token count, no recompiling per step).
+between regions. Every tensor a region takes or gives is laid out by rows [M, ...] (M = batch
+rows x tokens) and shapes are dynamic, so one graph serves every batch size and token count (two:
+M = 1 is its own), and no step recompiles.
 
 On the CPU the prepacked half-precision weights (``models/packed.py``) enter the graph through
 the ``specdecode::packed_linear`` op (inductor lowers oneDNN's packed linear only for frozen
@@ -62,13 +64,14 @@ def layer_functions(mm: Callable) -> tuple[Callable, Callable, Callable]:
     ``pre`` gives the layer's rotated queries, keys and values; ``post`` the residual stream after
     its attention output and MLP; ``post_pre`` one layer's post then the next one's pre."""
 
-    def pre(flat, w1, eps: float, qkv, bias, cos, sin, b: int, q: int, heads: int, kv: int,
-            dim: int):
-        y = mm(rms_norm(flat, w1, eps), qkv, bias).view(b, q, -1, dim)
-        x = y[:, :, :heads + kv].transpose(1, 2)  # queries and keys rotated together
+    def pre(flat, w1, eps: float, qkv, bias, cos, sin, heads: int, kv: int, dim: int):
+        """Rows [M, hidden] (M = batch x tokens, the only size that varies) to queries, keys and
+        values [M, heads, dim] ([M, kv, dim]); ``cos`` / ``sin`` [M, 1, dim]."""
+        y = mm(rms_norm(flat, w1, eps), qkv, bias).view(flat.shape[0], -1, dim)
+        x = y[:, :heads + kv]  # queries and keys rotated together
         half = dim // 2
         rotated = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-        return rotated[:, :heads], rotated[:, heads:], y[:, :, heads + kv:].transpose(1, 2)
+        return rotated[:, :heads], rotated[:, heads:], y[:, heads + kv:]
 
     def post(flat, out, o, w2, eps: float, gate_up, down, act):
         flat = flat + mm(out, o, None)
@@ -76,9 +79,9 @@ def layer_functions(mm: Callable) -> tuple[Callable, Callable, Callable]:
         return flat + mm(act(gate) * up, down, None)
 
     def post_pre(flat, out, o, w2, eps: float, gate_up, down, act, w1, eps1: float, qkv, bias,
-                 cos, sin, b: int, q: int, heads: int, kv: int, dim: int):
+                 cos, sin, heads: int, kv: int, dim: int):
         flat = post(flat, out, o, w2, eps, gate_up, down, act)
-        return (flat, *pre(flat, w1, eps1, qkv, bias, cos, sin, b, q, heads, kv, dim))
+        return (flat, *pre(flat, w1, eps1, qkv, bias, cos, sin, heads, kv, dim))
 
     return pre, post, post_pre
 
@@ -90,18 +93,19 @@ def compiled_functions(pack: bool) -> tuple[Callable, Callable, Callable]:
 
 
 def warm_up(model, exact: bool | None = None) -> float:
-    """Compile ``model``'s forward now (a prefill, then steps over a few token counts), so that no
-    timed region pays for it; returns the seconds taken."""
+    """Compile ``model``'s forward now (a prefill, then steps over a few token counts, one token
+    alone among them), so that no timed region pays for it; returns the seconds taken."""
     import time
 
     from specdecode.models.hf import BatchTarget
     from specdecode.types import Draft
 
     start = time.perf_counter()
-    target = BatchTarget(model, exact=exact)
-    row = target.add_row(64)
-    target.prefill(row, [0] * 16)
-    for n in (0, 3, 7):
-        target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
-        target.keep(row, [])
+    for forward_exact in (exact, False):  # the plain forward's one-token steps: M = 1
+        target = BatchTarget(model, exact=forward_exact)
+        row = target.add_row(64)
+        target.prefill(row, [0] * 16)
+        for n in (0, 3, 7):
+            target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
+            target.keep(row, [])
     return time.perf_counter() - start

@@ -116,16 +116,20 @@ class LeanForward:
         b, q = ids.shape
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        self.eager)
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         flat = x.view(b * q, -1)
         pre, post, post_pre = self.compiled if self.compiled and compiled else self.plain
-        shape = (b, q, heads, kv_heads, self.layers[0][3].head_dim)
+        dim = self.layers[0][3].head_dim
+        cos, sin = cos.reshape(b * q, 1, dim), sin.reshape(b * q, 1, dim)
+
+        def rows(*tensors: torch.Tensor) -> list[torch.Tensor]:  # [M, h, dim] -> [b, h, q, dim]
+            return [t.view(b, q, -1, dim).transpose(1, 2) for t in tensors]
+
         norm1, qkv, qkv_bias = self.layers[0][:3]
-        query, key, value = pre(flat, norm1.weight, norm1.variance_epsilon, qkv, qkv_bias, cos,
-                                sin, *shape)
+        query, key, value = rows(*pre(flat, norm1.weight, norm1.variance_epsilon, qkv, qkv_bias,
+                                      cos, sin, heads, kv_heads, dim))
         for i, (_, _, _, attn, o, norm2, gate_up, down, act) in enumerate(self.layers):
             key, value = cache.update(key, value, i)
             out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
@@ -135,8 +139,9 @@ class LeanForward:
                 flat = post(*tail)
             else:
                 norm1, qkv, qkv_bias = self.layers[i + 1][:3]
-                flat, query, key, value = post_pre(*tail, norm1.weight, norm1.variance_epsilon,
-                                                   qkv, qkv_bias, cos, sin, *shape)
+                flat, *qkv_out = post_pre(*tail, norm1.weight, norm1.variance_epsilon, qkv,
+                                          qkv_bias, cos, sin, heads, kv_heads, dim)
+                query, key, value = rows(*qkv_out)
         states = _rms_norm(self.norm, flat).view(b, q, -1)
         if select is not None:
             picked = states.view(b * q, -1).index_select(0, select)
