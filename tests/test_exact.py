@@ -57,7 +57,8 @@ def mismatches(model, exact: bool, trials: int, seed: int) -> int:
     bad = 0
     for _ in range(trials):
         rows = rng.randint(1, 4)
-        prompts = [[rng.randrange(vocab) for _ in range(rng.randint(2, 70))] for _ in range(rows)]
+        sizes = [rng.choice([rng.randint(2, 40), rng.randint(110, 300)]) for _ in range(rows)]
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in sizes]  # across windows
         drafts = [_random_draft(rng, vocab) for _ in range(rows)]
         target = BatchTarget(model, exact=exact)
         for prompt in prompts:
@@ -141,15 +142,15 @@ def test_exact_attention_at_real_shapes(dim, kv_heads, group):
     """The bfloat16 exact attention at real head sizes and contexts past 512 keys: a token's output
     is the same computed alone (plain decoding), inside a chain of 1 to 40 tokens sharing the
     row's keys, or as a tree node with its keys gathered."""
-    from specdecode.models.exact import _matmul_attention, window_end
+    from specdecode.models.exact import WINDOW, _matmul_attention, window_end
 
     gen = torch.Generator().manual_seed(dim + group)
-    for length in (32, 96, 544, 1120):
+    for length in (WINDOW, 3 * WINDOW, 5 * WINDOW, 9 * WINDOW):
         k = torch.randn(kv_heads, length, dim, generator=gen).to(torch.bfloat16)
         v = torch.randn(kv_heads, length, dim, generator=gen).to(torch.bfloat16)
         for g in (1, 2, 5, 17, 40):
             q = torch.randn(g, kv_heads, group, dim, generator=gen).to(torch.bfloat16)
-            positions = torch.randint(max(0, length - 32), length, (g,), generator=gen)
+            positions = torch.randint(length - WINDOW, length, (g,), generator=gen)
             assert all(window_end(int(p)) == length for p in positions)
             mask = torch.arange(length)[None, :] <= positions[:, None]  # [g, length]
             chain = _matmul_attention(q.transpose(0, 1).reshape(kv_heads, g * group, dim), k, v,

@@ -78,8 +78,8 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
 
 log = logging.getLogger("specdecode")
 CURVE_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CURVE_VERSION = 5  # bumped when the verification forward changes (3: exact in half precision;
-# 4-5: one exact-attention call per row and window, the lean forward)
+CURVE_VERSION = 6  # bumped when the verification forward changes (3: exact in half precision;
+# 4-5: one exact-attention call per row and window, the lean forward; 6: 128-token windows)
 HOST_KEY = "cost-curves"  # a host's measured curves in memory: curve_key -> curve
 
 
