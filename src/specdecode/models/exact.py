@@ -112,29 +112,29 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
             res = _attend(items.reshape(n, kv_heads, -1, dim), keys, values, bias, scale)
             res = res.view(n, kv_heads, -1, group, dim).transpose(1, 2).reshape(-1, heads, dim)
             flat_out[out_index] = res[res_index]
-    for r, calls in enumerate(_FORWARD.exact):
-        for i, (cols, length, mask, gather) in enumerate(calls):
+    if matmul:  # tree rows: their chains' gathered keys, one call per row and key length
+        if "trees" not in memo:
+            memo["trees"] = _tree_calls(_FORWARD.exact, group, kv_heads, key.device)
+        for r, cols, gather, bias, out_cols, res_index in memo["trees"]:
+            n, t = cols.shape
+            length = bias.shape[-1]
+            items = queries_[r, cols.view(-1)].view(n, t, kv_heads, group, dim)
+            k = key[r].index_select(1, gather).view(kv_heads * n, length, dim)
+            v = value[r].index_select(1, gather).view(kv_heads * n, length, dim)
+            res = _attend(items.permute(2, 0, 1, 3, 4).reshape(kv_heads * n, t * group, dim), k,
+                          v, bias, scale)
+            res = res.view(kv_heads, n, t, group, dim).permute(1, 2, 0, 3, 4)
+            out[r, out_cols] = res.reshape(n * t, heads, dim)[res_index]
+        return out, None
+    for r, calls in enumerate(_FORWARD.exact):  # other dtypes: sdpa, each token its own item
+        for cols, length, mask, gather in calls:
             g, items = mask.shape[0], queries_[r, cols]  # [g, kv heads, group, dim]
-            if gather is None:  # a chain: a view of the row's slots, shared by every item
-                if matmul:
-                    continue  # done above
+            if gather is None:  # a chain: a view of the row's slots
                 k, v = key[r, :, :length], value[r, :, :length]  # [kv heads, length, dim]
-                k, v = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)
-            else:  # tree nodes: each item's keys gathered in position order, [kv heads * g, ...]
-                k = key[r].index_select(1, gather).view(kv_heads * g, length, dim)
-                v = value[r].index_select(1, gather).view(kv_heads * g, length, dim)
-                if matmul:
-                    if (r, i) not in memo:
-                        memo[r, i] = additive(mask[None, :, 0].expand(kv_heads, g, group, length)
-                                              .reshape(kv_heads * g, group, length))
-                    res = _attend(items.transpose(0, 1).reshape(kv_heads * g, group, dim), k, v,
-                                  memo[r, i], scale)
-                    out[r, cols] = res.view(kv_heads, g, group, dim).transpose(0, 1) \
-                        .reshape(g, heads, dim)
-                    continue
-                k = k.view(kv_heads, g, length, dim).transpose(0, 1)
-                v = v.view(kv_heads, g, length, dim).transpose(0, 1)
-            res = sdpa(items, k, v, attn_mask=mask, scale=scaling)
+            else:  # a tree's chain: its keys gathered in position order
+                k, v = key[r].index_select(1, gather), value[r].index_select(1, gather)
+            res = sdpa(items, k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1), attn_mask=mask,
+                       scale=scaling)
             out[r, cols] = res.reshape(g, heads, dim)
     return out, None
 
@@ -196,47 +196,104 @@ def _chain_calls(plan: list, q: int, group: int, device) -> list:
     return out
 
 
+def _tree_calls(plan: list, group: int, kv: int, device) -> list:
+    """The tree calls of ``plan`` (a row's chains, each with its gathered key layout), batched per
+    row and key length: (row, token columns [n, t] (padded with the entry's first), gather index
+    [n * length], additive mask [kv heads * n, t * group, length] (padding rows all visible;
+    t * group >= MIN_ROWS), every real token's column and its index in the call's n * t)."""
+    out = []
+    for r, calls in enumerate(plan):
+        by_length: dict[int, list] = {}
+        for cols, length, mask, gather in calls:
+            if gather is not None:
+                js = list(range(cols.start, cols.stop)) if isinstance(cols, slice) \
+                    else cols.tolist()
+                by_length.setdefault(length, []).append((js, mask[:, 0, 0].cpu(), gather))
+        for length, entries in by_length.items():
+            t = max(max(len(js) for js, _, _ in entries), -(-MIN_ROWS // group))
+            cols = torch.empty(len(entries), t, dtype=torch.long)
+            visible = torch.ones(len(entries), t, length, dtype=torch.bool)
+            out_cols, res_index = [], []
+            for i, (js, mask, _) in enumerate(entries):
+                cols[i] = js[0]
+                cols[i, :len(js)] = torch.tensor(js)
+                visible[i, :len(js)] = mask
+                out_cols += js
+                res_index += range(i * t, i * t + len(js))
+            bias = additive(visible.repeat_interleave(group, dim=1))  # [n, t * group, length]
+            bias = bias[None].expand(kv, -1, -1, -1).reshape(kv * len(entries), -1, length)
+            out.append((r, cols.to(device), torch.cat([g for _, _, g in entries]).to(device),
+                        bias.to(device), torch.tensor(out_cols, device=device),
+                        torch.tensor(res_index, device=device)))
+    return out
+
+
 def window_end(position: int) -> int:
     """How many keys the exact attention lays out for a query at ``position``: up to the end of
     its ``WINDOW``-aligned block (a function of the position alone, so the same in every forward)."""
     return (position // WINDOW + 1) * WINDOW
 
 
+def _tree_chains(n: int, parents: list[int]) -> list[tuple[int, list[int], list[int], list[int]]]:
+    """A tree's queries (0: the pending token at position ``n``; i + 1: node i) split into
+    root-to-leaf chains, each query in one chain whose path holds it (the pending token in the
+    first): per chain and key length, (length, its queries, their positions, the chain's slots
+    after the pending token's, in position order). Parents precede their children."""
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    owner = [-1] * len(parents)
+    chains: list[list[int]] = []
+    for leaf in reversed(range(len(parents))):
+        if owner[leaf] >= 0:
+            continue
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            if owner[node] < 0:
+                owner[node] = len(chains)
+            node = parents[node]
+        chains.append(path[::-1])
+    out = []
+    for c, path in enumerate(chains):
+        members = [(0, n)] if c == 0 else []
+        members += [(i + 1, n + depth[i]) for i in path if owner[i] == c]
+        groups: dict[int, list] = {}
+        for j, p in members:
+            groups.setdefault(window_end(p), []).append((j, p))
+        for length, items in groups.items():
+            out.append((length, [j for j, _ in items], [p for _, p in items],
+                        [n + 1 + i for i in path]))
+    return out
+
+
 def exact_plan(lengths: list[int], drafts: list, device) -> list:
     """Per row, the calls of ``_exact_attention``: (query columns (a slice where contiguous), key
     length, mask [g, 1, 1, length] (key t visible to an item iff t <= its position), gather index
-    or None for a chain).
+    [length] (a tree's chain: the slot holding the token at each position) or None for a chain
+    row (the row's own slots)).
     Row r's query 0 is its pending token at position ``lengths[r]``, query i + 1 draft node i."""
     plan = []
     for n, draft in zip(lengths, drafts):
         if draft.is_chain():
-            nodes = [(j, n + j, None) for j in range(len(draft) + 1)]
-        else:
-            parents = draft.parents.tolist()
-            nodes = [(0, n, [])]
-            for i in range(len(parents)):
-                path, node = [], i
-                while node >= 0:
-                    path.append(n + 1 + node)
-                    node = parents[node]
-                nodes.append((i + 1, n + len(path), path[::-1]))
-        groups: dict[int, list] = {}
-        for j, p, path in nodes:
-            groups.setdefault(window_end(p), []).append((j, p, path))
+            groups: dict[int, list] = {}
+            for j in range(len(draft) + 1):
+                groups.setdefault(window_end(n + j), []).append(j)
+            calls = []
+            for length, js in groups.items():
+                positions = torch.tensor([n + j for j in js])
+                mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None]
+                calls.append((slice(js[0], js[-1] + 1), length, mask.to(device), None))
+            plan.append(calls)
+            continue
         calls = []
-        for length, items in groups.items():
-            js = [j for j, _, _ in items]
-            cols = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[-1] + 1)) else \
-                torch.tensor(js, device=device)
-            positions = torch.tensor([p for _, p, _ in items])
-            mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None]
-            gather = None
-            if items[0][2] is not None:
-                index = torch.zeros(len(items), length, dtype=torch.long)
-                index[:, :n + 1] = torch.arange(n + 1)
-                for row, (_, _, path) in enumerate(items):
-                    index[row, n + 1:n + 1 + len(path)] = torch.tensor(path, dtype=torch.long)
-                gather = index.reshape(-1).to(device)
-            calls.append((cols, length, mask.to(device), gather))
+        for length, js, positions, slots in _tree_chains(n, draft.parents.tolist()):
+            mask = (torch.arange(length)[None, :] <= torch.tensor(positions)[:, None])
+            index = torch.zeros(length, dtype=torch.long)  # key t: the token at position t
+            index[:n + 1] = torch.arange(n + 1)
+            tail = slots[:length - n - 1]
+            index[n + 1:n + 1 + len(tail)] = torch.tensor(tail, dtype=torch.long)
+            calls.append((torch.tensor(js, device=device), length,
+                          mask[:, None, None].to(device), index.to(device)))
         plan.append(calls)
     return plan
