@@ -7,9 +7,10 @@ token exactly what plain decoding does for it (Thinking Machines, "Defeating Non
 Inference", 2025; vLLM's and SGLang's batch-invariant modes, here on the CPU):
 
 - attention (``_exact_attention``): a token at position p attends over the keys up to the end of
-  its ``WINDOW``-aligned block, in position order, the later ones masked, as its own item (its GQA
-  group of heads) of a call shared by the row's tokens: the key length and the item's computation
-  are functions of p alone, the same in every forward;
+  its ``WINDOW``-aligned block, in position order, the later ones masked (a tree node: in the
+  layout of a root-to-leaf chain through it, so a tree costs a gather per chain, not per node), in
+  a call shared by the row's tokens: the key length and the token's computation are functions of
+  p alone, the same in every forward;
 - matmuls: half-precision matmuls on the CPU (oneDNN) take another reduction order for the
   smallest row counts (measured: one row for SmolLM2's 1536-wide down projection, up to two for a
   64-wide one), then one order whatever the count (checked up to 600 rows on SmolLM2's layers and
@@ -78,15 +79,15 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
                      scaling: float | None = None, **kwargs):
     """Batch-invariant attention (``BatchTarget(exact=True)``). A query at position p attends over
     ``window_end(p)`` keys laid out in position order (key t at index t: the row's own slots for a
-    chain; the committed prefix then the tree path, gathered, for a tree node), those after p
-    masked. Neither the key length nor the computation for an item (a token's GQA group of heads)
-    depends on how many draft nodes or batch rows share the forward: the result for a token is the
-    one plain decoding computes for it (Thinking Machines, "Defeating Nondeterminism in LLM
-    Inference", 2025: a fixed reduction order per token). bfloat16 runs ``_attend``: one call per
-    key length for the chain queries of every row, one per row for tree nodes; other dtypes run
-    sdpa per row and key length with each token as its own batch item (``exact_plan``). Never one
-    call per token. Masked keys are finite (the cache starts zeroed), so they contribute exact
-    zeros."""
+    chain; for a tree, the committed prefix then the path of a root-to-leaf chain holding the
+    node, gathered once per chain), those after p masked. Neither the key length nor the
+    computation for an item (a token's GQA group of heads) depends on how many draft nodes or
+    batch rows share the forward: the result for a token is the one plain decoding computes for it
+    (Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025: a fixed reduction order
+    per token). bfloat16 runs ``_attend``: one call per key length for the chain queries of every
+    row, one per row and key length for a tree's chains; other dtypes run sdpa per row and key
+    length with each token as its own batch item (``exact_plan``). Never one call per token.
+    Masked keys are finite (the cache starts zeroed), so they contribute exact zeros."""
     b, heads, q, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
