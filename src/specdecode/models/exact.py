@@ -166,8 +166,8 @@ class ExactMatmul(TorchFunctionMode):
 def _chain_calls(plan: list, q: int, group: int, device) -> list:
     """The chain calls of ``plan`` (every row's), grouped by key length, as batched calls: (rows
     [n] (a slice where consecutive), token indices [n, t] into the forward's b * q tokens (padded
-    with the entry's first), additive mask [n, 1, t * group, length] (padding rows all visible;
-    t * group >= MIN_ROWS), the output token of every real row and its index in the call's [n * t]
+    with the entry's first), additive mask [n, 1, max(t * group, MIN_ROWS), length] (padding rows
+    all visible), the output token of every real row and its index in the call's [n * t]
     results)."""
     by_length: dict[int, list] = {}
     for r, calls in enumerate(plan):
@@ -178,7 +178,7 @@ def _chain_calls(plan: list, q: int, group: int, device) -> list:
                 by_length.setdefault(length, []).append((r, js, mask[:, 0, 0].cpu()))
     out = []
     for length, entries in by_length.items():
-        t = max(max(len(js) for _, js, _ in entries), -(-MIN_ROWS // group))
+        t = max(len(js) for _, js, _ in entries)  # rows below MIN_ROWS: padded by ``additive``
         tokens = torch.empty(len(entries), t, dtype=torch.long)
         visible = torch.ones(len(entries), t, length, dtype=torch.bool)
         out_index, res_index = [], []
@@ -200,8 +200,8 @@ def _chain_calls(plan: list, q: int, group: int, device) -> list:
 def _tree_calls(plan: list, group: int, kv: int, device) -> list:
     """The tree calls of ``plan`` (a row's chains, each with its gathered key layout), batched per
     row and key length: (row, token columns [n, t] (padded with the entry's first), gather index
-    [n * length], additive mask [kv heads * n, t * group, length] (padding rows all visible;
-    t * group >= MIN_ROWS), every real token's column and its index in the call's n * t)."""
+    [n * length], additive mask [kv heads * n, max(t * group, MIN_ROWS), length] (padding rows all
+    visible), every real token's column and its index in the call's n * t)."""
     out = []
     for r, calls in enumerate(plan):
         by_length: dict[int, list] = {}
@@ -211,7 +211,7 @@ def _tree_calls(plan: list, group: int, kv: int, device) -> list:
                     else cols.tolist()
                 by_length.setdefault(length, []).append((js, mask[:, 0, 0].cpu(), gather))
         for length, entries in by_length.items():
-            t = max(max(len(js) for js, _, _ in entries), -(-MIN_ROWS // group))
+            t = max(len(js) for js, _, _ in entries)
             cols = torch.empty(len(entries), t, dtype=torch.long)
             visible = torch.ones(len(entries), t, length, dtype=torch.bool)
             out_cols, res_index = [], []
@@ -238,8 +238,9 @@ def window_end(position: int) -> int:
 def _tree_chains(n: int, parents: list[int]) -> list[tuple[int, list[int], list[int], list[int]]]:
     """A tree's queries (0: the pending token at position ``n``; i + 1: node i) split into
     root-to-leaf chains, each query in one chain whose path holds it (the pending token in the
-    first): per chain and key length, (length, its queries, their positions, the chain's slots
-    after the pending token's, in position order). Parents precede their children."""
+    longest, or alone in a wide and shallow tree): per chain and key length, (length, its queries,
+    their positions, the chain's slots after the pending token's, in position order). Parents
+    precede their children."""
     depth: list[int] = []
     for p in parents:
         depth.append(1 if p < 0 else depth[p] + 1)
@@ -255,12 +256,18 @@ def _tree_chains(n: int, parents: list[int]) -> list[tuple[int, list[int], list[
                 owner[node] = len(chains)
             node = parents[node]
         chains.append(path[::-1])
+    members = [[(i + 1, n + depth[i]) for i in path if owner[i] == c]
+               for c, path in enumerate(chains)]
+    longest = max(range(len(chains)), key=lambda c: len(members[c]))
+    if len(chains) > len(members[longest]):  # wide and shallow: the pending token alone
+        chains.append([])                   # (every chain padded one token longer costs more)
+        members.append([])
+        longest = len(chains) - 1
+    members[longest].insert(0, (0, n))
     out = []
-    for c, path in enumerate(chains):
-        members = [(0, n)] if c == 0 else []
-        members += [(i + 1, n + depth[i]) for i in path if owner[i] == c]
+    for path, queries in zip(chains, members):
         groups: dict[int, list] = {}
-        for j, p in members:
+        for j, p in queries:
             groups.setdefault(window_end(p), []).append((j, p))
         for length, items in groups.items():
             out.append((length, [j for j, _ in items], [p for _, p in items],
