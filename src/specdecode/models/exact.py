@@ -31,8 +31,8 @@ from specdecode.models.attention import _FORWARD, EXACT_ATTENTION
 MIN_ROWS = 4  # tokens per exact half-precision forward, at least (see above)
 # key-length granularity of the exact attention: rows of a batch whose queries end in different
 # windows need calls of their own, so wider windows mean fewer calls (26 rows of 80-600 tokens: 11
-# windows of 32, 5 of 128) at the price of masked keys read (measured on SmolLM2 with 26 rows in
-# flight, one step: 103-152 ms with 128 against 165-180 ms with 32; one row: unchanged)
+# windows of 32, 5 of 128) at the price of masked keys read (SmolLM2, one step over 26 such rows:
+# 132 ms with 128 against 193 ms with 32; one row: unchanged; docs/benchmarks/window-smollm2-*)
 WINDOW = 128
 
 
