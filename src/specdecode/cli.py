@@ -129,9 +129,7 @@ def generate(target, draft_model, dtype, device, exact, compile_forward, drafter
         if compile_forward:  # every kind of forward compiled before the timed run
             from specdecode.models.compiled import warm_up
 
-            for each in (model, draft):
-                if each is not None:
-                    warm_up(each, exact)
+            warm_up(model, draft, exact=exact)
         start = time.perf_counter()
         result = sd.generate(model, ids, drafter=drafter, draft_model=draft, **common, **opts)
         wall = time.perf_counter() - start

@@ -185,7 +185,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
         if compile_forward:  # compiled now, outside every timed region
             from specdecode.models.compiled import warm_up
 
-            compile_s = round(warm_up(model, exact) + (warm_up(draft, exact) if draft else 0), 1)
+            compile_s = round(warm_up(model, draft, exact=exact), 1)
             tqdm.write(f"compiled the forward in {compile_s} s (first calls, not timed)")
         if batch_sizes is not None:
             run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir, target_id,

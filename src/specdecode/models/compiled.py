@@ -92,20 +92,26 @@ def compiled_functions(pack: bool) -> tuple[Callable, Callable, Callable]:
     return tuple(torch.compile(fn, dynamic=True) for fn in layer_functions(mm))
 
 
-def warm_up(model, exact: bool | None = None) -> float:
-    """Compile ``model``'s forward now (a prefill, then steps over a few token counts, one token
-    alone among them), so that no timed region pays for it; returns the seconds taken."""
+def warm_up(*models, exact: bool | None = None) -> float:
+    """Compile each of ``models``' forwards now (None entries skipped): a prefill, then steps over
+    a few token counts, one token alone among them, so that no timed region pays for it. Returns
+    the seconds taken."""
     import time
 
+    from specdecode.models.exact import default_exact
     from specdecode.models.hf import BatchTarget
     from specdecode.types import Draft
 
     start = time.perf_counter()
-    for forward_exact in (exact, False):  # the plain forward's one-token steps: M = 1
-        target = BatchTarget(model, exact=forward_exact)
-        row = target.add_row(64)
-        target.prefill(row, [0] * 16)
-        for n in (0, 3, 7):
-            target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
-            target.keep(row, [])
+    for model in models:
+        if model is None:
+            continue
+        own = default_exact(next(model.parameters()).dtype) if exact is None else exact
+        for forward_exact in dict.fromkeys((own, False)):  # the plain forward's M = 1 steps
+            target = BatchTarget(model, exact=forward_exact)
+            row = target.add_row(64)
+            target.prefill(row, [0] * 16)
+            for n in (0, 3, 7):
+                target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
+                target.keep(row, [])
     return time.perf_counter() - start

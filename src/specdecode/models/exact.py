@@ -163,65 +163,66 @@ class ExactMatmul(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _columns(cols: slice | torch.Tensor) -> list[int]:
+    return list(range(cols.start, cols.stop)) if isinstance(cols, slice) else cols.tolist()
+
+
+def _padded(indices: list[list[int]], masks: list[torch.Tensor], length: int, group: int
+            ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Entries of token indices (each with its mask [len, length]) as one call's: indices [n, t]
+    (each entry padded with its first), additive mask [n, max(t * group, MIN_ROWS), length]
+    (padding rows all visible), every real token's index and its index in the call's n * t."""
+    t = max(len(ix) for ix in indices)  # rows below MIN_ROWS: padded by ``additive``
+    tokens = torch.empty(len(indices), t, dtype=torch.long)
+    visible = torch.ones(len(indices), t, length, dtype=torch.bool)
+    out_index, res_index = [], []
+    for i, (ix, mask) in enumerate(zip(indices, masks)):
+        tokens[i] = ix[0]
+        tokens[i, :len(ix)] = torch.tensor(ix)
+        visible[i, :len(ix)] = mask
+        out_index += ix
+        res_index += range(i * t, i * t + len(ix))
+    return tokens, additive(visible.repeat_interleave(group, dim=1)), out_index, res_index
+
+
 def _chain_calls(plan: list, q: int, group: int, device) -> list:
     """The chain calls of ``plan`` (every row's), grouped by key length, as batched calls: (rows
-    [n] (a slice where consecutive), token indices [n, t] into the forward's b * q tokens (padded
-    with the entry's first), additive mask [n, 1, max(t * group, MIN_ROWS), length] (padding rows
-    all visible), the output token of every real row and its index in the call's [n * t]
-    results)."""
+    [n] (a slice where consecutive), token indices [n, t] into the forward's b * q tokens, additive
+    mask [n, 1, rows, length], the real tokens' indices and their indices in the call's [n * t]
+    results; see ``_padded``)."""
     by_length: dict[int, list] = {}
     for r, calls in enumerate(plan):
         for cols, length, mask, gather in calls:
             if gather is None:
-                js = list(range(cols.start, cols.stop)) if isinstance(cols, slice) \
-                    else cols.tolist()
-                by_length.setdefault(length, []).append((r, js, mask[:, 0, 0].cpu()))
+                by_length.setdefault(length, []).append(
+                    (r, [r * q + j for j in _columns(cols)], mask[:, 0, 0].cpu()))
     out = []
     for length, entries in by_length.items():
-        t = max(len(js) for _, js, _ in entries)  # rows below MIN_ROWS: padded by ``additive``
-        tokens = torch.empty(len(entries), t, dtype=torch.long)
-        visible = torch.ones(len(entries), t, length, dtype=torch.bool)
-        out_index, res_index = [], []
-        for i, (r, js, mask) in enumerate(entries):
-            tokens[i] = r * q + js[0]
-            tokens[i, :len(js)] = torch.tensor([r * q + j for j in js])
-            visible[i, :len(js)] = mask
-            out_index += [r * q + j for j in js]
-            res_index += range(i * t, i * t + len(js))
-        bias = additive(visible.repeat_interleave(group, dim=1))[:, None]
+        tokens, bias, out_index, res_index = _padded([ix for _, ix, _ in entries],
+                                                     [m for _, _, m in entries], length, group)
         rows = [r for r, _, _ in entries]
         rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
             else torch.tensor(rows, device=device)
-        out.append((rows, *(x.to(device) for x in (tokens, bias, torch.tensor(out_index),
+        out.append((rows, *(x.to(device) for x in (tokens, bias[:, None], torch.tensor(out_index),
                                                    torch.tensor(res_index)))))
     return out
 
 
 def _tree_calls(plan: list, group: int, kv: int, device) -> list:
     """The tree calls of ``plan`` (a row's chains, each with its gathered key layout), batched per
-    row and key length: (row, token columns [n, t] (padded with the entry's first), gather index
-    [n * length], additive mask [kv heads * n, max(t * group, MIN_ROWS), length] (padding rows all
-    visible), every real token's column and its index in the call's n * t)."""
+    row and key length: (row, token columns [n, t], gather index [n * length], additive mask
+    [kv heads * n, rows, length], the real tokens' columns and their indices in the call's n * t;
+    see ``_padded``)."""
     out = []
     for r, calls in enumerate(plan):
         by_length: dict[int, list] = {}
         for cols, length, mask, gather in calls:
             if gather is not None:
-                js = list(range(cols.start, cols.stop)) if isinstance(cols, slice) \
-                    else cols.tolist()
-                by_length.setdefault(length, []).append((js, mask[:, 0, 0].cpu(), gather))
+                by_length.setdefault(length, []).append(
+                    (_columns(cols), mask[:, 0, 0].cpu(), gather))
         for length, entries in by_length.items():
-            t = max(len(js) for js, _, _ in entries)
-            cols = torch.empty(len(entries), t, dtype=torch.long)
-            visible = torch.ones(len(entries), t, length, dtype=torch.bool)
-            out_cols, res_index = [], []
-            for i, (js, mask, _) in enumerate(entries):
-                cols[i] = js[0]
-                cols[i, :len(js)] = torch.tensor(js)
-                visible[i, :len(js)] = mask
-                out_cols += js
-                res_index += range(i * t, i * t + len(js))
-            bias = additive(visible.repeat_interleave(group, dim=1))  # [n, t * group, length]
+            cols, bias, out_cols, res_index = _padded([js for js, _, _ in entries],
+                                                      [m for _, m, _ in entries], length, group)
             bias = bias[None].expand(kv, -1, -1, -1).reshape(kv * len(entries), -1, length)
             out.append((r, cols.to(device), torch.cat([g for _, _, g in entries]).to(device),
                         bias.to(device), torch.tensor(out_cols, device=device),

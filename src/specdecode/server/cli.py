@@ -108,7 +108,7 @@ def serve(target, draft_model, dtype, device, exact, compile_forward, drafter, o
         if compile_forward:  # compiled before the first request, not during it
             from specdecode.models.compiled import warm_up
 
-            seconds = sum(warm_up(each, exact) for each in (model, draft) if each is not None)
+            seconds = warm_up(model, draft, exact=exact)
             click.echo(f"compiled the forward in {seconds:.1f} s", err=True)
         app = create_app(model, tokenizer, draft_model=draft, config=config)
     except SpecDecodeError as err:
