@@ -1,5 +1,8 @@
-"""Prepacked bfloat16 linears (models/packed.py): row-invariant like the plain kernel from
-MIN_ROWS rows up, on SmolLM2-135M's own shapes, and refreshed when the weights change."""
+"""Prepacked linears (models/packed.py): bfloat16 where the CPU packs it, float32 on the AVX2 path
+(models/cpu.py); row-invariant on SmolLM2-135M's own shapes (bfloat16 from MIN_ROWS rows up,
+float32 from one row), and refreshed when the weights change. Each dtype runs where this CPU (or
+``SPECDECODE_CPU_ISA=avx2``, which CI sets in a second step) packs it and says so where it does
+not."""
 
 from __future__ import annotations
 
@@ -10,36 +13,39 @@ import torch
 from conftest import tiny_model
 
 import specdecode as sd
+from specdecode.models.cpu import cpu_path, packs
 from specdecode.models.exact import MIN_ROWS
-from specdecode.models.packed import PackedLinears, can_pack, packed_linears
+from specdecode.models.packed import PackedLinears, packed_linears
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in)
+DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(
+    not packs(dtype), reason=f"this CPU does not pack {dtype} ({cpu_path()})"))
+    for dtype in (torch.bfloat16, torch.float32)]
+FIRST_ROWS = {torch.bfloat16: MIN_ROWS, torch.float32: 1}  # fewest rows of one reduction order
 
 
-def _packable() -> bool:
-    return can_pack(tiny_model("llama", dtype=torch.bfloat16))
-
-
-pytestmark = pytest.mark.skipif(not _packable(), reason="no oneDNN bfloat16 packing on this CPU")
-
-
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SMOLLM2_SHAPES)
-def test_packed_rows_do_not_depend_on_the_row_count(shape):
+def test_packed_rows_do_not_depend_on_the_row_count(shape, dtype):
     torch.manual_seed(sum(shape))
     out_f, in_f = shape
-    layer = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+    layer = torch.nn.Linear(in_f, out_f, bias=False).to(dtype)
     mode = PackedLinears(layer)
-    x = torch.randn(40, in_f).bfloat16()
-    filler = torch.randn(MIN_ROWS - 1, in_f).bfloat16()
+    assert mode.packed  # the packed kernel runs, not the stock one
+    x = torch.randn(40, in_f).to(dtype)
+    first = FIRST_ROWS[dtype]
+    filler = torch.randn(first - 1, in_f).to(dtype)
     with torch.no_grad(), mode:
         alone = torch.stack([layer(torch.cat([x[r:r + 1], filler]))[0] for r in range(40)])
-        for rows in (MIN_ROWS, 5, 7, 8, 15, 16, 17, 31, 40):
+        for rows in sorted({first, 2, 3, 5, 7, 8, 15, 16, 17, 31, 40} - set(range(first))):
             assert torch.equal(layer(x[:rows].clone()), alone[:rows]), rows
-        assert mode.packed  # the packed kernel ran, not the stock one
+        assert torch.allclose(alone.float(), torch.nn.functional.linear(x, layer.weight).float(),
+                              rtol=2e-2, atol=2e-2)  # the same product as the stock kernel's
 
 
-def test_packs_are_kept_and_refreshed():
-    model = tiny_model("llama", seed=2, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packs_are_kept_and_refreshed(dtype):
+    model = tiny_model("llama", seed=2, dtype=dtype)
     first = packed_linears(model)  # (BatchTarget uses models/lean.py's own packs for a llama)
     assert first is not None and packed_linears(model) is first  # made once per model
     twin = copy.deepcopy(model)  # a copy packs its own weights
@@ -56,4 +62,51 @@ def test_packs_are_kept_and_refreshed():
     assert packed_linears(model) is not first
     after = sd.generate(model, prompt, drafter="none", max_new_tokens=1, eos_token_id=[])
     assert after.token_ids == [other]  # a stale pack would still say ``top``
-    assert packed_linears(tiny_model("llama", dtype=torch.float32)) is None  # fp32: never
+    for kind in (torch.bfloat16, torch.float32, torch.float64):  # packed where the CPU packs
+        assert (packed_linears(tiny_model("llama", dtype=kind)) is None) == (not packs(kind))
+
+
+def test_cpu_classes(monkeypatch):
+    """The AVX2 path forced on any CPU (the switch CI uses) sees no AVX-512 and no native
+    bfloat16, packs float32 and not bfloat16, and says so; a bad value is a clear error."""
+    from specdecode.models import cpu
+    from specdecode.models.sources import auto_dtype
+    from specdecode.types import SpecDecodeError
+
+    monkeypatch.setattr(cpu, "_real_flags", lambda: frozenset(
+        "fma avx avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16".split()))
+    monkeypatch.setenv(cpu.ISA_ENV, "")
+    assert cpu.native_bf16() and "AVX512-BF16 path" in cpu.cpu_path()
+    monkeypatch.setenv(cpu.ISA_ENV, "avx2")
+    assert cpu.cpu_flags() == {"fma", "avx", "avx2"} and not cpu.native_bf16()
+    assert "AVX2 path" in cpu.cpu_path() and "forced" in cpu.cpu_path()
+    if cpu._has_mkldnn_linear():
+        assert cpu.packs(torch.float32) and not cpu.packs(torch.bfloat16)
+    big = tiny_model("llama", dtype=torch.float32).config
+    big.hidden_size, big.num_hidden_layers, big.vocab_size = 576, 30, 49152
+    assert auto_dtype(big, None) == torch.float32  # SmolLM2's shape: float32 without native bf16
+    monkeypatch.setenv(cpu.ISA_ENV, "")
+    assert auto_dtype(big, None) == torch.bfloat16
+    monkeypatch.setenv(cpu.ISA_ENV, "avx512")
+    with pytest.raises(SpecDecodeError, match="avx2"):
+        cpu.cpu_flags()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_blocks_keep_rows_invariant(dtype, monkeypatch):
+    """Where oneDNN was already running when specdecode capped it (AMX from 33 rows on), packed
+    matmuls run in blocks of ROW_BLOCK rows: any row count still gives each row one result."""
+    from specdecode.models import packed
+
+    monkeypatch.setattr(packed, "_BLOCKS", {dtype: True})
+    torch.manual_seed(3)
+    weight = torch.randn(1536, 576).to(dtype)
+    w = packed.pack_weight(weight)
+    x = torch.randn(100, 576).to(dtype)
+    filler = x[:FIRST_ROWS[dtype] - 1]
+    alone = torch.cat([packed.packed_matmul(torch.cat([x[r:r + 1], filler]), w)[:1]
+                       for r in range(100)])
+    for rows in (packed.ROW_BLOCK, 33, 40, 64, 65, 99, 100):
+        assert torch.equal(packed.packed_matmul(x[:rows].clone(), w), alone[:rows]), rows
+    # specdecode was imported before any kernel ran (conftest), so its cap holds: no blocks needed
+    assert not packed._row_dependent(dtype)

@@ -6,7 +6,7 @@ between regions. Every tensor a region takes or gives is laid out by rows [M, ..
 rows x tokens) and shapes are dynamic, so one graph serves every batch size and token count (two:
 M = 1 is its own), and no step recompiles.
 
-On the CPU the prepacked half-precision weights (``models/packed.py``) enter the graph through
+On the CPU the prepacked weights (``models/packed.py``) enter the graph through
 the ``specdecode::packed_linear`` op (inductor lowers oneDNN's packed linear only for frozen
 constant weights). Exactness is unchanged in kind: every region computes each token's row with
 the same kernels whatever the token count (dynamic shapes: one kernel for all of them), and the
@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from specdecode.models.packed import packed_matmul
 
 _MARK = "_specdecode_compile"
 
@@ -43,8 +45,8 @@ def wants_compile(model) -> bool:
 @torch.library.custom_op("specdecode::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                   ) -> torch.Tensor:
-    """oneDNN's packed half-precision linear as an op the compiler calls as it is."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """oneDNN's packed linear as an op the compiler calls as it is."""
+    return packed_matmul(x, weight, bias)
 
 
 @packed_linear.register_fake

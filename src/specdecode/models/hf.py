@@ -132,10 +132,13 @@ class BatchTarget(_Adapter):
                  causal: bool = False, hidden: bool = False, exact: list | None = None
                  ) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        row_by_row = exact is not None and self.dtype == torch.float32
-        mode = ExactMatmul() if row_by_row else \
-            self.packed or nullcontext()  # half precision on the CPU: models/packed.py
         lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
+        # exact float32 runs MKL's matmuls row by row, except where they are oneDNN's packed ones
+        # (the AVX2 path, models/cpu.py): those give each row the same result at any row count
+        row_by_row = exact is not None and self.dtype == torch.float32 and not (
+            lean is not None and lean.pack)
+        mode = ExactMatmul() if row_by_row else \
+            self.packed or nullcontext()  # packed linears on the CPU: models/packed.py
         with rows_attention(self.model.config, chunks, causal, exact), mode:
             if lean is not None:
                 logits, self.hidden = lean(ids.to(self.device), positions.to(self.device),

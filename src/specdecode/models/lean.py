@@ -25,7 +25,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdecode.models.compiled import compiled_functions, layer_functions, rms_norm, wants_compile
-from specdecode.models.packed import can_pack
+from specdecode.models.packed import can_pack, pack_weight, packed_matmul
 
 ARCHITECTURES = ("llama", "qwen2")
 _ATTR = "_specdecode_lean_forward"
@@ -53,7 +53,7 @@ class LeanForward:
         self.pack = can_pack(model)
         if self.pack:
             try:  # float16 packing needs AVX512-FP16 / AVX-NE-CONVERT
-                torch.ops.mkldnn._reorder_linear_weight(model.lm_head.weight[:16].detach(), 4)
+                pack_weight(model.lm_head.weight[:16])
             except RuntimeError:
                 self.pack = False
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
@@ -84,8 +84,7 @@ class LeanForward:
 
     def linear(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` as this forward's matmuls take it (prepacked where they are)."""
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4) if self.pack \
-            else weight.detach()
+        return pack_weight(weight) if self.pack else weight.detach()
 
     def __deepcopy__(self, memo: dict) -> None:  # a copied model builds its own
         return None
@@ -96,7 +95,7 @@ class LeanForward:
     def _mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             ) -> torch.Tensor:  # the packed op itself: a compiled graph needs it wrapped
         if self.pack:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return packed_matmul(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)  # ExactMatmul sees it in float32
 
     def stale(self) -> bool:

@@ -1,8 +1,9 @@
-"""Prepacked half-precision linears on the CPU: the target's forward with its weights reordered once
-into oneDNN's blocked layout (what inductor's weight freezing does on the CPU), so that each
-bfloat16 / float16 matmul skips the per-call reorder and runs oneDNN's packed kernel.
+"""Prepacked linears on the CPU: the target's forward with its weights reordered once into
+oneDNN's blocked layout (what inductor's weight freezing does on the CPU), so that each matmul
+skips the per-call reorder and runs oneDNN's packed kernel: bfloat16 / float16 where the CPU packs
+them, float32 on CPUs without native bfloat16 (``models/cpu.py`` says which, per CPU).
 
-Measured on SmolLM2-135M's shapes (2-core Zen 4, AVX512-BF16): about 2x faster for one row and
+Measured on SmolLM2-135M's shapes in bfloat16 (2-core Zen 4, AVX512-BF16): about 2x faster for one row and
 1.2-1.5x for 4-16 rows than ``torch.nn.functional.linear`` on the same weights. Exactness is
 unchanged: like the plain kernel, the packed one reduces each row in one order for every row count
 from ``models.exact.MIN_ROWS`` up (checked up to 80 rows on each of SmolLM2's shapes; the tests
@@ -20,21 +21,61 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
-HALF = (torch.bfloat16, torch.float16)
+from specdecode.models.cpu import packs
+
 _ATTR = "_specdecode_packed_linears"
+BATCH_HINT = 4  # the row count oneDNN lays the packed weight out for (any count runs on it)
 
 
 def can_pack(model) -> bool:
-    """Half precision on the CPU with oneDNN's packed linear available."""
+    """The model on the CPU in a dtype whose linears this CPU runs prepacked (``models/cpu.py``)."""
     param = next(model.parameters())
-    return (param.dtype in HALF and param.device.type == "cpu"
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return param.device.type == "cpu" and packs(param.dtype)
+
+
+ROW_BLOCK = 32  # rows one oneDNN kernel serves on every x86 CPU seen (AMX takes over above)
+_BLOCKS: dict[torch.dtype, bool] = {}  # dtype -> whether matmuls must be split into row blocks
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] reordered for ``packed_matmul``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _row_dependent(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed kernel gives a row another result among 64 rows than among 4
+    (AMX from 33 rows on, where specdecode came too late to cap it: ``models/cpu.py``)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = pack_weight(torch.randn(1536, 576, generator=gen).to(dtype))  # SmolLM2's MLP
+    x = torch.randn(64, 576, generator=gen).to(dtype)
+    alone = torch.cat([_linear(x[r:r + 4], weight, None)[:1] for r in range(0, 64, 7)])
+    return not torch.equal(_linear(x, weight, None)[::7], alone)
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``linear(x, weight, bias)`` for rows ``x`` [M, in] on ``pack_weight(weight)``: each row's
+    result the same whatever M (from ``models.exact.MIN_ROWS`` rows up in half precision)."""
+    if x.shape[0] > ROW_BLOCK:
+        blocks = _BLOCKS.get(x.dtype)
+        if blocks is None:
+            blocks = _BLOCKS[x.dtype] = _row_dependent(x.dtype)
+        if blocks:  # blocks of ROW_BLOCK rows, the last one overlapping the one before it
+            out, done, rows = [], 0, x.shape[0]
+            while done < rows:
+                start = min(done, rows - ROW_BLOCK)
+                out.append(_linear(x[start:start + ROW_BLOCK], packed, bias)[done - start:])
+                done = start + ROW_BLOCK
+            return torch.cat(out)
+    return _linear(x, packed, bias)
 
 
 class PackedLinears(TorchFunctionMode):
-    """Inside this mode, ``linear`` calls on one of the model's half-precision weights run oneDNN's
+    """Inside this mode, ``linear`` calls on one of the model's packable weights run oneDNN's
     packed kernel on the prepacked copy of that weight."""
 
     def __init__(self, model) -> None:
@@ -44,9 +85,8 @@ class PackedLinears(TorchFunctionMode):
             for module in model.modules():
                 weight = getattr(module, "weight", None)
                 if isinstance(module, torch.nn.Linear) and weight is not None \
-                        and weight.dtype in HALF and id(weight) not in self.packed:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
-                    self.packed[id(weight)] = (weight, packed, weight._version)
+                        and packs(weight.dtype) and id(weight) not in self.packed:
+                    self.packed[id(weight)] = (weight, pack_weight(weight), weight._version)
 
     def __deepcopy__(self, memo: dict) -> None:  # a copied model packs its own weights
         return None
@@ -63,7 +103,7 @@ class PackedLinears(TorchFunctionMode):
                     and not x.requires_grad:
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
                 flat = x.reshape(-1, x.shape[-1])
-                out = torch.ops.mkldnn._linear_pointwise(flat, entry[1], bias, "none", [], "")
+                out = packed_matmul(flat, entry[1], bias)
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         return func(*args, **kwargs)
 
@@ -76,7 +116,7 @@ def packed_linears(model) -> PackedLinears | None:
     current = getattr(model, _ATTR, None)
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     def stale(w: torch.Tensor) -> bool:
-        entry = current.packed.get(id(w)) if w.dtype in HALF else (w, None, w._version)
+        entry = current.packed.get(id(w)) if packs(w.dtype) else (w, None, w._version)
         return entry is None or entry[0] is not w or entry[2] != w._version
 
     if current is None or any(stale(w) for w in weights):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from specdecode.models.cpu import native_bf16
 from specdecode.types import SpecDecodeError
 
 
@@ -70,28 +71,19 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 AUTO_BF16_MIN_PARAMS = 50_000_000
 
 
-def cpu_has_bf16() -> bool:
-    """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def auto_dtype(config, device: torch.device | None) -> torch.dtype:
     """The default dtype: bfloat16 for models of 50M parameters and more on a CPU with native
     bfloat16 (measured on SmolLM2-135M, Zen 4, 2 threads: a decode step 41 ms vs 93 ms in float32,
     and the exact forward keeps it lossless), else float32 (small models such as the demo target are
-    faster in float32 there, and CPUs without native bfloat16 run it several times slower). GPUs:
-    bfloat16 where supported."""
+    faster in float32 there, and CPUs without native bfloat16 run it several times slower: there
+    float32's linears run prepacked, see ``models/cpu.py``). GPUs: bfloat16 where supported."""
     if device is not None and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     hidden = getattr(config, "hidden_size", 0) or 0
     layers = getattr(config, "num_hidden_layers", 0) or 0
     vocab = getattr(config, "vocab_size", 0) or 0
     params = 12 * layers * hidden * hidden + vocab * hidden
-    return torch.bfloat16 if params >= AUTO_BF16_MIN_PARAMS and cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if params >= AUTO_BF16_MIN_PARAMS and native_bf16() else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:
