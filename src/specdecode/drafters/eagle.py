@@ -27,6 +27,7 @@ tokens the corpus uses most, from the head's list; 0: the whole vocabulary; defa
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,6 +36,7 @@ from specdecode.drafters.draft_model import coupled_ranking, draft_distribution
 from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.drafters.options import DEPTH, HEAD, NODES, TREE_TOPK
 from specdecode.drafters.registry import Needs
+from specdecode.models.adapter import check_window, context_length
 from specdecode.models.heads import HEAD_FILE, EagleHead, load_head, vocab_subset
 from specdecode.sampling import TorchRandom
 from specdecode.types import Draft, SpecDecodeError, Verdict
@@ -189,10 +191,12 @@ def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
     """(head module, config) from ``head``: a directory, a head module (tests), or None (the head
     shipped for this target, ``shipped_head_dir``); in the target's dtype. Heads loaded from a
     directory are kept in ``loaded`` (the host's, read-only once loaded) and shared by its
-    requests."""
+    requests. A windowed target or a head whose config declares a window is refused
+    (``check_head``)."""
     loaded = {} if loaded is None else loaded
     param = next(target_model.parameters())
     if isinstance(head, torch.nn.Module):
+        check_head(kind, head.config, target_model)
         return head.to(dtype=param.dtype, device=param.device).eval(), head.config
     directory = head if head is not None else shipped_head_dir(kind, target_model)
     if directory is None:
@@ -206,8 +210,18 @@ def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
     key = (kind, str(directory), stamp, param.dtype, str(param.device))
     if key not in loaded:
         module, config = load_head(directory, kind, target_model)
+        check_head(kind, config, target_model)
         loaded[key] = (module.to(dtype=param.dtype, device=param.device), config)
     return loaded[key]
+
+
+def check_head(kind: str, config: dict, target_model) -> None:
+    """``SpecDecodeError`` for a head over a sliding-window target (its features, and our
+    verification, would be wrong: ``models.adapter.attention_window``) or a head config that
+    declares a window of its own (the heads here attend to every earlier position)."""
+    check_window(target_model.config, target_model, "the target model")
+    own = {"max_position_embeddings": context_length(target_model.config), **config}
+    check_window(SimpleNamespace(**own), what=f"the {kind} head")
 
 
 @register("eagle", needs=Needs.HEADS, options={"num_draft_tokens": DEPTH, "topk": TREE_TOPK,

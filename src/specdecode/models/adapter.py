@@ -33,12 +33,111 @@ def context_length(config) -> int | None:
     return None
 
 
-def check_model(model) -> None:
-    """Refuse the models whose cache cannot follow a tree path; make sure masks are honoured."""
+# layer kinds whose attention sees only a window of recent keys (transformers' names:
+# "sliding_attention", "chunked_attention", "hybrid_sliding", "reference_sliding_attention", the
+# sliding-masked "compressed_sparse_attention" / "heavily_compressed_attention", GPT-Neo's "local")
+WINDOWED_LAYERS = ("sliding", "chunk", "window", "local", "compressed")
+# what configs call a window's size, first match wins (GPT-Neo: window_size; Llama 4: chunks)
+WINDOW_SIZES = ("sliding_window", "window_size", "attention_chunk_size")
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _positive(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _windows(config, model=None) -> list[tuple[str, int | None]]:
+    """(where, size) of every window ``config`` (and its text config) or ``model``'s modules
+    declare, binding or not; size None: a windowed layer kind whose size the config does not
+    give."""
+    found: list[tuple[str, int | None]] = []
+    text = _text_config(config)
+    for cfg in [config] + ([text] if text is not config else []):  # composite: text part nested
+        kinds = {(name, str(k)) for name in ("layer_types", "attention_layers")
+                 for k in (getattr(cfg, name, None) or [])}
+        windowed = sorted((n, k) for n, k in kinds if any(w in k.lower() for w in WINDOWED_LAYERS))
+        for name, kind in windowed:
+            sizes = ("attention_chunk_size",) if "chunk" in kind.lower() else WINDOW_SIZES
+            size = next((v for v in (_positive(getattr(cfg, n, None)) for n in sizes) if v), None)
+            found.append((f"{name} {kind!r}", size))
+        if windowed:
+            continue
+        for name in ("sliding_window", "attention_chunk_size"):
+            size = _positive(getattr(cfg, name, None))
+            if size is None or (name == "sliding_window"
+                                and getattr(cfg, "use_sliding_window", None) is False):
+                continue  # switched off (SmolLM3 keeps the size; Qwen2 / Qwen3 clear it)
+            if name == "sliding_window" and kinds and _per_layer(model):
+                continue  # the layers chose, by layer_types, and none of them is windowed
+            found.append((f"config.{name}", size))
+    for module_name, module in ([] if model is None else model.named_modules()):
+        for name in ("sliding_window", "attention_chunk_size"):
+            size = _positive(getattr(module, name, None))
+            if size is not None:
+                found.append((f"{module_name or 'the model'}.{name}", size))
+    return found
+
+
+def _per_layer(model) -> bool:
+    """Whether ``model``'s attention modules carry their own window, none of them set: the
+    modelling code picked each layer's window from ``layer_types`` (Qwen2 with
+    ``use_sliding_window`` but every layer below ``max_window_layers``). Models that read
+    ``config.sliding_window`` for every layer (Mistral, Mixtral, Phi-3) carry none."""
+    if model is None:
+        return False
+    own = [m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")]
+    return bool(own) and not any(_positive(size) for size in own)
+
+
+def attention_window(config, model=None) -> int | None:
+    """The smallest sliding (or chunked) attention window that binds in ``config`` (or its
+    ``get_text_config()``) and, given ``model``, in its modules; None where attention is full.
+
+    Read from windowed ``layer_types`` (Gemma 2/3, Cohere 2, GPT-OSS, Ministral, Qwen2 layers
+    from ``max_window_layers`` on, Llama 4's chunks), GPT-Neo's "local" ``attention_layers``,
+    ``config.sliding_window`` unless ``use_sliding_window`` is False (Mistral, Mixtral, Phi-3,
+    Starcoder2, Qwen3-MoE), ``config.attention_chunk_size`` and per-layer ``sliding_window``
+    attributes of the modules. A window at least as long as the context
+    (``max_position_embeddings``) never binds: the engine never lets a sequence grow past the
+    context, so a query and its farthest key stay less than a window apart. Such a window is
+    inactive (Mistral-style configs with the window equal to the context). 0: a windowed layer
+    kind whose size the config does not give (still active). The context is the one the engine
+    keeps to, ``context_length(config)``: a composite config without one of its own (only its
+    text part has it) binds every window."""
+    limit = context_length(config)
+    sizes = [size or 0 for _, size in _windows(config, model) if size is None or limit is None
+             or size < limit]
+    return min(sizes) if sizes else None
+
+
+def check_window(config, model=None, what: str = "the model") -> None:
+    """``SpecDecodeError`` where ``attention_window`` finds a window that binds."""
+    window = attention_window(config, model)
+    if window is None:
+        return
+    text = _text_config(config)
+    kind = getattr(text, "model_type", None) or getattr(config, "model_type", None) or \
+        getattr(config, "kind", None) or type(model or config).__name__
+    limit = context_length(config)
+    where = sorted({w for w, size in _windows(config, model) if (size or 0) == window})
+    where = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    size = f"a window of {window} tokens" if window else "a window of unknown size"
+    label = what if str(kind) in what else f"{what} ({kind})"
+    raise SpecDecodeError(
+        f"{label} uses sliding-window attention ({size}, from {where}"
+        f"{f'; context {limit}' if limit else ''}): sliding-window attention is not supported "
+        "yet (specdecode's masks and caches would ignore the window and decode wrong tokens). "
+        "A window at least as long as the context is accepted.")
+
+
+def check_model(model, what: str = "the model") -> None:
+    """Refuse the models whose cache cannot follow a tree path (``what`` names the model in the
+    error); make sure masks are honoured."""
     config = model.config
-    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
-        raise SpecDecodeError("models with sliding-window attention layers are not supported "
-                              "yet (their cache cannot be trimmed to a tree path)")
+    check_window(config, model, what)
     if getattr(config, "is_encoder_decoder", False):
         raise SpecDecodeError("encoder-decoder models are not supported; give a causal LM")
     impl = getattr(config, "_attn_implementation", None)
@@ -49,8 +148,10 @@ def check_model(model) -> None:
 class _Adapter:
     """What both adapters know of their model."""
 
+    role = "the target model"  # how errors name the model (``HFModel``: a draft)
+
     def __init__(self, model) -> None:
-        check_model(model)
+        check_model(model, self.role)
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_length = context_length(model.config)
@@ -67,6 +168,8 @@ class HFModel(_Adapter):
     ``vocab`` (sorted token ids): read out only these tokens (a draft's reduced vocabulary:
     VocabTrim, Goel et al. 2025; FR-Spec, Zhao et al. 2025); the others get logit -inf, so they
     are never drafted. Logits keep the whole vocabulary's width."""
+
+    role = "the draft model"
 
     def __init__(self, model, vocab: torch.Tensor | None = None) -> None:
         super().__init__(model)
