@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 
 from specdecode.models import lean
+from specdecode.models.cpu import cpu_path, packs
 from specdecode.models.hf import BatchTarget, HFModel
 from specdecode.types import Draft
 
@@ -152,13 +153,19 @@ def _prefill_many(model, runs, last_only, together: bool):
     return logits + hidden + cached + step, list(target.lengths)
 
 
+# the dtype whose linears this CPU packs (bfloat16; float32 on the AVX2 path: models/cpu.py)
+PACKED = next((d for d in (torch.bfloat16, torch.float32) if packs(d)), None)
+needs_packing = pytest.mark.skipif(PACKED is None, reason=f"no packed linears here ({cpu_path()})")
+
+
+@needs_packing
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_joining_rows_prefill_together_exactly_as_alone(arch, attn):
-    """Requests that join together are prefilled in one forward (bf16: oneDNN's packed matmuls,
-    whose rows do not depend on how many share the call); every row's logits, features and cache
-    are bitwise its prefill alone."""
-    model = tiny_model(arch, seed=3, dtype=torch.bfloat16, vocab=128)
+    """Requests that join together are prefilled in one forward (the packed dtype: oneDNN's packed
+    matmuls, whose rows do not depend on how many share the call); every row's logits, features
+    and cache are bitwise its prefill alone."""
+    model = tiny_model(arch, seed=3, dtype=PACKED, vocab=128)
     model.set_attn_implementation(attn)
     assert lean.LeanForward.build(model).pack
     rng = random.Random(arch + attn)
@@ -173,13 +180,14 @@ def test_joining_rows_prefill_together_exactly_as_alone(arch, attn):
             assert a.shape == b.shape and torch.equal(a, b)
 
 
-def test_prefill_together_is_one_forward_and_fp32_stays_per_row(monkeypatch):
+def test_prefill_together_is_one_forward_where_packed_else_per_row(monkeypatch):
     calls = []
     original = lean.LeanForward.__call__
     monkeypatch.setattr(lean.LeanForward, "__call__",
                         lambda self, *a, **k: calls.append(a[0].shape) or original(self, *a, **k))
     runs = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
-    for dtype, forwards in ((torch.bfloat16, 1), (torch.float32, 3)):
+    for dtype in (torch.bfloat16, torch.float32):
+        forwards = 1 if packs(dtype) else 3
         calls.clear()
         target = BatchTarget(tiny_model("llama", seed=3, dtype=dtype, vocab=128))
         rows = [target.add_row(16) for _ in runs]

@@ -74,7 +74,7 @@ def main(plugins: tuple[str, ...]) -> None:
               show_default=True, help="The exact rule for sampled drafts: traversal (block "
                                       "verification on chains), rejection (token-level), block, "
                                       "spectr; coupled: output bit-identical to vanilla with the "
-                                      "same seed (README).")
+                                      "same seed (docs/lossless.md).")
 @click.option("--num-draft-tokens", "-k", type=int, default=None, help="Draft length per step.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Other drafter options, e.g. -o tree_width=2 -o num_layers=3.")

@@ -45,9 +45,10 @@ def environment(model_id: str, draft_id: str | None, settings: dict, model=None)
     import transformers
 
     import specdecode
+    from specdecode.models.cpu import cpu_path
 
     param = next(model.parameters()) if model is not None else None
-    return {"model_id": model_id, "draft_id": draft_id, "cpu": cpu_name(),
+    return {"model_id": model_id, "draft_id": draft_id, "cpu": cpu_name(), "cpu_path": cpu_path(),
             "threads": torch.get_num_threads(),
             "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "float32",
             "device": str(param.device) if param is not None else "cpu",

@@ -117,7 +117,9 @@ def markdown(report: dict, environment: dict) -> str:
     table, flagged = report["table"], set(report["flagged"])
     lines = ["# specdecode benchmark", "",
              f"Model: `{environment['model_id']}` · draft: `{environment.get('draft_id')}` · "
-             f"{environment['cpu']} · torch threads {environment['threads']} · "
+             f"{environment['cpu']}"
+             + (f" ({environment['cpu_path']})" if environment.get("cpu_path") else "")
+             + f" · torch threads {environment['threads']} · "
              f"dtype {environment['dtype']} "
              f"({'exact forward' if environment.get('exact') else 'batched forward'}"
              f"{', compiled' if environment.get('compiled') else ''}) · "

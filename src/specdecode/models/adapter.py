@@ -5,11 +5,13 @@ use it. ``models/hf.py`` holds the engine's target (``BatchTarget``)."""
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 
 from specdecode.models.attention import additive_mask, causal_mask, tree_mask
 from specdecode.models.lean import LeanForward
+from specdecode.models.packed import packed_linears
 from specdecode.types import Draft, SpecDecodeError
 
 
@@ -175,6 +177,8 @@ class HFModel(_Adapter):
         super().__init__(model)
         self.cache = None
         self.length = 0  # tokens held in the cache
+        # the lean forward (models/lean.py) packs its own weights; otherwise the model's linears
+        self.packed = None if LeanForward.build(model) else packed_linears(model)
         self.vocab = None if vocab is None else vocab.to(self.device)
         self._read_out: tuple[object, torch.Tensor] | None = None  # (lean forward, its weight)
 
@@ -218,9 +222,10 @@ class HFModel(_Adapter):
             self.length += q
             return self._widen(logits[0])
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
-        out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                         position_ids=positions[None].to(self.device), attention_mask=mask,
-                         use_cache=True, **{self.cache_arg: self.cache}, **extra)
+        with self.packed or nullcontext():  # the CPU's packed matmuls (models/packed.py)
+            out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                             position_ids=positions[None].to(self.device), attention_mask=mask,
+                             use_cache=True, **{self.cache_arg: self.cache}, **extra)
         self.length += len(ids)
         logits = out.logits[0].float()
         return logits if self.vocab is None else self._widen(logits.index_select(1, self.vocab))

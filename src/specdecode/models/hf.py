@@ -136,7 +136,7 @@ class BatchTarget(_Adapter):
         # exact float32 runs MKL's matmuls row by row, except where they are oneDNN's packed ones
         # (the AVX2 path, models/cpu.py): those give each row the same result at any row count
         row_by_row = exact is not None and self.dtype == torch.float32 and not (
-            lean is not None and lean.pack)
+            lean.pack if lean is not None else self.packed is not None)
         mode = ExactMatmul() if row_by_row else \
             self.packed or nullcontext()  # packed linears on the CPU: models/packed.py
         with rows_attention(self.model.config, chunks, causal, exact), mode:

@@ -74,19 +74,33 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return _linear(x, packed, bias)
 
 
+def _linear_weights(model) -> list[tuple[torch.Tensor, bool]]:
+    """(weight, stored [in, out]) of the model's linears: ``nn.Linear`` and GPT-2's ``Conv1D``
+    (``addmm(bias, x, weight)``; the stock half-precision kernel for it may change its reduction
+    order with the row count: 22 rows and more on a 32 x 32 float16 weight, AVX512-FP16 CPU)."""
+    out = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            if isinstance(module, torch.nn.Linear):
+                out.append((weight, False))
+            elif type(module).__name__ == "Conv1D":
+                out.append((weight, True))
+    return out
+
+
 class PackedLinears(TorchFunctionMode):
-    """Inside this mode, ``linear`` calls on one of the model's packable weights run oneDNN's
-    packed kernel on the prepacked copy of that weight."""
+    """Inside this mode, ``linear`` calls (and GPT-2's ``Conv1D`` ``addmm`` calls) on one of the
+    model's packable weights run oneDNN's packed kernel on the prepacked copy of that weight."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.packed: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         with torch.no_grad():
-            for module in model.modules():
-                weight = getattr(module, "weight", None)
-                if isinstance(module, torch.nn.Linear) and weight is not None \
-                        and packs(weight.dtype) and id(weight) not in self.packed:
-                    self.packed[id(weight)] = (weight, pack_weight(weight), weight._version)
+            for weight, transposed in _linear_weights(model):
+                if packs(weight.dtype) and id(weight) not in self.packed:
+                    packed = pack_weight(weight.t().contiguous() if transposed else weight)
+                    self.packed[id(weight)] = (weight, packed, weight._version)
 
     def __deepcopy__(self, memo: dict) -> None:  # a copied model packs its own weights
         return None
@@ -105,6 +119,12 @@ class PackedLinears(TorchFunctionMode):
                 flat = x.reshape(-1, x.shape[-1])
                 out = packed_matmul(flat, entry[1], bias)
                 return out.reshape(*x.shape[:-1], out.shape[-1])
+        elif func is torch.addmm and len(args) == 3 and not kwargs:  # Conv1D: bias + x @ weight
+            bias, x, weight = args
+            entry = self.packed.get(id(weight))
+            if entry is not None and entry[0] is weight and x.dtype == weight.dtype \
+                    and bias.dim() == 1 and not x.requires_grad:
+                return packed_matmul(x, entry[1], bias)
         return func(*args, **kwargs)
 
 
@@ -114,7 +134,7 @@ def packed_linears(model) -> PackedLinears | None:
     if not can_pack(model):
         return None
     current = getattr(model, _ATTR, None)
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [w for w, _ in _linear_weights(model)]
     def stale(w: torch.Tensor) -> bool:
         entry = current.packed.get(id(w)) if packs(w.dtype) else (w, None, w._version)
         return entry is None or entry[0] is not w or entry[2] != w._version

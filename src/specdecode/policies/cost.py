@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from specdecode.models import lean
+from specdecode.models.cpu import cpu_path
 from specdecode.models.exact import default_exact
 from specdecode.models.hf import BatchTarget
 from specdecode.types import Draft, SpecDecodeError
@@ -78,8 +79,9 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
 
 log = logging.getLogger("specdecode")
 CURVE_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CURVE_VERSION = 6  # bumped when the verification forward changes (3: exact in half precision;
-# 4-5: one exact-attention call per row and window, the lean forward; 6: 128-token windows)
+CURVE_VERSION = 7  # bumped when the verification forward changes (3: exact in half precision;
+# 4-5: one exact-attention call per row and window, the lean forward; 6: 128-token windows;
+# 7: packed float32 linears on the AVX2 path, AMX capped)
 HOST_KEY = "cost-curves"  # a host's measured curves in memory: curve_key -> curve
 
 
@@ -92,15 +94,16 @@ def cache_dir() -> Path:
 
 def curve_key(model, exact: bool | None = None) -> str:
     """What a cost curve depends on: architecture (the config without names), dtype, device,
-    threads, torch version, the exact forward or not, the lean forward or not. Weights do not
-    matter."""
+    threads, torch version, the exact forward or not, the lean forward or not, the CPU path
+    (``models/cpu.py``: forcing the AVX2 path changes the kernels). Weights do not matter."""
     config = model.config.to_dict()
     for name in ("_name_or_path", "name_or_path", "transformers_version"):
         config.pop(name, None)
     param = next(model.parameters())
     exact = default_exact(param.dtype) if exact is None else bool(exact)
     text = json.dumps([CURVE_VERSION, type(model).__name__, config, str(param.dtype), str(param.device),
-                       torch.get_num_threads(), torch.__version__, exact, lean.supported(model)],
+                       torch.get_num_threads(), torch.__version__, exact, lean.supported(model),
+                       cpu_path()],
                       sort_keys=True,
                       default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
