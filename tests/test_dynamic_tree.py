@@ -19,9 +19,11 @@ from enumerate_rules import (
 
 import specdecode as sd
 import specdecode.drafters.draft_model as draft_model
+import specdecode.drafters.model_drafting as model_drafting
 from specdecode import Draft
 from specdecode.drafters.base import DraftContext
 from specdecode.drafters.dynamic_tree import Tree, best_nodes, build_tree
+from specdecode.drafters.model_drafting import DraftModelDrafter
 from specdecode.models.hf import HFModel
 from specdecode.sampling import TorchRandom, processed_probs
 from specdecode.types import SamplingParams, SpecDecodeError
@@ -229,9 +231,9 @@ def test_incremental_tree_forward_matches_fresh_forwards(arch, monkeypatch):
             return rows
         return build_tree(wrapped, **kw)
 
-    monkeypatch.setattr(draft_model, "build_tree", recording_build_tree)
-    drafter = draft_model.DraftModelDrafter(HFModel(model), num_draft_tokens=3, tree="dynamic",
-                                            topk=3, max_nodes=10)
+    monkeypatch.setattr(model_drafting, "build_tree", recording_build_tree)
+    drafter = DraftModelDrafter(HFModel(model), num_draft_tokens=3, tree="dynamic", topk=3,
+                                max_nodes=10)
     prompt = make_prompts(3)[2]
     for context in (prompt, prompt + [7, 8]):
         draft = drafter.propose(DraftContext(context, len(prompt), 16, 8, SamplingParams(), 0))
@@ -289,8 +291,8 @@ def test_rejection_sampling_draws_children_from_the_processed_draft():
     model = tiny_model("llama", seed=2, layers=2)
     fresh = HFModel(model)
     params = SamplingParams(temperature=0.8, top_k=20)
-    drafter = draft_model.DraftModelDrafter(HFModel(model), num_draft_tokens=3, tree="dynamic",
-                                            topk=2, max_nodes=5)
+    drafter = DraftModelDrafter(HFModel(model), num_draft_tokens=3, tree="dynamic", topk=2,
+                                max_nodes=5)
     prompt = make_prompts(3)[1]
     draft = drafter.propose(DraftContext(prompt, len(prompt), 16, 8, params, 7))
     assert len(draft) == 5 and draft.draft_probs is not None
@@ -308,7 +310,7 @@ def test_chain_scores_and_min_score():
     model = tiny_model("llama", seed=2, layers=2)
     prompt = make_prompts(3)[1]
     fresh = HFModel(model)
-    drafter = draft_model.DraftModelDrafter(HFModel(model), num_draft_tokens=4)
+    drafter = DraftModelDrafter(HFModel(model), num_draft_tokens=4)
     draft = drafter.propose(DraftContext(prompt, len(prompt), 16, 8, SamplingParams(), 0))
     tokens, score, expected = draft.tokens.tolist(), 1.0, []
     for i, tok in enumerate(tokens):
@@ -335,8 +337,8 @@ def test_options_and_errors():
     assert params["max_nodes"].default == 12
     model = HFModel(tiny_model("llama", layers=1))
     with pytest.raises(SpecDecodeError, match="tree_width"):
-        draft_model.DraftModelDrafter(model, tree="dynamic", tree_width=2)
+        DraftModelDrafter(model, tree="dynamic", tree_width=2)
     with pytest.raises(SpecDecodeError, match="chain, dynamic"):
-        draft_model.DraftModelDrafter(model, tree="bush")
+        DraftModelDrafter(model, tree="bush")
     with pytest.raises(SpecDecodeError):
-        draft_model.DraftModelDrafter(model, tree="dynamic", topk=0)
+        DraftModelDrafter(model, tree="dynamic", topk=0)

@@ -112,7 +112,7 @@ def test_a_reduced_read_out_drafts_only_its_tokens_and_stays_lossless(arch, dtyp
 
 def test_drafted_tokens_come_from_the_reduced_vocabulary():
     from specdecode.drafters.base import DraftContext
-    from specdecode.drafters.draft_model import DraftModelDrafter
+    from specdecode.drafters.model_drafting import DraftModelDrafter
     from specdecode.types import SamplingParams
 
     target = tiny_model("llama", seed=2, dtype=torch.float32)

@@ -13,7 +13,8 @@ from conftest import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.drafters import layer_skip as ls
-from specdecode.drafters.base import BuildContext, make_drafter
+from specdecode.drafters.base import BuildContext
+from specdecode.drafters.registry import make_drafter
 from specdecode.models.hf import HFModel
 from specdecode.types import SpecDecodeError
 

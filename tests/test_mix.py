@@ -9,7 +9,7 @@ import torch
 from conftest import make_prompts, tiny_model, vanilla
 
 import specdecode as sd
-from specdecode.drafters.mix import merge_drafts, translate
+from specdecode.drafters.mix import merge_drafts
 from specdecode.types import Draft, TargetFeedback, Verdict
 
 
@@ -68,7 +68,7 @@ def test_merge_equals_brute_force_union_under_budget():
                 assert m == -1 and own[i] not in origin or mine[m] == own[i]
 
 
-def test_translate_gives_each_source_its_own_indices_and_rows():
+def test_translated_verdict_gives_each_source_its_own_indices_and_rows():
     a = Draft(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1]))
     b = Draft(torch.tensor([5, 9]), torch.tensor([-1, 0]))
     merged = merge_drafts([("a", a), ("b", b)], budget=10)
@@ -76,14 +76,14 @@ def test_translate_gives_each_source_its_own_indices_and_rows():
     topk = torch.arange(5 * 3).reshape(5, 3)
     fb = TargetFeedback([1, 5, 6, 7, 9], topk)
     verdict = Verdict(path=[0, 3], tokens=[5, 9, 2], num_drafted=4, feedback=fb)
-    va = translate(verdict, merged.node_maps[0], 3, topk=2)
-    vb = translate(verdict, merged.node_maps[1], 2, topk=3)
+    va = verdict.translated(merged.node_maps[0], 3, topk=2)
+    vb = verdict.translated(merged.node_maps[1], 2, topk=3)
     assert va.path == [0] and vb.path == [0, 1]
     assert va.feedback.row_tokens == [1, 5, 6, 7] and va.feedback.topk_ids.tolist() == \
         topk[[0, 1, 2, 3], :2].tolist()
     assert vb.feedback.row_tokens == [1, 5, 9] and vb.feedback.topk_ids.tolist() == \
         topk[[0, 1, 4]].tolist()
-    assert translate(verdict, merged.node_maps[0], 3, topk=0).feedback is None
+    assert verdict.translated(merged.node_maps[0], 3, topk=0).feedback is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

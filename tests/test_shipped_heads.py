@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model, vanilla
 
 import specdecode as sd
-import specdecode.drafters.eagle as eagle
+import specdecode.models.heads as heads
 from specdecode.models.heads import EagleHead, probe_matches, save_head, weights_probe
 from specdecode.types import SpecDecodeError
 
@@ -20,17 +20,17 @@ def shipped(tmp_path, monkeypatch):
     target = tiny_model("llama", seed=5, dtype=torch.float32)
     torch.manual_seed(0)
     save_head(EagleHead(32, 4, 64), tmp_path / "tiny-5" / "eagle", target)
-    monkeypatch.setattr(eagle, "SHIPPED_HEADS", tmp_path)
+    monkeypatch.setattr(heads, "SHIPPED_HEADS", tmp_path)
     return target, tmp_path / "tiny-5" / "eagle"
 
 
 def test_the_shipped_head_loads_for_its_own_weights_in_any_dtype(shipped):
     target, directory = shipped
-    assert eagle.shipped_head_dir("eagle", target) == directory
+    assert heads.shipped_head_dir("eagle", target) == directory
     half = copy.deepcopy(target).to(torch.bfloat16)
     assert probe_matches(weights_probe(target), half)
-    assert eagle.shipped_head_dir("eagle", half) == directory
-    assert eagle.shipped_head_dir("medusa", target) is None  # no medusa head shipped
+    assert heads.shipped_head_dir("eagle", half) == directory
+    assert heads.shipped_head_dir("medusa", target) is None  # no medusa head shipped
     prompt = [3, 4, 5, 6, 3, 4, 5]
     out = sd.generate(target, prompt, drafter="eagle", max_new_tokens=12)
     assert out.token_ids == vanilla(target, prompt, 12)
@@ -39,10 +39,10 @@ def test_the_shipped_head_loads_for_its_own_weights_in_any_dtype(shipped):
 def test_never_for_another_model_of_the_same_shape(shipped):
     other = tiny_model("llama", seed=6, dtype=torch.float32)
     assert not probe_matches(weights_probe(shipped[0]), other)
-    assert eagle.shipped_head_dir("eagle", other) is None
+    assert heads.shipped_head_dir("eagle", other) is None
     with pytest.raises(SpecDecodeError, match="needs a head trained for this target"):
         sd.generate(other, [1, 2, 3], drafter="eagle")
     slightly = copy.deepcopy(shipped[0])  # fine-tuned weights are another model
     with torch.no_grad():
         slightly.get_input_embeddings().weight.mul_(1.1)
-    assert eagle.shipped_head_dir("eagle", slightly) is None
+    assert heads.shipped_head_dir("eagle", slightly) is None

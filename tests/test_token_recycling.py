@@ -15,7 +15,8 @@ from conftest import make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.token_recycling as tr
-from specdecode.drafters.base import BuildContext, DraftContext, make_drafter
+from specdecode.drafters.base import BuildContext, DraftContext
+from specdecode.drafters.registry import make_drafter
 from specdecode.host import HostState, host_of
 from specdecode.types import SamplingParams, SpecDecodeError, TargetFeedback, Verdict
 

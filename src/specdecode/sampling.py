@@ -1,4 +1,5 @@
-"""Logits -> processed probabilities, the engine's random source, and keyed (coupled) noise.
+"""Logits -> processed probabilities (the target's and the drafters'), the engine's random source,
+and keyed (coupled) noise with the choices and rankings it makes.
 
 Target and draft distributions go through the same ``processed_probs`` so that rejection sampling
 compares like with like (docs/DESIGN.md §4).
@@ -88,3 +89,17 @@ def coupled_choice(probs: torch.Tensor, seed: int, positions: list[int]) -> list
     """Gumbel-max token per row: argmax(log probs + keyed noise); zero-probability tokens never win."""
     scores = torch.log(probs) + keyed_gumbel(seed, positions, probs.size(-1))
     return scores.argmax(-1).tolist()
+
+
+def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """A drafter's next-token probabilities: processed like the target's when sampling, plain
+    softmax under greedy (there they only rank and score candidates)."""
+    return torch.softmax(logits.float(), -1) if params.greedy else processed_probs(logits, params)
+
+
+def coupled_ranking(probs: torch.Tensor, seed: int, positions: list[int]) -> torch.Tensor:
+    """Under coupled sampling the target emits argmax(log p + g) with keyed Gumbel noise g known in
+    advance, so a drafter ranks candidates by softmax(log q + g): its own coupled choice first,
+    then the tokens that would win were p a little different from q. Rows [n, V] (float64)."""
+    noise = keyed_gumbel(seed, positions, probs.size(-1))
+    return torch.softmax(torch.log(probs.double()) + noise, -1)

@@ -332,8 +332,7 @@ class ConstraintState:
         if self.node_map == list(range(self.num_proposed)) and \
                 verdict.num_drafted == self.num_proposed:
             return verdict
-        from specdecode.drafters.mix import translate
-        return translate(verdict, self.node_map, self.num_proposed, topk)
+        return verdict.translated(self.node_map, self.num_proposed, topk)
 
     def advance(self, tokens: list[int]) -> None:
         """Commit emitted tokens to the grammar state."""

@@ -180,6 +180,24 @@ class Verdict:
     def num_accepted(self) -> int:
         return len(self.path)
 
+    def translated(self, node_map: list[int], num_drafted: int, topk: int = 0) -> Verdict:
+        """The verdict as a drafter sees it whose ``num_drafted`` nodes became nodes ``node_map``
+        of the verified draft (-1: dropped; a ``mix`` source, a draft cut by the grammar): the
+        accepted path in its own node indices, as far as it runs through them, and, if it asked for
+        ``topk`` > 0 feedback, the feedback rows of its own nodes (None if any of its nodes was
+        dropped: those rows were never verified)."""
+        own = {m: i for i, m in enumerate(node_map) if m >= 0}
+        path = []
+        for node in self.path:
+            if node not in own:
+                break
+            path.append(own[node])
+        fb, feedback = self.feedback, None
+        if topk > 0 and fb is not None and all(m >= 0 for m in node_map):
+            rows = [0] + [m + 1 for m in node_map]
+            feedback = TargetFeedback([fb.row_tokens[r] for r in rows], fb.topk_ids[rows, :topk])
+        return Verdict(path, list(self.tokens), num_drafted, feedback)
+
 
 @dataclass
 class StepStats:

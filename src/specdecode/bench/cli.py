@@ -123,8 +123,8 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
-    from specdecode.drafters.eagle import shipped_head_dir
     from specdecode.models.exact import default_exact
+    from specdecode.models.heads import shipped_head_dir
     from specdecode.models.hf import context_length
 
     if report_only:

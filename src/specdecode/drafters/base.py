@@ -83,15 +83,4 @@ class BuildContext:
     host: HostState = field(default_factory=HostState)
 
 
-# the registry (re-exported: drafter files register with ``base.register``)
-from specdecode.drafters.registry import (  # noqa: E402
-    REGISTRY,
-    DrafterSpec,
-    Needs,
-    available,
-    make_drafter,
-    register,
-)
-
-__all__ = ["REGISTRY", "BuildContext", "DraftContext", "Drafter", "DrafterSpec", "Needs",
-           "available", "make_drafter", "register"]
+__all__ = ["BuildContext", "DraftContext", "Drafter"]

@@ -26,19 +26,14 @@ tokens the corpus uses most, from the head's list; 0: the whole vocabulary; defa
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
-from specdecode.drafters.draft_model import coupled_ranking, draft_distribution
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.drafters.options import DEPTH, HEAD, NODES, TREE_TOPK
-from specdecode.drafters.registry import Needs
-from specdecode.models.adapter import check_window, context_length
-from specdecode.models.heads import HEAD_FILE, EagleHead, load_head, vocab_subset
-from specdecode.sampling import TorchRandom
+from specdecode.drafters.registry import Needs, register
+from specdecode.models.heads import HOST_KEY, DraftVocab, EagleHead, resolve_head, vocab_subset
+from specdecode.sampling import TorchRandom, coupled_ranking
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
@@ -136,92 +131,6 @@ class EagleDrafter:
 
     def observe(self, verdict: Verdict) -> None:
         """Nothing to do: the accepted tokens' true features come with the next proposal."""
-
-
-class DraftVocab:
-    """The draft's read-out over a reduced vocabulary (VocabTrim, Goel et al. 2025; FR-Spec, Zhao
-    et al. 2025): logits only for ``vocab`` (the tokens the corpus uses most, listed by the
-    trainer), the rest probability 0, so a vocabulary-sized projection stops dominating a small
-    head's cost. Drafts only; the target still verifies over its whole vocabulary (lossless)."""
-
-    def __init__(self, weight: torch.Tensor, vocab: torch.Tensor | None) -> None:
-        self.size = weight.shape[0]
-        self.vocab = vocab
-        self.weight = weight if vocab is None else weight[vocab].contiguous()
-
-    def probs(self, features: torch.Tensor, params, weight: torch.Tensor | None = None
-              ) -> torch.Tensor:
-        """[n, V] draft probabilities (processed like the target's when sampling)."""
-        logits = torch.nn.functional.linear(features, self.weight if weight is None else weight)
-        small = draft_distribution(logits, params)
-        if self.vocab is None:
-            return small
-        full = small.new_zeros(small.shape[0], self.size)
-        return full.index_copy_(1, self.vocab, small)
-
-    def trim(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight if self.vocab is None else weight[self.vocab].contiguous()
-
-
-def shipped_head_dir(kind: str, target_model) -> Path | None:
-    """The shipped head of ``kind`` for ``target_model``, else None: the demo target's, or one in
-    the package's ``heads/<model>/<kind>`` whose weights probe matches this target's weights
-    (``models.heads.probe_matches``: never a head trained for another model)."""
-    from specdecode.demo import demo_dir
-    from specdecode.models.heads import shipped_dir
-
-    source = getattr(target_model, "name_or_path", "") or ""
-    demo = demo_dir()
-    try:
-        is_demo = Path(source).resolve() == (demo / "target").resolve()
-    except OSError:
-        is_demo = False
-    if is_demo:
-        return demo / kind if (demo / kind).is_dir() else None
-    return shipped_dir(SHIPPED_HEADS, kind, target_model)
-
-
-SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"
-
-
-HOST_KEY = "heads"  # the host's loaded heads: (kind, directory, mtime, dtype, device) -> (head, config)
-
-
-def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
-    """(head module, config) from ``head``: a directory, a head module (tests), or None (the head
-    shipped for this target, ``shipped_head_dir``); in the target's dtype. Heads loaded from a
-    directory are kept in ``loaded`` (the host's, read-only once loaded) and shared by its
-    requests. A windowed target or a head whose config declares a window is refused
-    (``check_head``)."""
-    loaded = {} if loaded is None else loaded
-    param = next(target_model.parameters())
-    if isinstance(head, torch.nn.Module):
-        check_head(kind, head.config, target_model)
-        return head.to(dtype=param.dtype, device=param.device).eval(), head.config
-    directory = head if head is not None else shipped_head_dir(kind, target_model)
-    if directory is None:
-        raise SpecDecodeError(f"the {kind} drafter needs a head trained for this target: "
-                              f"{kind}:head=DIR (train one with `specdecode train-drafter --kind "
-                              f"{kind} --target ... --out DIR`); heads are built in for the "
-                              f"demo target and the models under {SHIPPED_HEADS} only")
-    directory = Path(directory).resolve()
-    weights = directory / HEAD_FILE
-    stamp = weights.stat().st_mtime if weights.exists() else 0
-    key = (kind, str(directory), stamp, param.dtype, str(param.device))
-    if key not in loaded:
-        module, config = load_head(directory, kind, target_model)
-        check_head(kind, config, target_model)
-        loaded[key] = (module.to(dtype=param.dtype, device=param.device), config)
-    return loaded[key]
-
-
-def check_head(kind: str, config: dict, target_model) -> None:
-    """``SpecDecodeError`` for a head over a sliding-window target (its features, and our
-    verification, would be wrong: ``models.adapter.attention_window``) or a head config that
-    declares a window of its own (the heads here attend to every earlier position)."""
-    check_window(target_model.config, target_model, "the target model")
-    own = {"max_position_embeddings": context_length(target_model.config), **config}
-    check_window(SimpleNamespace(**own), what=f"the {kind} head")
 
 
 @register("eagle", needs=Needs.HEADS, options={"num_draft_tokens": DEPTH, "topk": TREE_TOPK,

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH
+from specdecode.drafters.registry import register
 from specdecode.types import Draft, Verdict
 
 

@@ -3,8 +3,8 @@
 Verify, Zhang et al., ACL 2024, without their training).
 
 The shallow model is a view: its modules are the target's own (shared weights, no copy); only the
-decoder-layer list is shortened. It drafts like ``draft-model`` (a chain, or a dynamic tree with
-``tree="dynamic"``) with its own KV cache.
+decoder-layer list is shortened. It drafts like ``draft-model`` (``model_drafting``: a chain, or a
+dynamic tree with ``tree="dynamic"``) with its own KV cache.
 
 The exit layer L is chosen per request from measured agreement with the target (``num_layers``
 None, the default), in the manner of SWIFT (Xia et al., ICLR 2025: pick the layers to skip on the
@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
-from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.base import BuildContext, DraftContext
+from specdecode.drafters.model_drafting import DRAFT_OPTIONS, DraftModelDrafter
 from specdecode.drafters.options import count
-from specdecode.drafters.registry import REGISTRY
+from specdecode.drafters.registry import register
 from specdecode.models.hf import HFModel
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
@@ -312,13 +312,13 @@ class LayerSkipDrafter:
 
 
 @register("layer-skip", options={"num_layers": count(1, "layers-1", nullable=True),
-                                 **REGISTRY["draft-model"].options})  # passed through
+                                 **DRAFT_OPTIONS})  # passed through
 def build_layer_skip(build: BuildContext, num_layers: int | None = None,
                      num_draft_tokens: int = 4, tree_width: int = 1, tree: str = "chain",
                      topk: int = 4, max_nodes: int = 12, **options: Any) -> LayerSkipDrafter:
     """Self-speculation with the target's first ``num_layers`` layers (default None: chosen from
-    measured agreement); the other options are ``draft-model``'s, passed through (checked against
-    the registration like every drafter's)."""
+    measured agreement); the other options are ``draft-model``'s (``DRAFT_OPTIONS``), passed
+    through (checked against the registration like every drafter's)."""
     model = build.target.model
     total = model.config.num_hidden_layers
     if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)):

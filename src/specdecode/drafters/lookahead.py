@@ -55,8 +55,9 @@ from collections.abc import Sequence
 
 import torch
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, NODES, count, owner_only
+from specdecode.drafters.registry import register
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 

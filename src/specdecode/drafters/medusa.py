@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
-from specdecode.drafters.draft_model import coupled_ranking
-from specdecode.drafters.eagle import HOST_KEY as HEADS_KEY
-from specdecode.drafters.eagle import DraftVocab, resolve_head
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import HEAD, NODES
-from specdecode.drafters.registry import Needs
-from specdecode.models.heads import MedusaHeads, vocab_subset
+from specdecode.drafters.registry import Needs, register
+from specdecode.models.heads import HOST_KEY, DraftVocab, MedusaHeads, resolve_head, vocab_subset
+from specdecode.sampling import coupled_ranking
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
@@ -96,19 +94,12 @@ class MedusaDrafter:
             tokens.append(int(top_ids[d, rank]))
             parents.append(parent)
             scores.append((scores[parent] if parent >= 0 else 1.0) * float(top_p[d, rank]))
-        keep = [i for i, s in enumerate(scores) if s >= ctx.min_score]
-        if len(keep) < len(tokens):  # below the policy's bar: cut, keeping ancestors' order
-            kept = set()
-            for i in keep:
-                if parents[i] < 0 or parents[i] in kept:
-                    kept.add(i)
-            order = sorted(kept)
-            where = {old: new for new, old in enumerate(order)}
-            tokens = [tokens[i] for i in order]
-            parents = [where.get(parents[i], -1) for i in order]
-            scores = [scores[i] for i in order]
-        return Draft(torch.tensor(tokens), torch.tensor(parents),
-                     scores=torch.tensor(scores, dtype=torch.float64))
+        draft = Draft(torch.tensor(tokens), torch.tensor(parents),
+                      scores=torch.tensor(scores, dtype=torch.float64))
+        keep = [False] * len(tokens)  # below the policy's bar: cut, with every descendant
+        for i, (parent, score) in enumerate(zip(parents, scores)):
+            keep[i] = score >= ctx.min_score and (parent < 0 or keep[parent])
+        return draft.subset(torch.tensor(keep, dtype=torch.bool))
 
     def observe(self, verdict: Verdict) -> None:
         """Nothing to learn: the next feature comes with the next proposal."""
@@ -118,7 +109,7 @@ class MedusaDrafter:
 def build_medusa(build: BuildContext, head=None, max_nodes: int = 16,
                  draft_vocab: int | None = None) -> MedusaDrafter:
     module, config = resolve_head("medusa", head, build.target.model,
-                                  build.host.get(HEADS_KEY, dict))
+                                  build.host.get(HOST_KEY, dict))
     tree = config.get("tree") or prior_tree(len(module.blocks), 64)
     vocab = vocab_subset(config, draft_vocab, build.target.vocab_size)
     return MedusaDrafter(module, tree, max_nodes, vocab)

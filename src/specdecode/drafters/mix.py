@@ -8,8 +8,9 @@ already in the tree is shared, never duplicated). ``Draft.sources`` names the so
 proposed each node.
 
 Every source keeps working as if it were alone: after the verdict it receives a translated verdict
-whose path and feedback rows are in its own node indices (the accepted path as far as it runs through
-its own nodes). A source that raises is skipped for that step; the others still draft.
+(``Verdict.translated``) whose path and feedback rows are in its own node indices (the accepted
+path as far as it runs through its own nodes). A source that raises is skipped for that step; the
+others still draft.
 
 Options: ``sources`` (names joined by ``+``, e.g. ``suffix+token-recycling``; any registered
 drafters, ``draft-model`` included), ``max_nodes`` (total budget), ``spine_nodes`` (the first
@@ -23,9 +24,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specdecode.drafters.base import REGISTRY, BuildContext, DraftContext, Drafter, make_drafter, register
+from specdecode.drafters.base import BuildContext, DraftContext, Drafter
 from specdecode.drafters.options import NODES, Option, count
-from specdecode.types import Draft, SpecDecodeError, TargetFeedback, Verdict
+from specdecode.drafters.registry import REGISTRY, make_drafter, register
+from specdecode.types import Draft, SpecDecodeError, Verdict
 
 log = logging.getLogger("specdecode")
 
@@ -66,23 +68,6 @@ def merge_drafts(parts: list[tuple[str, Draft]], budget: int) -> Merged:
     draft = Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
                   None, sources)
     return Merged(draft, maps)
-
-
-def translate(verdict: Verdict, node_map: list[int], num_drafted: int, topk: int) -> Verdict:
-    """The verdict as one source sees it: the accepted path in its own node indices and, if it asked
-    for ``topk`` > 0 feedback, the feedback rows of its own nodes (None if any of its nodes was
-    dropped from the merged tree: those rows were never verified)."""
-    own = {m: i for i, m in enumerate(node_map) if m >= 0}
-    path = []
-    for node in verdict.path:
-        if node not in own:
-            break
-        path.append(own[node])
-    fb, feedback = verdict.feedback, None
-    if topk > 0 and fb is not None and all(m >= 0 for m in node_map):
-        rows = [0] + [m + 1 for m in node_map]
-        feedback = TargetFeedback([fb.row_tokens[r] for r in rows], fb.topk_ids[rows, :topk])
-    return Verdict(path, list(verdict.tokens), num_drafted, feedback)
 
 
 class MixDrafter:
@@ -129,7 +114,7 @@ class MixDrafter:
                                                              asked):
             if not proposed:
                 continue
-            own = translate(verdict, node_map, size, int(getattr(drafter, "feedback_topk", 0) or 0))
+            own = verdict.translated(node_map, size, int(getattr(drafter, "feedback_topk", 0) or 0))
             try:
                 drafter.observe(own)
             except Exception as err:  # noqa: BLE001

@@ -8,8 +8,9 @@ O(new tokens x (max_n - min_n + 1)), never O(context).
 
 from __future__ import annotations
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, count
+from specdecode.drafters.registry import register
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 

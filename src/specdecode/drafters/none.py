@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
+from specdecode.drafters.registry import register
 from specdecode.types import Draft, Verdict
 
 

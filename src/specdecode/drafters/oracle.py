@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, owner_only
-from specdecode.drafters.registry import Needs
+from specdecode.drafters.registry import Needs, register
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from specdecode.datastore import Datastore, open_datastore
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, NODES, count, owner_only
-from specdecode.drafters.registry import Needs
+from specdecode.drafters.registry import Needs, register
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 

@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, count, owner_only
+from specdecode.drafters.registry import register
 from specdecode.drafters.suffix_automaton import SuffixAutomaton
 from specdecode.types import Draft, SpecDecodeError, Verdict
 

@@ -51,8 +51,9 @@ import os
 
 import torch
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, NODES, Option, owner_only
+from specdecode.drafters.registry import register
 from specdecode.drafters.suffix_tree import SuffixStore, SuffixTree
 from specdecode.types import Draft, SpecDecodeError, Verdict
 

@@ -45,8 +45,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from specdecode.drafters.base import BuildContext, DraftContext, register
+from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.options import DEPTH, NODES, Option, owner_only
+from specdecode.drafters.registry import register
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 #: Published template shape: nodes per depth below the root (80 nodes, depth 6).

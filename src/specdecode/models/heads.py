@@ -10,20 +10,27 @@ and saving / loading them (``head.safetensors`` in fp16 + ``head.json``).
   Framework with Multiple Decoding Heads", ICML 2024): head d (1..K) is a residual SiLU block and
   its own LM head on f_t, predicting token t+1+d; the target is frozen.
 
-The target's embeddings and LM head are never stored here: heads are loaded against a target.
+The target's embeddings and LM head are never stored here: heads are loaded against a target
+(``resolve_head``: a directory, a module, or the head shipped for the target, kept in the host) and
+read out through its LM head, over the whole vocabulary or a reduced one (``DraftVocab``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from specdecode.models.adapter import check_window, context_length
+from specdecode.sampling import draft_distribution
 from specdecode.types import SpecDecodeError
 
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"  # heads/<model>/<kind>
+HOST_KEY = "heads"  # the host's loaded heads: (kind, directory, mtime, dtype, device) -> (head, config)
 
 
 class RMSNorm(nn.Module):
@@ -212,6 +219,85 @@ def load_head(directory: Path | str, kind: str, target_model) -> tuple[nn.Module
     if getattr(head, "tied", False):
         head.tie(target_model.get_output_embeddings())
     return head.eval(), config
+
+
+def shipped_head_dir(kind: str, target_model) -> Path | None:
+    """The shipped head of ``kind`` for ``target_model``, else None: the demo target's, or one in
+    ``SHIPPED_HEADS/<model>/<kind>`` whose weights probe matches this target's weights
+    (``probe_matches``: never a head trained for another model)."""
+    from specdecode.demo import demo_dir
+
+    source = getattr(target_model, "name_or_path", "") or ""
+    demo = demo_dir()
+    try:
+        is_demo = Path(source).resolve() == (demo / "target").resolve()
+    except OSError:
+        is_demo = False
+    if is_demo:
+        return demo / kind if (demo / kind).is_dir() else None
+    return shipped_dir(SHIPPED_HEADS, kind, target_model)
+
+
+def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
+    """(head module, config) from ``head``: a directory, a head module (tests), or None (the head
+    shipped for this target, ``shipped_head_dir``); in the target's dtype. Heads loaded from a
+    directory are kept in ``loaded`` (the host's ``HOST_KEY`` dict, read-only once loaded) and
+    shared by its requests. A windowed target or a head whose config declares a window is refused
+    (``check_head``)."""
+    loaded = {} if loaded is None else loaded
+    param = next(target_model.parameters())
+    if isinstance(head, torch.nn.Module):
+        check_head(kind, head.config, target_model)
+        return head.to(dtype=param.dtype, device=param.device).eval(), head.config
+    directory = head if head is not None else shipped_head_dir(kind, target_model)
+    if directory is None:
+        raise SpecDecodeError(f"the {kind} drafter needs a head trained for this target: "
+                              f"{kind}:head=DIR (train one with `specdecode train-drafter --kind "
+                              f"{kind} --target ... --out DIR`); heads are built in for the "
+                              f"demo target and the models under {SHIPPED_HEADS} only")
+    directory = Path(directory).resolve()
+    weights = directory / HEAD_FILE
+    stamp = weights.stat().st_mtime if weights.exists() else 0
+    key = (kind, str(directory), stamp, param.dtype, str(param.device))
+    if key not in loaded:
+        module, config = load_head(directory, kind, target_model)
+        check_head(kind, config, target_model)
+        loaded[key] = (module.to(dtype=param.dtype, device=param.device), config)
+    return loaded[key]
+
+
+def check_head(kind: str, config: dict, target_model) -> None:
+    """``SpecDecodeError`` for a head over a sliding-window target (its features, and our
+    verification, would be wrong: ``models.adapter.attention_window``) or a head config that
+    declares a window of its own (the heads here attend to every earlier position)."""
+    check_window(target_model.config, target_model, "the target model")
+    own = {"max_position_embeddings": context_length(target_model.config), **config}
+    check_window(SimpleNamespace(**own), what=f"the {kind} head")
+
+
+class DraftVocab:
+    """A head's read-out over a reduced vocabulary (VocabTrim, Goel et al. 2025; FR-Spec, Zhao et
+    al. 2025): logits only for ``vocab`` (the tokens the corpus uses most, listed by the trainer:
+    ``vocab_subset``), the rest probability 0, so a vocabulary-sized projection stops dominating a
+    small head's cost. Drafts only; the target still verifies over its whole vocabulary (lossless)."""
+
+    def __init__(self, weight: torch.Tensor, vocab: torch.Tensor | None) -> None:
+        self.size = weight.shape[0]
+        self.vocab = vocab
+        self.weight = weight if vocab is None else weight[vocab].contiguous()
+
+    def probs(self, features: torch.Tensor, params, weight: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """[n, V] draft probabilities (processed like the target's when sampling)."""
+        logits = torch.nn.functional.linear(features, self.weight if weight is None else weight)
+        small = draft_distribution(logits, params)
+        if self.vocab is None:
+            return small
+        full = small.new_zeros(small.shape[0], self.size)
+        return full.index_copy_(1, self.vocab, small)
+
+    def trim(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.vocab is None else weight[self.vocab].contiguous()
 
 
 def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tensor | None:
