@@ -13,9 +13,10 @@ from specdecode.bench.methods import Settings, check_specs, method_options
 from specdecode.cli import main
 from specdecode.sampling import TorchRandom, processed_probs
 from specdecode.server.protocol import CompletionRequest, speculation
-from specdecode.types import SAMPLING_MODES, Draft, SamplingParams, SpecDecodeError
+from specdecode.types import Draft, SamplingParams, SpecDecodeError
 from specdecode.verify import (
     RULES,
+    SAMPLING_MODES,
     verify,
     verify_block,
     verify_rejection,
@@ -31,7 +32,7 @@ def test_unknown_mode_lists_the_choices():
     with pytest.raises(SpecDecodeError) as err:
         SamplingParams(temperature=1.0, mode="nucleus")
     assert all(mode in str(err.value) for mode in SAMPLING_MODES)
-    assert set(RULES) == set(SAMPLING_MODES)
+    assert SAMPLING_MODES == tuple(RULES)  # derived from the rule table, in its order
 
 
 def random_case(n: int, vocab: int = 7, seed: int = 0):
@@ -134,7 +135,7 @@ def test_delayed_tree_expansion_drafts_branches_and_stays_exact(pair):
 def test_branches_without_replacement_carry_the_rows_they_were_drawn_from(pair):
     """Each child's draft_probs row is its parent's row without the earlier siblings,
     renormalised (the SpecInfer residual on the plain row would be lossy)."""
-    from specdecode.drafters.draft_model import DraftModelDrafter
+    from specdecode.drafters.model_drafting import DraftModelDrafter
     from specdecode.models.hf import HFModel
 
     drafter = DraftModelDrafter(HFModel(pair[1]), num_drafts=3, replacement=False)

@@ -13,12 +13,13 @@ pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm", reason="needs the vllm extra (pip install -e '.[vllm]')")
 
 from specdecode.demo import demo_dir  # noqa: E402
+from specdecode.integrations.vllm import PROPOSERS as BY_DRAFTER  # noqa: E402
 from specdecode.integrations.vllm import SpecdecodeProposer  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
            "Summarize: the quick brown fox jumps over the lazy dog.", "In 1905, Albert Einstein",
            "Question: what is two plus two? Answer:", "import numpy as np\n", "Dear Sir or Madam,"]
-PROPOSERS = ["NgramProposer", "SuffixProposer", "SamProposer"]
+PROPOSERS = [proposer.__name__ for proposer in BY_DRAFTER.values()]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+# ShareGPT speakers (a turn's "from", lower-cased) -> chat roles: the REST datastore builder and
+# the demo corpus read conversations through this one map
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+         "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
+
 
 def chat_prompt(tokenizer, history: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation with the generation prompt appended (the chat template when the

@@ -21,7 +21,7 @@ from specdecode.cli_shared import (
     quiet_transformers,
 )
 from specdecode.datastore_cli import datastore
-from specdecode.drafters.registry import Needs, needs_of
+from specdecode.drafters.registry import DEFAULT_DRAFTER, Needs, needs_of
 from specdecode.server.cli import bench_serve, serve
 from specdecode.structured_cli import (
     ROW_HELP,
@@ -31,7 +31,8 @@ from specdecode.structured_cli import (
 )
 from specdecode.train.cli import train_demo
 from specdecode.train.drafter_cli import train_drafter
-from specdecode.types import DEFAULT_SAMPLING, SAMPLING_MODES, SpecDecodeError
+from specdecode.types import DEFAULT_SAMPLING, SpecDecodeError
+from specdecode.verify import SAMPLING_MODES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +55,7 @@ def main(plugins: tuple[str, ...]) -> None:
 
 @main.command()
 @model_options()
-@click.option("--drafter", default="ngram", show_default=True, callback=check_drafter,
+@click.option("--drafter", default=DEFAULT_DRAFTER, show_default=True, callback=check_drafter,
               help="Drafter name (`specdecode drafters` lists them with their options).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),

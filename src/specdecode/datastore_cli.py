@@ -20,13 +20,12 @@ from typing import Any
 
 import click
 
+from specdecode.chat import ROLES
 from specdecode.datastore import build_datastore_from_token_docs
 from specdecode.types import SpecDecodeError
 
 log = logging.getLogger("specdecode")
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-         "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
 BATCH = 256  # documents per tokenizer call
 
 

@@ -11,9 +11,7 @@ class SpecDecodeError(ValueError):
     """Bad input detected before decoding starts; the message names the problem."""
 
 
-# Sampling rules (``SamplingParams.mode``); every one is lossless. Under all but "coupled" the
-# drafters that can sample draw their drafts from their processed distributions (``draft_probs``).
-SAMPLING_MODES = ("rejection", "coupled", "block", "traversal", "spectr")
+# Sampling rules (``SamplingParams.mode``): the keys of the rule table, ``verify.SAMPLING_MODES``.
 # The default rule: traversal verification (block verification on chains) accepts at least as much
 # as token-level rejection sampling with the same draft, and measured more at temperature 1 (quick
 # benchmark, demo pair: draft-model chain MAT 2.68 -> 2.89, 1.23x -> 1.32x; delayed tree 2.79 ->
@@ -26,12 +24,12 @@ DEFAULT_SAMPLING = "traversal"
 class SamplingParams:
     """How the next token is chosen. ``temperature == 0`` means greedy (argmax).
 
-    ``mode`` (``SAMPLING_MODES``, default ``DEFAULT_SAMPLING``) is ``"rejection"`` (Leviathan/Chen
-    rejection sampling, recursive over tree siblings, with an engine RNG), ``"coupled"`` (noise
-    keyed by ``(seed, absolute position)``: output bit-identical to vanilla), ``"block"`` (block
-    verification of sampled chains), ``"traversal"`` (traversal verification of sampled trees and
-    chains) or ``"spectr"``
-    (SpecTr's k-sequential rule over i.i.d. siblings); see ``verify/`` for each rule's fallback.
+    ``mode`` (``verify.SAMPLING_MODES``, default ``DEFAULT_SAMPLING``) is ``"rejection"``
+    (Leviathan/Chen rejection sampling, recursive over tree siblings, with an engine RNG),
+    ``"coupled"`` (noise keyed by ``(seed, absolute position)``: output bit-identical to vanilla),
+    ``"block"`` (block verification of sampled chains), ``"traversal"`` (traversal verification of
+    sampled trees and chains) or ``"spectr"`` (SpecTr's k-sequential rule over i.i.d. siblings); see
+    ``verify/`` for each rule's fallback.
     """
 
     temperature: float = 0.0
@@ -47,6 +45,8 @@ class SamplingParams:
             raise SpecDecodeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SpecDecodeError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        from specdecode.verify import SAMPLING_MODES  # the rule table's keys (it imports us)
+
         if self.mode not in SAMPLING_MODES:
             raise SpecDecodeError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, "
                                   f"got {self.mode!r}")

@@ -19,14 +19,14 @@ from specdecode.cli_shared import (
     model_options,
     quiet_transformers,
 )
-from specdecode.types import SAMPLING_MODES, SpecDecodeError
+from specdecode.types import SpecDecodeError
+from specdecode.verify import SAMPLING_MODES
 
 DEFAULT_METHODS = ("vanilla,ngram,suffix,sam,token-recycling,lookahead,mix,draft-model,layer-skip,"
                    "eagle,medusa,oracle,hf-generate,hf-pld,hf-assisted")
 # --workload json: every method constrained by each question's schema, plus unconstrained vanilla
 JSON_METHODS = ("vanilla,vanilla:constrained=false,ngram,suffix,draft-model,grammar,"
                 "mix:sources=grammar+suffix,oracle")
-HEAD_KINDS = ("eagle", "medusa")  # default methods only where a head is shipped for the target
 
 
 def cpu_name() -> str:
@@ -123,6 +123,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
     from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
+    from specdecode.drafters.registry import Needs, drafters_needing
     from specdecode.models.exact import default_exact
     from specdecode.models.heads import shipped_head_dir
     from specdecode.models.hf import context_length
@@ -169,7 +170,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
         model, draft, tokenizer = load_models(target, draft_model, draft_needed, dtype=dtype,
                                               device=device, compiled=compile_forward)
         if target is not None and defaults:  # and heads trained for them (eagle:head=DIR)
-            specs = [m for m in specs if parse_spec(m)[0] not in HEAD_KINDS
+            specs = [m for m in specs if parse_spec(m)[0] not in drafters_needing(Needs.HEADS)
                      or shipped_head_dir(parse_spec(m)[0], model) is not None]
         if draft is None and draft_needed:  # neither given nor shipped for this target
             if not defaults:

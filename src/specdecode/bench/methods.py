@@ -20,7 +20,8 @@ from specdecode.bench import vllm_peer
 from specdecode.drafters.options import Limits
 from specdecode.drafters.registry import REGISTRY, Needs, check_options, needs_of, sources_of
 from specdecode.host import HostState
-from specdecode.types import SAMPLING_MODES, SpecDecodeError
+from specdecode.types import SpecDecodeError
+from specdecode.verify import SAMPLING_MODES
 
 HF_METHODS = ("hf-generate", "hf-pld", "hf-assisted")  # transformers' own generate
 

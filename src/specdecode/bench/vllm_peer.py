@@ -29,9 +29,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from specdecode.integrations.vllm import PROPOSERS, proposer_path
 from specdecode.types import SpecDecodeError
 
-PROPOSERS = {"ngram": "NgramProposer", "suffix": "SuffixProposer", "sam": "SamProposer"}
 VLLM_METHODS = ("vllm", "vllm-ngram", *(f"vllm-specdecode-{d}" for d in PROPOSERS))
 
 
@@ -64,7 +64,7 @@ def speculative_config(name: str, options: dict, num_draft_tokens: int) -> tuple
     make_drafter(drafter, BuildContext(target=_Target(1000)), num_draft_tokens=k, **options)
     env = {"SPECDECODE_VLLM_OPTIONS": json.dumps(options)} if options else {}
     return {"method": "custom_class", "num_speculative_tokens": k,
-            "model": f"specdecode.integrations.vllm.{PROPOSERS[drafter]}"}, env
+            "model": proposer_path(drafter)}, env
 
 
 @dataclass

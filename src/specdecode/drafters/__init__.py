@@ -19,11 +19,13 @@ from specdecode.drafters import (  # noqa: F401  (each module registers its draf
 )
 from specdecode.drafters.base import BuildContext, DraftContext, Drafter
 from specdecode.drafters.registry import (
+    DEFAULT_DRAFTER,
     REGISTRY,
     DrafterSpec,
     Needs,
     available,
     check_options,
+    drafters_needing,
     make_drafter,
     needs_of,
     register,
@@ -31,6 +33,6 @@ from specdecode.drafters.registry import (
     sources_of,
 )
 
-__all__ = ["REGISTRY", "BuildContext", "DraftContext", "Drafter", "DrafterSpec", "Needs",
-           "available", "check_options", "make_drafter", "needs_of", "register", "self_contained",
-           "sources_of"]
+__all__ = ["DEFAULT_DRAFTER", "REGISTRY", "BuildContext", "DraftContext", "Drafter", "DrafterSpec",
+           "Needs", "available", "check_options", "drafters_needing", "make_drafter", "needs_of",
+           "register", "self_contained", "sources_of"]

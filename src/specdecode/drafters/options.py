@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from specdecode.types import SAMPLING_MODES, SpecDecodeError
+from specdecode.types import SpecDecodeError
+from specdecode.verify import SAMPLING_MODES
 
 NODE_CEILING = 1024  # the "nodes" bound when no node cap is known
 Term = int | float | str

@@ -62,6 +62,8 @@ class DrafterSpec:
 
 
 REGISTRY: dict[str, DrafterSpec] = {}
+# the drafter of ``generate``, ``specdecode generate``, ``serve`` and the vLLM proposer when none is named
+DEFAULT_DRAFTER = "ngram"
 
 
 def register(name: str, *, needs: str = Needs.NOTHING, options: Mapping[str, Option] | None = None,
@@ -106,6 +108,11 @@ def needs_of(name: str, options: Mapping[str, Any] | None = None) -> set[str]:
         if source != name:
             needs |= needs_of(source, {})
     return needs - {Needs.NOTHING} or {Needs.NOTHING}
+
+
+def drafters_needing(need: str) -> tuple[str, ...]:
+    """Registered drafters whose own registration needs ``need`` (a ``Needs`` value), sorted."""
+    return tuple(sorted(n for n, s in REGISTRY.items() if s.needs == need))
 
 
 def self_contained() -> tuple[str, ...]:

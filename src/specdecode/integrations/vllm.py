@@ -33,6 +33,7 @@ from typing import Any
 
 from specdecode.drafters import BuildContext, DraftContext, Drafter, check_options, make_drafter
 from specdecode.drafters.options import Limits
+from specdecode.drafters.registry import DEFAULT_DRAFTER
 from specdecode.types import Draft, SamplingParams, SpecDecodeError, Verdict
 
 log = logging.getLogger("specdecode.vllm")
@@ -86,7 +87,7 @@ class SpecdecodeProposer:
     """A vLLM proposer running one specdecode drafter per request (see the module docstring).
     Subclasses set ``drafter`` (a registered name) and optionally ``options``."""
 
-    drafter = "ngram"
+    drafter = DEFAULT_DRAFTER
     options: dict[str, Any] = {}
     instances: weakref.WeakSet = weakref.WeakSet()  # live proposers of this process (for tests)
 
@@ -209,3 +210,14 @@ class SamProposer(SpecdecodeProposer):
     """specdecode's ``sam`` (suffix automaton) drafter."""
 
     drafter = "sam"
+
+
+# The drafters vLLM runs through this module, each with its proposer class: the benchmark's
+# ``vllm-specdecode-<drafter>`` methods (``bench/vllm_peer.py``) and ``vllm_bench``'s rows.
+PROPOSERS: dict[str, type[SpecdecodeProposer]] = {
+    proposer.drafter: proposer for proposer in (NgramProposer, SuffixProposer, SamProposer)}
+
+
+def proposer_path(drafter: str) -> str:
+    """What vLLM's ``speculative_config["model"]`` names for ``drafter``'s proposer."""
+    return f"{__name__}.{PROPOSERS[drafter].__name__}"

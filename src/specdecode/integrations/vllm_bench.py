@@ -23,14 +23,14 @@ import json
 import time
 from pathlib import Path
 
+from specdecode.integrations.vllm import PROPOSERS
+
 VLLM_ROWS = {"vllm": ("vllm", None),
              "vllm-ngram": ("vllm-ngram", {"method": "ngram", "num_speculative_tokens": 5,
                                            "prompt_lookup_max": 3, "prompt_lookup_min": 1}),
-             "vllm-ngram-ours": ("vllm + specdecode ngram", "NgramProposer"),
-             "vllm-suffix-ours": ("vllm + specdecode suffix", "SuffixProposer"),
-             "vllm-sam-ours": ("vllm + specdecode sam", "SamProposer")}
-OUR_ROWS = {"vanilla": ("specdecode vanilla", "none"), "ngram": ("specdecode ngram", "ngram"),
-            "suffix": ("specdecode suffix", "suffix"), "sam": ("specdecode sam", "sam")}
+             **{f"vllm-{d}-ours": (f"vllm + specdecode {d}", p.__name__) for d, p in PROPOSERS.items()}}
+OUR_ROWS = {"vanilla": ("specdecode vanilla", "none"),
+            **{d: (f"specdecode {d}", d) for d in PROPOSERS}}
 
 
 def _paths(target: str | None) -> tuple[str, str]:

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from specdecode.api import DEFAULT_POLICY
 from specdecode.chat import chat_prompt
 from specdecode.drafters.options import Limits
-from specdecode.drafters.registry import REGISTRY, Needs, available, self_contained
+from specdecode.drafters.registry import DEFAULT_DRAFTER, REGISTRY, Needs, available, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models.hf import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
@@ -55,7 +55,7 @@ class ServerConfig:
     """What the server was started with (``specdecode serve``'s options)."""
 
     model_name: str = "specdecode-demo"
-    drafter: str = "ngram"
+    drafter: str = DEFAULT_DRAFTER
     drafter_options: dict[str, Any] = field(default_factory=dict)
     policy: str | None = None
     max_batch_size: int = 8

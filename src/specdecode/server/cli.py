@@ -17,12 +17,13 @@ from specdecode.cli_shared import (
     parse_options,
     quiet_transformers,
 )
+from specdecode.drafters.registry import DEFAULT_DRAFTER
 from specdecode.types import SpecDecodeError
 
 
 @click.command()
 @model_options()
-@click.option("--drafter", default="ngram", show_default=True, callback=check_drafter,
+@click.option("--drafter", default=DEFAULT_DRAFTER, show_default=True, callback=check_drafter,
               help="Drafter of requests that do not pick one (`specdecode drafters` lists them; "
                    "'none' serves without speculation).")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",

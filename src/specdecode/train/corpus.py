@@ -17,8 +17,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-            "bard": "assistant", "bing": "assistant", "system": "system"}
+from specdecode.chat import ROLES
+
 END_OF_TURN = "<|end|>"
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_TEXT, "<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN]
@@ -68,7 +68,7 @@ def sharegpt_documents() -> Iterator[tuple[str, str]]:
         for item in iter_sharegpt(path):
             messages = []
             for turn in item.get("conversations", []):
-                role = ROLE_MAP.get(str(turn.get("from", "")).lower())
+                role = ROLES.get(str(turn.get("from", "")).lower())
                 content = str(turn.get("value", "")).strip()
                 if role and content:
                     messages.append({"role": role, "content": content})

@@ -39,6 +39,9 @@ RULES: dict[str, Rule] = {
     "traversal": lambda draft, probs, rng, seed, pos: verify_traversal(draft, probs, rng),
     "spectr": lambda draft, probs, rng, seed, pos: verify_spectr(draft, probs, rng),
 }
+# The sampling rules (``SamplingParams.mode``), every one lossless. Under all but "coupled" the
+# drafters that can sample draw their drafts from their processed distributions (``draft_probs``).
+SAMPLING_MODES = tuple(RULES)
 
 
 def verify(draft: Draft, logits: torch.Tensor, params: SamplingParams, rng: RandomSource,
@@ -51,5 +54,5 @@ def verify(draft: Draft, logits: torch.Tensor, params: SamplingParams, rng: Rand
     return RULES[params.mode](draft, processed_probs(logits, params), rng, seed, base_position)
 
 
-__all__ = ["RULES", "accept_matching", "verify", "verify_block", "verify_greedy",
+__all__ = ["RULES", "SAMPLING_MODES", "accept_matching", "verify", "verify_block", "verify_greedy",
            "verify_rejection", "verify_spectr", "verify_traversal"]
