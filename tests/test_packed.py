@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_model
 
 import specdecode as sd
-from specdecode.models.cpu import cpu_path, packs
+from specdecode.models.cpu import cpu_path, packs, row_blocks
 from specdecode.models.exact import MIN_ROWS
 from specdecode.models.packed import PackedLinears, packed_linears
 
@@ -77,8 +77,14 @@ def test_cpu_classes(monkeypatch):
         "fma avx avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16".split()))
     monkeypatch.setenv(cpu.ISA_ENV, "")
     assert cpu.native_bf16() and "AVX512-BF16 path" in cpu.cpu_path()
+    assert not cpu.row_blocks(torch.bfloat16)  # Zen 4: one reduction order at any row count
+    monkeypatch.setattr(cpu, "_real_flags", lambda: frozenset(
+        "fma avx avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16".split()))
+    assert cpu.row_blocks(torch.bfloat16) and "32-row blocks" in cpu.cpu_path()  # AMX
+    assert not cpu.row_blocks(torch.float16) and not cpu.row_blocks(torch.float32)
     monkeypatch.setenv(cpu.ISA_ENV, "avx2")
     assert cpu.cpu_flags() == {"fma", "avx", "avx2"} and not cpu.native_bf16()
+    assert not cpu.row_blocks(torch.bfloat16)
     assert "AVX2 path" in cpu.cpu_path() and "forced" in cpu.cpu_path()
     if cpu._has_mkldnn_linear():
         assert cpu.packs(torch.float32) and not cpu.packs(torch.bfloat16)
@@ -108,5 +114,5 @@ def test_row_blocks_keep_rows_invariant(dtype, monkeypatch):
                        for r in range(100)])
     for rows in (packed.ROW_BLOCK, 33, 40, 64, 65, 99, 100):
         assert torch.equal(packed.packed_matmul(x[:rows].clone(), w), alone[:rows]), rows
-    # specdecode was imported before any kernel ran (conftest), so its cap holds: no blocks needed
-    assert not packed._row_dependent(dtype)
+    # the probe agrees with what the CPU class says (AMX: rows reduce in another order past 32)
+    assert packed._row_dependent(dtype) == row_blocks(dtype)

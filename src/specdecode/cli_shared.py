@@ -98,7 +98,8 @@ def check_policy_name(ctx: click.Context | None, param: click.Parameter | None,
 POLICY_HELP = ("How much to draft each step, a registered policy (`specdecode drafters` lists "
                "them): fixed (the drafter's full budget), heuristic (transformers' schedule), "
                "adaptive (maximise tokens/s from the measured verification cost and this "
-               "request's acceptance; off when drafting does not pay). Default: the library's.")
+               "request's acceptance; off when drafting does not pay). Default: the library's, "
+               "adaptive.")
 
 
 def load_tokenizer(source, trust_remote_code: bool = False):

@@ -19,12 +19,11 @@ path. It sets oneDNN's and MKL's own caps (``ONEDNN_MAX_CPU_ISA=AVX2``,
 machines'; both libraries read them when first used, so set the variable before starting Python.
 
 A third class, Intel CPUs with AMX (Sapphire Rapids and later): oneDNN's packed bfloat16 kernel
-switches to AMX tiles from 33 rows on, which reduce in another order (measured on SmolLM2's shapes:
-rows 4-32 agree with each other, 33 and more do not), so a token's logits would depend on how
-many tokens share its forward. Importing specdecode caps oneDNN below AMX there
-(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_FP16``, where unset); ``models/packed.py`` checks the kernel once
-per dtype and, if it still finds a row-count dependence (oneDNN was already running when
-specdecode was imported), splits its matmuls into row blocks that one kernel serves.
+reduces in another order from 33 rows on (measured on SmolLM2's shapes: rows 4-32 agree with each
+other, 33 and more do not), so a token's logits would depend on how many tokens share its forward.
+There ``models/packed.py`` runs half-precision matmuls of more than 32 rows in blocks of 32 rows
+(``row_blocks``). Capping oneDNN below AMX instead would also keep rows invariant, but verifying
+8-16 draft tokens then costs 15-50% more (AMX speeds those up and stays invariant up to 32 rows).
 """
 
 from __future__ import annotations
@@ -72,8 +71,6 @@ def _real_flags() -> frozenset[str]:
 if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
     os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
-elif "amx_bf16" in _real_flags():  # AMX tiles reduce in another order from 33 rows on
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
 
 
 def cpu_flags() -> frozenset[str]:
@@ -111,12 +108,21 @@ def packs(dtype: torch.dtype) -> bool:
     return False
 
 
+def row_blocks(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed matmuls of ``dtype`` change their reduction order past 32 rows on
+    this CPU (AMX tiles: bfloat16 with AMX-BF16, float16 with AMX-FP16)."""
+    flags = cpu_flags()
+    return (dtype == torch.bfloat16 and "amx_bf16" in flags) or (
+        dtype == torch.float16 and "amx_fp16" in flags)
+
+
 def cpu_path() -> str:
     """One line for reports: the path the forward takes here and the flags that chose it."""
     flags = cpu_flags()
     shown = " ".join(f for f in _SHOWN if f in flags) or "none of " + " ".join(_SHOWN)
     if native_bf16():
-        path = "AVX512-BF16 path (bfloat16 native, packed)"
+        path = "AVX512-BF16 path (bfloat16 native, packed" + (
+            ", AMX in 32-row blocks)" if "amx_bf16" in flags else ")")
     elif "avx2" in flags:
         path = "AVX2 path (float32, packed for oneDNN)"
     else:

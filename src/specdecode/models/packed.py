@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
-from specdecode.models.cpu import packs
+from specdecode.models.cpu import packs, row_blocks
 
 _ATTR = "_specdecode_packed_linears"
 BATCH_HINT = 4  # the row count oneDNN lays the packed weight out for (any count runs on it)
@@ -47,8 +47,8 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _row_dependent(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's packed kernel gives a row another result among 64 rows than among 4
-    (AMX from 33 rows on, where specdecode came too late to cap it: ``models/cpu.py``)."""
+    """Whether oneDNN's packed kernel gives a row another result among 64 rows than among 4 (AMX
+    from 33 rows on, ``models/cpu.py``: there ``row_blocks`` says so without asking)."""
     gen = torch.Generator().manual_seed(0)
     weight = pack_weight(torch.randn(1536, 576, generator=gen).to(dtype))  # SmolLM2's MLP
     x = torch.randn(64, 576, generator=gen).to(dtype)
@@ -63,7 +63,7 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     if x.shape[0] > ROW_BLOCK:
         blocks = _BLOCKS.get(x.dtype)
         if blocks is None:
-            blocks = _BLOCKS[x.dtype] = _row_dependent(x.dtype)
+            blocks = _BLOCKS[x.dtype] = row_blocks(x.dtype) or _row_dependent(x.dtype)
         if blocks:  # blocks of ROW_BLOCK rows, the last one overlapping the one before it
             out, done, rows = [], 0, x.shape[0]
             while done < rows:

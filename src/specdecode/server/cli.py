@@ -30,7 +30,7 @@ from specdecode.types import SpecDecodeError
               help="Option of --drafter (repeatable), e.g. -o num_draft_tokens=4.")
 @click.option("--policy", default=None, callback=check_policy_name,
               help="Draft-length policy of requests that do not pick one, a registered policy "
-                   "(default: the library's default, fixed).")
+                   "(default: the library's default, adaptive).")
 @click.option("--allow-drafters", default=None, metavar="A,B,...",
               help="Drafters a request may pick in its \"speculative\" field (default: every one "
                    "that needs no server-side resource, plus --drafter, plus draft-model when a "
