@@ -80,7 +80,10 @@ def test_cpu_classes(monkeypatch):
     assert not cpu.row_blocks(torch.bfloat16)  # Zen 4: one reduction order at any row count
     monkeypatch.setattr(cpu, "_real_flags", lambda: frozenset(
         "fma avx avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16".split()))
-    assert cpu.row_blocks(torch.bfloat16) and "32-row blocks" in cpu.cpu_path()  # AMX
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")  # AMX capped (the default)
+    assert not cpu.row_blocks(torch.bfloat16) and "capped below AMX" in cpu.cpu_path()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")  # AMX on: blocks of 32 rows
+    assert cpu.row_blocks(torch.bfloat16) and "32-row blocks" in cpu.cpu_path()
     assert not cpu.row_blocks(torch.float16) and not cpu.row_blocks(torch.float32)
     monkeypatch.setenv(cpu.ISA_ENV, "avx2")
     assert cpu.cpu_flags() == {"fma", "avx", "avx2"} and not cpu.native_bf16()

@@ -21,9 +21,11 @@ machines'; both libraries read them when first used, so set the variable before 
 A third class, Intel CPUs with AMX (Sapphire Rapids and later): oneDNN's packed bfloat16 kernel
 reduces in another order from 33 rows on (measured on SmolLM2's shapes: rows 4-32 agree with each
 other, 33 and more do not), so a token's logits would depend on how many tokens share its forward.
-There ``models/packed.py`` runs half-precision matmuls of more than 32 rows in blocks of 32 rows
-(``row_blocks``). Capping oneDNN below AMX instead would also keep rows invariant, but verifying
-8-16 draft tokens then costs 15-50% more (AMX speeds those up and stays invariant up to 32 rows).
+The exact attention's bfloat16 matmuls do the same past 32 rows. Importing specdecode therefore
+caps oneDNN below AMX there (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_FP16``, where unset): exact, at a
+cost (verifying 8-16 draft tokens 15-50% slower than with AMX, docs/cpus.md). Where the cap is
+off (oneDNN ran before specdecode was imported, or the variable says otherwise),
+``models/packed.py`` runs packed matmuls of more than 32 rows in blocks of 32 (``row_blocks``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def _real_flags() -> frozenset[str]:
 if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
     os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+elif "amx_bf16" in _real_flags():  # AMX tiles reduce in another order from 33 rows on
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
 
 
 def cpu_flags() -> frozenset[str]:
@@ -110,8 +114,12 @@ def packs(dtype: torch.dtype) -> bool:
 
 def row_blocks(dtype: torch.dtype) -> bool:
     """Whether oneDNN's packed matmuls of ``dtype`` change their reduction order past 32 rows on
-    this CPU (AMX tiles: bfloat16 with AMX-BF16, float16 with AMX-FP16)."""
+    this CPU (AMX tiles: bfloat16 with AMX-BF16, float16 with AMX-FP16) and oneDNN is not capped
+    below AMX."""
     flags = cpu_flags()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith(("AVX512_CORE", "AVX10_1_512")) \
+            and "AMX" not in os.environ["ONEDNN_MAX_CPU_ISA"].upper():
+        return False
     return (dtype == torch.bfloat16 and "amx_bf16" in flags) or (
         dtype == torch.float16 and "amx_fp16" in flags)
 
@@ -122,7 +130,8 @@ def cpu_path() -> str:
     shown = " ".join(f for f in _SHOWN if f in flags) or "none of " + " ".join(_SHOWN)
     if native_bf16():
         path = "AVX512-BF16 path (bfloat16 native, packed" + (
-            ", AMX in 32-row blocks)" if "amx_bf16" in flags else ")")
+            ", AMX in 32-row blocks)" if row_blocks(torch.bfloat16) else
+            ", oneDNN capped below AMX)" if "amx_bf16" in flags else ")")
     elif "avx2" in flags:
         path = "AVX2 path (float32, packed for oneDNN)"
     else:
