@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from exact_enumeration import (  # noqa: E402
+from helpers.exact_enumeration import (  # noqa: E402
     chain_parents,
     enumerate_step,
     expected_accepted,
@@ -23,8 +23,7 @@ from exact_enumeration import (  # noqa: E402
     toy_row,
     tree_step,
 )
-from test_verify_block import block_rule  # noqa: E402
-from test_verify_spectr import spectr_rule  # noqa: E402
+from helpers.rules import block_rule, spectr_rule  # noqa: E402
 
 from specdecode.verify.optimal import optimal_acceptance  # noqa: E402
 from specdecode.verify.traversal import traversal_accept  # noqa: E402

@@ -6,47 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from enumerate_rules import (
-    VOCAB,
-    sequence_distribution,
-    target_sequence_distribution,
-    total_variation,
-    toy_probs,
-)
+from helpers.enumerate_rules import VOCAB, toy_probs
+from helpers.rules import TARGET, sampled_chain_step, target_rows, tv_of
 
 from specdecode import Draft
 from specdecode.sampling import TorchRandom
 from specdecode.verify import verify_rejection
-
-GAMMA = 2
-HORIZON = 2 * (GAMMA + 1)
-TARGET = target_sequence_distribution(HORIZON)
-
-
-def target_rows(context, tokens, parents):
-    """Target probabilities after the context (row 0) and after each node (row i + 1)."""
-    rows, paths = [toy_probs(context, 0)], []
-    for tok, par in zip(tokens, parents):
-        prefix = paths[par] if par >= 0 else ()
-        paths.append(prefix + (tok,))
-        rows.append(toy_probs(context + paths[-1], 0))
-    return torch.stack(rows)
-
-
-def sampled_chain_step(context, rule=verify_rejection, draft_salt=1, verify_probs=None):
-    """Draft GAMMA tokens by sampling the toy draft distribution, verify with ``rule``."""
-
-    def step(rng):
-        tokens, rows = [], []
-        for _ in range(GAMMA):
-            q = toy_probs(context + tuple(tokens), draft_salt)
-            tokens.append(rng.categorical(q))
-            rows.append(q if verify_probs is None else verify_probs(context + tuple(tokens[:-1])))
-        parents = list(range(-1, GAMMA - 1))
-        draft = Draft.chain(tokens, torch.stack(rows))
-        return rule(draft, target_rows(context, tokens, parents), rng).tokens
-
-    return step
 
 
 def deterministic_tree_step(context, width=2, with_softmax=False):
@@ -87,10 +52,6 @@ def iid_siblings_step(context, width=2, without_replacement=False):
         return verify_rejection(draft, target_rows(context, tokens, parents), rng).tokens
 
     return step
-
-
-def tv_of(make_step) -> float:
-    return total_variation(sequence_distribution(make_step, HORIZON), TARGET)
 
 
 def test_target_distribution_is_normalised():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, vanilla
-from drafters_for_tests import Exploding
+from helpers import tiny_model, vanilla
+from helpers.drafters import Exploding
 
 import specdecode as sd
 from specdecode import SpecDecodeError

@@ -6,17 +6,16 @@ of every running request equals a fresh prefill of its committed tokens after ev
 from __future__ import annotations
 
 import pytest
-import test_greedy_equivalence
 import torch
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
-from drafters_for_tests import OraclePrefixTree
-from test_greedy_equivalence import drafter_matrix
+from helpers import ARCHS, make_prompts, matrix, tiny_model, vanilla
+from helpers.drafters import OraclePrefixTree
+from helpers.matrix import drafter_matrix
 
 import specdecode as sd
 from specdecode.models.hf import HFModel
 
 PROMPTS = make_prompts(11, seed=3)
-datastore = test_greedy_equivalence.datastore  # the same REST datastore fixture
+datastore = matrix.datastore  # the same REST datastore fixture as test_greedy_equivalence.py
 NEW = 14
 
 
@@ -26,6 +25,7 @@ def references(models):
     return [vanilla(target, p, NEW) for p in PROMPTS]
 
 
+@pytest.mark.e2e
 def test_every_drafter_in_batches_equals_batch1_vanilla(models, references, datastore):
     target, other = models
     cases = drafter_matrix(target, other, references[0], 0, datastore)
@@ -41,6 +41,7 @@ def test_every_drafter_in_batches_equals_batch1_vanilla(models, references, data
 
 
 @pytest.mark.parametrize("size", range(1, 9))
+@pytest.mark.e2e
 def test_vanilla_and_ngram_for_every_batch_size(models, references, size):
     target, _ = models
     for drafter in ("none", "ngram"):
@@ -118,6 +119,7 @@ def test_cache_rows_equal_fresh_prefill_after_every_step(arch):
     assert [scheduler.release(i)[0] for i in range(len(prompts))] == refs
 
 
+@pytest.mark.e2e
 def test_coupled_sampling_rows_are_identical(models):
     target, other = models
     common = dict(max_new_tokens=NEW, eos_token_id=[], temperature=0.8, sampling="coupled",
@@ -154,6 +156,7 @@ def test_bad_batches_fail_before_decoding(models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.e2e
 def test_fp32_rows_differ_only_at_near_ties(arch):
     """In fp32 a batch's shapes change floating-point reductions; a row may then differ from its
     batch-1 run only where vanilla's top-2 logit margin is below 1e-5 (counted and printed)."""

@@ -6,26 +6,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from helpers.bench_files import answer, write
 
 from specdecode.bench.report import OVERALL, build_report, metrics
 from specdecode.bench.runner import method_file
 from specdecode.cli import main
-
-
-def answer(qid, cat, tokens_per_turn, walls, accept_lengths=None, drafted=None):
-    return {"question_id": qid, "category": cat, "model_id": "m", "tstamp": 0.0,
-            "choices": [{"index": 0, "turns": ["x"] * len(tokens_per_turn),
-                         "new_tokens": [len(t) for t in tokens_per_turn], "wall_time": walls,
-                         "token_ids": tokens_per_turn,
-                         "decoding_steps": [None] * len(walls) if accept_lengths is None else
-                         [len(accept_lengths)] + [0] * (len(walls) - 1),
-                         "accept_lengths": accept_lengths or [], "drafted": drafted or []}]}
-
-
-def write(out, spec, rows):
-    path = method_file(out, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_report_arithmetic(tmp_path):
@@ -74,7 +59,7 @@ def test_metrics_without_steps_reports_none():
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """A tiny random target/draft with a real BPE tokenizer and chat template, saved to disk."""
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     from specdecode.train.prepare import train_tokenizer
 
@@ -90,6 +75,7 @@ def tiny_pair(tmp_path_factory):
     return root
 
 
+@pytest.mark.e2e
 def test_bench_end_to_end_writes_every_file(tmp_path, tiny_pair):
     questions = tmp_path / "q.jsonl"
     questions.write_text(

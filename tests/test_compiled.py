@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_prompts, tiny_model
-from test_exact import mismatches
+from helpers import make_prompts, tiny_model
+from helpers.invariance import mismatches
 
 import specdecode as sd
 from specdecode.models.hf import BatchTarget
@@ -19,8 +19,9 @@ from specdecode.models.lean import LeanForward
 from specdecode.types import Draft
 
 # inductor builds its CPU kernels with the machine's C++ compiler (present wherever CI runs)
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on the CPU needs a C++ compiler")
+pytestmark = [pytest.mark.e2e,  # torch.compile
+              pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                 reason="torch.compile on the CPU needs a C++ compiler")]
 
 
 def _compiled(arch: str, dtype: torch.dtype, seed: int = 3):

@@ -6,7 +6,7 @@ import json
 
 import torch
 from click.testing import CliRunner
-from test_bench import answer, write
+from helpers.bench_files import answer, write
 
 from specdecode.bench.divergence import NEAR_TIE, divergence, first_divergence, summarize
 from specdecode.bench.report import OVERALL, build_report, markdown
@@ -21,7 +21,7 @@ def test_first_divergence_positions():
 
 
 def test_divergence_margin_is_the_top2_gap_at_vanillas_prefix():
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model("llama", seed=3)
     prompt, reference = [5, 6, 7, 8], [9, 10, 11, 12]

@@ -9,8 +9,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
-from enumerate_rules import (
+from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers.enumerate_rules import (
     sequence_distribution,
     target_sequence_distribution,
     total_variation,
@@ -198,6 +198,7 @@ def test_point_mass_rule_on_builder_trees_is_exact(topk, depth, max_nodes):
 
 
 @pytest.mark.parametrize("topk,depth,max_nodes", [(2, 2, 4), (2, 2, 3), (1, 3, 3)])
+@pytest.mark.e2e
 def test_recursive_rule_on_sampled_builder_trees_is_exact(topk, depth, max_nodes):
     assert tv(topk=topk, depth=depth, max_nodes=max_nodes, sampled=True) < 1e-9
 
@@ -209,6 +210,7 @@ def test_recursive_rule_on_sampled_builder_trees_is_exact(topk, depth, max_nodes
     ("sampled-nodes-reranked-by-value", dict(topk=2, depth=2, max_nodes=4, sampled=True,
                                              prune_to=2)),
 ])
+@pytest.mark.e2e
 def test_negative_controls_fail(name, kw):
     assert tv(**kw) > 0.01, name
 
@@ -254,6 +256,7 @@ def greedy_cases():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.e2e
 def test_greedy_dynamic_tree_matches_vanilla(arch):
     target, other = tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1)
     for i, prompt in enumerate(make_prompts(4, seed=3)):

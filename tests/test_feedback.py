@@ -6,8 +6,8 @@ is called once with the output, however the request ends."""
 from __future__ import annotations
 
 import torch
-from conftest import make_prompts, tiny_model, vanilla
-from drafters_for_tests import OraclePrefixTree
+from helpers import make_prompts, tiny_model, vanilla
+from helpers.drafters import OraclePrefixTree
 
 import specdecode as sd
 from specdecode.types import Draft, Verdict

@@ -7,80 +7,17 @@ import random
 
 import pytest
 import torch
-from conftest import make_prompts, vanilla
-from drafters_for_tests import (
-    AntiOracle,
-    Exploding,
-    FlakyPolicy,
-    OraclePrefixTree,
-    steep_adaptive,
-    trained_heads,
-)
+from helpers import make_prompts, matrix, vanilla
+from helpers.drafters import FlakyPolicy, steep_adaptive
+from helpers.matrix import NEVER_ACCEPTED, drafter_matrix
 
 import specdecode as sd
-from specdecode.datastore import build_datastore_from_token_docs
 
 PROMPTS = make_prompts(20)
+datastore = matrix.datastore  # the REST datastore fixture (of half of these prompts)
 
 
-@pytest.fixture(scope="module")
-def datastore(models, tmp_path_factory) -> str:
-    """A REST datastore holding the target's own continuations of half the prompts (so drafts get
-    accepted) and random documents (so they get rejected too)."""
-    target, _ = models
-    rng = random.Random(5)
-    docs = [p + vanilla(target, p, 30) for p in PROMPTS[::2]]
-    docs += [[rng.randrange(95) for _ in range(40)] for _ in range(10)]
-    path = tmp_path_factory.mktemp("datastore")
-    build_datastore_from_token_docs(docs, path, 96, 95)
-    return str(path)
-
-
-def drafter_matrix(target, other, reference, seed, datastore=None):
-    """(label, drafter, options) for every registered drafter plus the test-only patterns."""
-    eagle, medusa = trained_heads(target)
-    return [
-        ("ngram", "ngram", {"num_draft_tokens": 4}),
-        ("ngram-unigram-k8", "ngram", {"num_draft_tokens": 8, "min_n": 1, "max_n": 1}),
-        ("draft-model", "draft-model", {"draft_model": other, "num_draft_tokens": 3}),
-        ("draft-model-self-tree", "draft-model",
-         {"draft_model": target, "num_draft_tokens": 4, "tree_width": 3}),
-        ("draft-model-self-dynamic", "draft-model",
-         {"draft_model": target, "tree": "dynamic", "num_draft_tokens": 4, "max_nodes": 8}),
-        ("draft-model-dynamic", "draft-model",
-         {"draft_model": other, "tree": "dynamic", "topk": 2, "max_nodes": 5}),
-        ("layer-skip", "layer-skip", {"num_layers": 1, "num_draft_tokens": 3}),
-        ("layer-skip-auto", "layer-skip", {"num_draft_tokens": 3}),
-        ("layer-skip-dynamic", "layer-skip", {"num_layers": 2, "tree": "dynamic", "topk": 3}),
-        ("layer-skip-tree", "layer-skip", {"num_layers": 2, "num_draft_tokens": 3,
-                                           "tree_width": 2}),
-        ("suffix", "suffix", {"max_nodes": 8}),
-        ("suffix-request-only", "suffix", {"use_global": False, "num_draft_tokens": 4}),
-        ("sam", "sam", {}),
-        ("token-recycling", "token-recycling", {}),
-        ("token-recycling-hot-small", "token-recycling", {"hot": True, "max_nodes": 6}),
-        ("lookahead", "lookahead", {}),
-        ("rest", "rest", {"datastore": datastore}),
-        ("mix", "mix", {}),
-        ("mix-sam+rest+recycling", "mix", {"sources": "sam+rest+token-recycling",
-                                           "datastore": datastore, "max_nodes": 12}),
-        ("mix-ngram+self-draft", "mix", {"sources": "ngram+draft-model", "draft_model": target,
-                                         "max_nodes": 8, "num_draft_tokens": 3}),
-        ("oracle", "oracle", {"continuation": reference, "num_draft_tokens": 5}),
-        ("grammar", "grammar", {}),  # without a constraint: empty drafts (tests/test_structured*)
-        ("eagle", "eagle", {"head": eagle}),
-        ("eagle-dynamic-tree", "eagle", {"head": eagle, "topk": 4, "max_nodes": 16}),
-        ("eagle-deep-narrow", "eagle", {"head": eagle, "num_draft_tokens": 8, "topk": 2,
-                                        "max_nodes": 10}),
-        ("medusa", "medusa", {"head": medusa}),
-        ("mix-ngram+eagle", "mix", {"sources": "ngram+eagle", "head": eagle}),
-        ("none", "none", {}),
-        ("oracle-prefix-tree", OraclePrefixTree(reference, 96, seed), {}),
-        ("anti-oracle", AntiOracle(reference, 96), {}),
-        ("exploding", Exploding(), {}),
-    ]
-
-
+@pytest.mark.e2e
 def test_greedy_matches_vanilla_for_every_drafter(models, datastore):
     """Every drafter, 20 prompts; on every third prompt an EOS token that first appears mid-output
     (so it falls inside accepted drafts of the drafters that draft well)."""
@@ -116,6 +53,7 @@ POLICIES = {"heuristic": lambda i: "heuristic", "adaptive": lambda i: "adaptive"
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.e2e
 def test_greedy_matches_vanilla_under_every_policy(models, datastore, policy):
     """The matrix again (6 prompts) with each policy deciding the budget, plain steps included:
     a drafter that is skipped must catch up, a cut budget must stay lossless."""
@@ -143,12 +81,6 @@ def test_greedy_matches_vanilla_under_every_policy(models, datastore, policy):
         assert plain > 0, "the policy never chose a plain step, so skipping went untested"
 
 
-# never accept by design; the unrelated random draft model may never agree with the target (its
-# acceptance paths are covered by draft-model-self-tree, which drafts with the target itself)
-NEVER_ACCEPTED = {"none", "anti-oracle", "exploding", "draft-model", "draft-model-dynamic",
-                  "grammar"}
-
-
 def test_registered_drafters_are_all_covered():
     covered = {d for _, d, _ in drafter_matrix(None, None, [], 0) if isinstance(d, str)}
     assert set(sd.available()) == covered, "a new drafter needs a row in drafter_matrix"
@@ -174,6 +106,7 @@ def test_eos_and_max_new_tokens_inside_an_accepted_draft(models):
     assert sd.generate(target, prompt, max_new_tokens=0).token_ids == []
 
 
+@pytest.mark.e2e
 def test_matches_transformers_generate(models):
     target, other = models
     for prompt in PROMPTS[:6]:
@@ -187,7 +120,7 @@ def test_matches_transformers_generate(models):
 
 
 def test_float32_model_matches_vanilla():
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     target = tiny_model("llama", dtype=torch.float32)
     for prompt in PROMPTS[:8]:
@@ -199,7 +132,7 @@ def test_float32_model_matches_vanilla():
 
 @pytest.mark.parametrize("context", [24])
 def test_generation_stops_at_the_context_length(context):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     target = tiny_model("llama", context=context)
     prompt = PROMPTS[5][:10]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_target, make_prompts, tiny_model, vanilla
+from helpers import corpus_target, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.drafters.medusa import prior_tree, static_tree
@@ -83,6 +83,7 @@ def _data(target, n: int = 24, length: int = 48) -> np.ndarray:
 
 @pytest.mark.parametrize("kind,source", [("eagle", "corpus"), ("medusa", "corpus"),
                                          ("medusa", "target")])
+@pytest.mark.e2e
 def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, kind, source):
     target = tiny_model("llama", seed=2)
     data = _data(target)
@@ -154,6 +155,7 @@ def test_a_second_stage_starts_from_the_saved_head(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.e2e
 def test_tied_medusa_heads_train_blocks_only_and_draft_losslessly(tmp_path, dtype):
     """``--tied-heads``: the heads read out through the target's LM head (over the loss
     vocabulary while training); only the blocks are trained and saved; loaded against the target
@@ -253,6 +255,7 @@ def test_train_drafter_cli_trains_a_head_the_drafter_then_uses(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("loss,target_rows", [("tvd", 0), ("kl", 0), ("tvd", 4)])
+@pytest.mark.e2e
 def test_distillation_brings_the_draft_closer_and_resumes_exactly(tmp_path, loss, target_rows):
     from specdecode.train.distill import DistillConfig, distill
 

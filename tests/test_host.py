@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 
-from conftest import tiny_model, vanilla
+from helpers import tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.drafters import suffix

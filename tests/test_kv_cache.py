@@ -4,8 +4,8 @@ compared, layer by layer, with a fresh prefill of the same tokens."""
 from __future__ import annotations
 
 import torch
-from conftest import make_prompts, tiny_model, vanilla
-from drafters_for_tests import OraclePrefixTree
+from helpers import make_prompts, tiny_model, vanilla
+from helpers.drafters import OraclePrefixTree
 
 from specdecode import SamplingParams
 from specdecode.engine import run

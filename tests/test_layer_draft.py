@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_target, make_prompts, tiny_model, vanilla
+from helpers import corpus_target, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.models import layer_draft
@@ -52,6 +52,7 @@ def _trained(target, layers, vocab):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.e2e
 def test_distilling_a_cut_draft_with_a_reduced_read_out(tmp_path, dtype):
     target = tiny_model("llama", seed=2, dtype=dtype)
     vocab = list(range(0, 90))
@@ -81,6 +82,7 @@ def test_distilling_a_cut_draft_with_a_reduced_read_out(tmp_path, dtype):
 
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
                                         ("llama", torch.bfloat16)])
+@pytest.mark.e2e
 def test_a_reduced_read_out_drafts_only_its_tokens_and_stays_lossless(arch, dtype):
     target = tiny_model(arch, seed=2, dtype=dtype)
     draft = cut_draft(target, [0, 2])

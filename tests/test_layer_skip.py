@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.drafters import layer_skip as ls
@@ -99,6 +99,7 @@ def test_identity_layers_pick_layer_one_and_drafts_are_accepted(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.e2e
 def test_greedy_auto_equals_vanilla(arch):
     model = tiny_model(arch, layers=4, seed=4, scale=2.0)
     prompts = make_prompts(5, seed=7)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from specdecode.models import lean
 from specdecode.models.cpu import cpu_path, packs

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.lookahead as la
@@ -217,6 +217,7 @@ def test_guess_update_follows_the_recorded_feedback():
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.e2e
 def test_greedy_matches_vanilla_three_archs():
     for arch in ARCHS:
         model = tiny_model(arch)

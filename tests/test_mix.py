@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_prompts, tiny_model, vanilla
+from helpers import make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 from specdecode.drafters.mix import merge_drafts
@@ -87,6 +87,7 @@ def test_translated_verdict_gives_each_source_its_own_indices_and_rows():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.e2e
 def test_mix_of_lookup_and_model_is_lossless(arch):
     target, other = tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1)
     rng = random.Random(2)

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 import specdecode as sd
 from specdecode.models.cpu import cpu_path, packs, row_blocks

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_model, vanilla
+from helpers import tiny_model, vanilla
 from starlette.testclient import TestClient
 
 import specdecode as sd

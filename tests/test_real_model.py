@@ -17,6 +17,8 @@ from specdecode.models.cpu import cpu_path, native_bf16
 from specdecode.models.hf import load_causal_lm
 from specdecode.models.sources import resolve_source
 
+pytestmark = pytest.mark.e2e  # the real model (smollm2-135m)
+
 QUESTIONS = [
     "Extract the names and years: Ada Lovelace wrote the first program in 1843; Alan Turing "
     "described his machine in 1936. Answer as 'name - year' lines.",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.rest as rest
@@ -255,6 +255,7 @@ def stores(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch_name", ARCHS)
+@pytest.mark.e2e
 def test_greedy_matches_vanilla(stores, arch_name):
     target, path = stores[arch_name]
     rng = random.Random(2)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.sam  # noqa: F401  (registers "sam")
@@ -252,6 +252,7 @@ def noisy_corpus(target, rng: random.Random) -> list[int]:
     return corpus + [rng.randrange(96) for _ in range(200)]
 
 
+@pytest.mark.e2e
 def test_greedy_matches_vanilla_with_and_without_a_corpus(target):
     rng = random.Random(8)
     corpus = noisy_corpus(target, rng)
@@ -273,6 +274,7 @@ def test_greedy_matches_vanilla_with_and_without_a_corpus(target):
     assert accepted["corpus"] > 0 and static_drafts > 0
 
 
+@pytest.mark.e2e
 def test_eos_inside_an_accepted_draft(target):
     """EOS = an accepted draft token (not the step's last) that is new to the output. The drafts
     of plain sam repeat the output, so a corpus holding the continuation is used as well."""
@@ -300,6 +302,7 @@ def test_eos_inside_an_accepted_draft(target):
     assert cases > 0 and plain_accepted > 0
 
 
+@pytest.mark.e2e
 def test_edge_cases(target, tmp_path):
     corpus = write_corpus(tmp_path, "corpus.txt", noisy_corpus(target, random.Random(9)))
     for options in ({}, {"corpus": corpus}, {"num_draft_tokens": 1}, {"min_match": 3}):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_prompts, tiny_model
-from drafters_for_tests import FlakyPolicy, eager_adaptive, trained_heads
+from helpers import make_prompts, tiny_model
+from helpers.drafters import FlakyPolicy, eager_adaptive, trained_heads
 from scipy.stats import chi2
 
 import specdecode as sd
@@ -14,6 +14,8 @@ import specdecode.engine as engine
 from specdecode.sampling import processed_probs
 from specdecode.types import SamplingParams
 from specdecode.verify import verify_rejection
+
+pytestmark = pytest.mark.e2e  # chi-square tests of sampled distributions
 
 VOCAB, LENGTH, SAMPLES, ALPHA = 6, 4, 2000, 1e-4
 PARAMS = dict(temperature=1.0, top_k=4)

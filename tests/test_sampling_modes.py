@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_prompts, tiny_model
+from helpers import make_prompts, tiny_model
 
 import specdecode as sd
 from specdecode.bench.methods import Settings, check_specs, method_options

@@ -17,12 +17,14 @@ import time
 import httpx
 import openai
 import pytest
-from live_server import start_server
+from helpers.live_server import start_server
 
 import specdecode as sd
 from specdecode.chat import chat_prompt
 from specdecode.demo import load_demo
 from specdecode.server import ServerConfig
+
+pytestmark = pytest.mark.e2e  # a live server
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
            "Summarize the following text: the quick brown fox jumps over the lazy dog.",

@@ -18,7 +18,7 @@ import time
 import httpx
 import openai
 import pytest
-from live_server import start_server
+from helpers.live_server import start_server
 from starlette.testclient import TestClient
 
 import specdecode as sd
@@ -27,6 +27,8 @@ from specdecode.drafters import REGISTRY
 from specdecode.drafters.options import Limits
 from specdecode.drafters.registry import check_options
 from specdecode.server import ServerConfig, create_app
+
+pytestmark = pytest.mark.e2e  # a live server
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}

@@ -105,7 +105,7 @@ def test_engine_failure_fails_requests_in_flight_and_keeps_serving():
     goes on with a fresh batch: the next request is served and equals generate."""
     import queue as queue_mod
 
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     import specdecode as sd
     from specdecode.scheduler import Scheduler

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model, vanilla
+from helpers import tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.models.heads as heads

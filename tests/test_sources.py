@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from gguf_files import tiny_model, write_gguf
+from helpers.gguf_files import tiny_model, write_gguf
 
 import specdecode as sd
 from specdecode.cli import main
@@ -35,6 +35,7 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.e2e
 def test_gguf_loads_as_the_model_it_was_written_from(files, arch, capsys):
     original, path = files[arch]
     model = load_causal_lm(str(path))
@@ -53,6 +54,7 @@ def test_gguf_loads_as_the_model_it_was_written_from(files, arch, capsys):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.e2e
 def test_gguf_target_greedy_identical_to_vanilla(files, arch):
     _, path = files[arch]
     prompt = [5, 9, 400, 77, 5, 9, 400, 13]
@@ -62,6 +64,7 @@ def test_gguf_target_greedy_identical_to_vanilla(files, arch):
         assert out.token_ids == base.token_ids
 
 
+@pytest.mark.e2e
 def test_dtype_and_device(files):
     _, path = files["llama"]
     model = load_causal_lm(str(path), dtype="bfloat16", device="cpu")
@@ -79,6 +82,7 @@ def test_dtype_and_device(files):
             sd.generate(str(path), [5, 9], max_new_tokens=2, device="cuda")
 
 
+@pytest.mark.e2e
 def test_cli_takes_gguf_dtype_and_rejects_a_bad_dtype(files):
     _, path = files["qwen2"]
     runner = CliRunner()

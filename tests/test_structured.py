@@ -11,8 +11,8 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
-from drafters_for_tests import AntiOracle, Exploding, OraclePrefixTree, trained_heads
+from helpers import tiny_model
+from helpers.drafters import AntiOracle, Exploding, OraclePrefixTree, trained_heads
 
 import specdecode as sd
 from specdecode.types import SpecDecodeError
@@ -89,6 +89,7 @@ def matrix(target, other, reference):
 
 
 @pytest.mark.parametrize("name,spec", CONSTRAINTS, ids=[c[0] for c in CONSTRAINTS])
+@pytest.mark.e2e
 def test_greedy_identity_every_drafter(pair, tok, name, spec):
     target, other = pair
     for prompt in PROMPTS[:1] if name in ("object", "sum") else PROMPTS:

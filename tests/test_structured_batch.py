@@ -11,7 +11,7 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_model
+from helpers import tiny_model
 
 import specdecode as sd
 from specdecode.cli import main

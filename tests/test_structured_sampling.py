@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from scipy.stats import chi2
 
 import specdecode as sd
@@ -19,6 +19,8 @@ from specdecode.types import Draft
 
 pytest.importorskip("llguidance")
 from specdecode import structured  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # chi-square tests of sampled distributions
 
 SPEC = {"regex": "(a|c)(b|c|d)d(a|b|c)*"}  # tokens: a b c d and "ab"; EOS from the 3rd token on
 PROMPT = [1, 3, 2]

@@ -10,11 +10,13 @@ import re
 
 import openai
 import pytest
-from live_server import start_server
+from helpers.live_server import start_server
 
 import specdecode as sd
 from specdecode.demo import load_demo
 from specdecode.server import ServerConfig
+
+pytestmark = pytest.mark.e2e  # a live server
 
 pytest.importorskip("llguidance")
 

@@ -9,7 +9,7 @@ import random
 from collections import Counter
 
 import pytest
-from conftest import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.suffix as suffix
@@ -328,6 +328,7 @@ def test_drafts_are_deterministic_and_respect_caps():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.e2e
 def test_greedy_matches_vanilla(arch):
     model = tiny_model(arch)
     rng = random.Random(9)

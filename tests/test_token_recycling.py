@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_prompts, tiny_model, vanilla
+from helpers import make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.token_recycling as tr
@@ -237,6 +237,7 @@ def test_store_is_bounded():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.e2e
 def test_greedy_matches_vanilla_hot_and_cold(arch):
     model = tiny_model(arch)
     rng = random.Random(7)
@@ -253,6 +254,7 @@ def test_greedy_matches_vanilla_hot_and_cold(arch):
     assert accepted[False] > 0 and accepted[True] > 0
 
 
+@pytest.mark.e2e
 def test_eos_inside_an_accepted_draft():
     model = tiny_model("llama")
     inside = 0

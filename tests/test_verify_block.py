@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from exact_enumeration import (
+from helpers.exact_enumeration import (
     ExactRow,
     chain_parents,
     enumerate_step,
@@ -20,20 +20,12 @@ from exact_enumeration import (
     toy_row,
     tree_step,
 )
-from test_acceptance_exact import sampled_chain_step, tv_of
+from helpers.rules import block_rule, sampled_chain_step, tv_of
 
 from specdecode import Draft
 from specdecode.sampling import TorchRandom
 from specdecode.verify import verify_rejection
-from specdecode.verify.block import block_accept, block_residual, verify_block
-
-
-def block_rule(correction=block_residual):
-    def rule(tokens, parents, target_rows, draft_rows, rng):
-        tau, nxt = block_accept(tokens, target_rows, draft_rows, rng, correction=correction)
-        return list(range(tau)), nxt
-
-    return rule
+from specdecode.verify.block import block_accept, verify_block
 
 
 def exact_tv(rule, k: int, vocab: int) -> Fraction:
@@ -60,10 +52,12 @@ def test_unit_vector_of_the_paper():
 
 
 @pytest.mark.parametrize("k,vocab", [(1, 5), (2, 4), (2, 3), (3, 3)])
+@pytest.mark.e2e
 def test_block_is_exact(k, vocab):
     assert exact_tv(block_rule(), k, vocab) == 0
 
 
+@pytest.mark.e2e
 def test_block_is_exact_when_the_drafter_stops_on_what_it_drew():
     """A drafter may stop after a token it drew (here: one of draft probability < 1/3); the rule
     then judges the shorter block. Still exact."""
@@ -148,6 +142,7 @@ NEGATIVE_CONTROLS = {
 
 
 @pytest.mark.parametrize("name", sorted(NEGATIVE_CONTROLS))
+@pytest.mark.e2e
 def test_negative_control_fails(name):
     """Exact arithmetic: any TV above 0 is a real failure (measured: 0.28 without the residual
     correction, 0.0079 with the token-level residual)."""

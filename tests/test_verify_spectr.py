@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import random
 from fractions import Fraction
-from functools import cache
 
 import pytest
-from exact_enumeration import (
+from helpers.exact_enumeration import (
     ExactRow,
     enumerate_step,
     expected_accepted,
@@ -21,23 +20,11 @@ from exact_enumeration import (
     toy_row,
     tree_step,
 )
+from helpers.rules import spectr_rule
 
 from specdecode.verify.optimal import MAX_ENUMERATED, cut_value, optimal_acceptance, threshold_sets
-from specdecode.verify.spectr import is_valid_rho, smallest_rho, spectr_accept, verify_spectr
+from specdecode.verify.spectr import is_valid_rho, smallest_rho, verify_spectr
 from specdecode.verify.traversal import traversal_accept
-
-
-@cache
-def cached_rho(target_values: tuple, draft_values: tuple, k: int) -> Fraction:
-    return smallest_rho(ExactRow(target_values), ExactRow(draft_values), k, steps=16)
-
-
-def spectr_rule(rho=None):
-    def rule(tokens, parents, target_rows, draft_rows, rng):
-        chosen = rho or (lambda t, d, k: cached_rho(t.values, d.values, k))
-        return spectr_accept(tokens, parents, target_rows, draft_rows, rng, rho=chosen)
-
-    return rule
 
 
 def exact_tv(rule, parents, vocab: int, replacement: bool = True) -> Fraction:
@@ -52,6 +39,7 @@ def exact_tv(rule, parents, vocab: int, replacement: bool = True) -> Fraction:
 
 @pytest.mark.parametrize("parents,vocab", [
     ([-1], 5), ([-1, -1], 4), ([-1, -1, -1], 4), ([-1, -1, -1], 3), ([-1, -1, 0, 0], 3)])
+@pytest.mark.e2e
 def test_spectr_is_exact(parents, vocab):
     assert exact_tv(spectr_rule(), parents, vocab) == 0
 
@@ -76,6 +64,7 @@ def test_negative_control_rho_below_its_bound_fails():
     assert exact_tv(spectr_rule(rho=lambda t, d, k: 1), [-1, -1, -1], 4) > Fraction(1, 1000)
 
 
+@pytest.mark.e2e
 def test_torch_entry_follows_the_pure_rule():
     rule = spectr_rule(rho=smallest_rho)  # the engine's bisection depth
     for parents, replacement in [([-1, -1, -1], True), ([-1, -1, 0, 0], True), ([-1, -1], False)]:
@@ -90,6 +79,7 @@ def first_accepted(rule, parents, vocab, context, replacement) -> Fraction:
 
 
 @pytest.mark.parametrize("replacement", [True, False], ids=["iid", "without-replacement"])
+@pytest.mark.e2e
 def test_no_rule_beats_the_optimal_acceptance(replacement):
     rules = {"recursive-rejection": token_level, "traversal": traversal_accept,
              "spectr": spectr_rule()}

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from exact_enumeration import (
+from helpers.exact_enumeration import (
     ExactRow,
     chain_parents,
     enumerate_step,
@@ -22,7 +22,7 @@ from exact_enumeration import (
     toy_row,
     tree_step,
 )
-from test_verify_block import block_rule
+from helpers.rules import block_rule
 
 from specdecode import Draft
 from specdecode.sampling import TorchRandom
@@ -84,12 +84,14 @@ def test_unit_vector_on_a_chain():
 
 @pytest.mark.parametrize("replacement", [True, False], ids=["iid", "without-replacement"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.e2e
 def test_traversal_is_exact_on_sampled_trees(shape, replacement):
     vocab = 4 if len(SHAPES[shape]) <= 2 else 3
     assert exact_tv(traversal_accept, SHAPES[shape], vocab, replacement) == 0
 
 
 @pytest.mark.parametrize("replacement", [True, False], ids=["iid", "without-replacement"])
+@pytest.mark.e2e
 def test_traversal_accepts_at_least_recursive_rejection(replacement):
     gains = []
     for shape in SHAPES.values():
@@ -104,6 +106,7 @@ def test_traversal_accepts_at_least_recursive_rejection(replacement):
     assert max(gains) > 0
 
 
+@pytest.mark.e2e
 def test_a_tree_accepts_at_least_block_on_its_spine():
     """Delayed expansion: extra children at depth 2 never lower the acceptance of the chain."""
     for vocab in (3, 4, 5):
@@ -114,6 +117,7 @@ def test_a_tree_accepts_at_least_block_on_its_spine():
 
 
 @pytest.mark.parametrize("replacement", [True, False], ids=["iid", "without-replacement"])
+@pytest.mark.e2e
 def test_negative_control_lossy_parent_update_fails(replacement):
     assert exact_tv(lossy_rule, SHAPES["two-chains-depth-2"], 3, replacement) > Fraction(1, 1000)
 
@@ -136,6 +140,7 @@ def test_toy_rows_have_zeros():
 
 
 @pytest.mark.parametrize("rule_name", ["traversal", "recursive-rejection"])
+@pytest.mark.e2e
 def test_exact_when_the_shape_depends_on_the_drawn_tokens(rule_name):
     """As EAGLE-2's sampled dynamic tree: two children drawn at the root, then only the one with
     the higher draft probability (ties: the first) is expanded, with two children of its own."""

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 vllm = pytest.importorskip("vllm", reason="needs the vllm extra (pip install -e '.[vllm]')")
 
 from specdecode.demo import demo_dir  # noqa: E402

@@ -175,6 +175,7 @@ DECODING = {
 
 
 @pytest.mark.parametrize("name", list(DECODING))
+@pytest.mark.e2e
 def test_models_without_a_binding_window_match_transformers(name, plain):
     model = DECODING[name]()
     assert attention_window(model.config, model) is None

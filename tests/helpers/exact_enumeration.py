@@ -22,8 +22,8 @@ from functools import cache
 from typing import Any
 
 import torch
-from enumerate_rules import enumerate_step as float_enumerate_step
 
+from helpers.enumerate_rules import enumerate_step as float_enumerate_step
 from specdecode.types import Draft
 from specdecode.verify.spectr import recursive_rejection
 from specdecode.verify.tree import children_lists
