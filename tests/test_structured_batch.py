@@ -15,7 +15,7 @@ from helpers import tiny_model
 
 import specdecode as sd
 from specdecode.cli import main
-from specdecode.structured_bounds import MAX_CHOICE_CHARS, MAX_CHOICES
+from specdecode.structured.bounds import MAX_CHOICE_CHARS, MAX_CHOICES
 from specdecode.types import SpecDecodeError
 
 pytest.importorskip("llguidance")

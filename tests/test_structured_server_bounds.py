@@ -17,7 +17,7 @@ from helpers.live_server import start_server
 import specdecode as sd
 from specdecode.demo import load_demo
 from specdecode.server import ServerConfig, constraints
-from specdecode.structured_bounds import MAX_CHOICE_CHARS, MAX_CHOICES
+from specdecode.structured.bounds import MAX_CHOICE_CHARS, MAX_CHOICES
 
 pytestmark = pytest.mark.e2e  # a live server
 

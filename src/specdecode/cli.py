@@ -23,7 +23,7 @@ from specdecode.cli_shared import (
 from specdecode.datastore_cli import datastore
 from specdecode.drafters.registry import DEFAULT_DRAFTER, Needs, needs_of
 from specdecode.server.cli import bench_serve, serve
-from specdecode.structured_cli import (
+from specdecode.structured.cli import (
     ROW_HELP,
     constraint_kwargs,
     constraint_options,
@@ -128,7 +128,7 @@ def generate(target, draft_model, dtype, device, exact, compile_forward, drafter
         sd.prepare(model, ids, drafter=drafter, draft_model=draft, **common, **opts)  # checks
         sd.generate(model, ids[:8], drafter="none", max_new_tokens=2, exact=exact)  # warm-up
         if compile_forward:  # every kind of forward compiled before the timed run
-            from specdecode.models.compiled import warm_up
+            from specdecode.models import warm_up
 
             warm_up(model, draft, exact=exact)
         start = time.perf_counter()
