@@ -15,7 +15,6 @@ from helpers import ARCHS, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
 import specdecode.drafters.rest as rest
-from specdecode import datastore_cli
 from specdecode.cli import main
 from specdecode.datastore import (
     CACHE_SIZE,
@@ -24,6 +23,7 @@ from specdecode.datastore import (
     build_suffix_array,
     open_datastore,
 )
+from specdecode.datastore import build as datastore_build
 from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.types import SamplingParams, SpecDecodeError
 
@@ -199,7 +199,7 @@ def test_cli_build_from_conversations_and_text(tmp_path):
                                        str(tmp_path / "cap"), "--max-tokens", "2"])
     assert capped.exit_code == 0 and Datastore(tmp_path / "cap").tokens.tolist() == expected[-5:-3] + [0]
     plain = tiny_tokenizer(tmp_path / "plain", chat=False)
-    assert datastore_cli.render_record(records[0], plain) == "hello how are you\nfine thanks"
+    assert datastore_build.render_record(records[0], plain) == "hello how are you\nfine thanks"
 
 
 def test_cli_build_errors(tmp_path):
@@ -222,13 +222,13 @@ def test_cli_build_errors(tmp_path):
 def test_build_demo_on_a_fake_corpus(tmp_path, monkeypatch):
     from specdecode.train import corpus
 
-    monkeypatch.setattr(datastore_cli, "have_sharegpt", lambda: False)
+    monkeypatch.setattr(datastore_build, "have_sharegpt", lambda: False)
     result = CliRunner().invoke(main, ["datastore", "build-demo", "--out", str(tmp_path / "d")])
     assert result.exit_code != 0 and 'pip install -e ".[train]"' in result.output
     fake = [("a", corpus.render_chat([{"role": "user", "content": "Hi there"},
                                       {"role": "assistant", "content": "Hello! How can I help?"}])),
             ("b", "<|user|>\nprint('x')<|end|>\n")]
-    monkeypatch.setattr(datastore_cli, "have_sharegpt", lambda: True)
+    monkeypatch.setattr(datastore_build, "have_sharegpt", lambda: True)
     monkeypatch.setattr(corpus, "sharegpt_documents", lambda: iter(fake))
     result = CliRunner().invoke(main, ["datastore", "build-demo", "--out", str(tmp_path / "d"),
                                        "--max-tokens", "1000"])

