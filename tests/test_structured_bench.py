@@ -9,7 +9,7 @@ import pytest
 
 from specdecode.bench.json_workload import workload_path
 from specdecode.bench.methods import Settings, method_options
-from specdecode.bench.questions import load_questions
+from specdecode.questions import load_questions
 from specdecode.types import SpecDecodeError
 
 pytest.importorskip("llguidance")

@@ -120,13 +120,13 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
     import torch
 
     from specdecode.bench.methods import Settings, check_specs, needs_answer, needs_draft, parse_spec
-    from specdecode.bench.questions import load_questions
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
     from specdecode.drafters.registry import Needs, drafters_needing
     from specdecode.models.exact import default_exact
     from specdecode.models.heads import shipped_head_dir
     from specdecode.models.hf import context_length
+    from specdecode.questions import load_questions
 
     if report_only:
         run_file = out_dir / "run.json"

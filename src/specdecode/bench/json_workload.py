@@ -60,7 +60,7 @@ def prompt_text(question: str, schema: dict) -> str:
 
 def build(count: int = COUNT) -> list[dict]:
     """The workload's rows (Spec-Bench question shape plus ``schema``)."""
-    from specdecode.bench.questions import load_questions
+    from specdecode.questions import load_questions
 
     by_cat: dict[str, list] = {}
     for q in load_questions():

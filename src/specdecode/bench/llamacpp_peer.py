@@ -175,10 +175,10 @@ def main(binary, gguf, target, draft_gguf, spec_types, limit_per_category, max_n
     OUT/report.json and prints it."""
     from tqdm import tqdm
 
-    from specdecode.bench.questions import load_questions
     from specdecode.chat import chat_prompt
     from specdecode.cli_shared import load_tokenizer
     from specdecode.models.sources import preset_file
+    from specdecode.questions import load_questions
 
     gguf = gguf or str(preset_file("smollm2-135m"))
     tokenizer = load_tokenizer(target or gguf)

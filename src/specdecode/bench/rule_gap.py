@@ -60,8 +60,8 @@ def real_steps(temperature: float, per_question: int, tokens: int) -> list[tuple
     """(target_probs, draft_probs) at ``per_question`` positions of the demo target's sampled
     continuation of each quick-set first turn."""
     import specdecode as sd
-    from specdecode.bench.questions import load_questions
     from specdecode.chat import chat_prompt
+    from specdecode.questions import load_questions
 
     demo = sd.load_demo()
     steps = []

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from specdecode.bench.divergence import divergence
 from specdecode.bench.methods import Outcome, Settings, run_method
-from specdecode.bench.questions import Question
 from specdecode.chat import chat_prompt
+from specdecode.questions import Question
 
 
 def method_file(out_dir: Path, spec: str) -> Path:

@@ -49,8 +49,8 @@ def _paths(target: str | None) -> tuple[str, str]:
 def _prompts(tokenizer_path: str) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from specdecode.bench.questions import load_questions
     from specdecode.chat import chat_prompt
+    from specdecode.questions import load_questions
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])

@@ -123,7 +123,7 @@ def run_load_test(url: str | None, serve_args: str, levels: list[int], num_reque
     import httpx
     from tqdm import tqdm
 
-    from specdecode.bench.questions import load_questions
+    from specdecode.questions import load_questions
 
     by_category: dict[str, list[str]] = {}
     for q in load_questions():

@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 import specdecode as sd
-from specdecode.bench.questions import load_questions
 from specdecode.chat import chat_prompt
 from specdecode.demo import demo_dir, load_demo
+from specdecode.questions import load_questions
 
 
 def distinct2(tokens: list[int]) -> float:

@@ -1,4 +1,5 @@
-"""Spec-Bench questions (package data, Apache-2.0; see data/spec_bench/SOURCE.md) and prompts."""
+"""Spec-Bench questions (package data, Apache-2.0; see data/spec_bench/SOURCE.md): the prompts of
+the benchmark, the server's load test, the vLLM comparison and the trainers' model cards."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from specdecode.chat import chat_prompt  # noqa: F401  (re-exported: the old home)
 from specdecode.types import SpecDecodeError
 
 
