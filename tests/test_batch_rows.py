@@ -12,7 +12,7 @@ from helpers.drafters import OraclePrefixTree
 from helpers.matrix import drafter_matrix
 
 import specdecode as sd
-from specdecode.models.hf import HFModel
+from specdecode.models import HFModel
 
 PROMPTS = make_prompts(11, seed=3)
 datastore = matrix.datastore  # the same REST datastore fixture as test_greedy_equivalence.py

@@ -1,4 +1,4 @@
-"""The compiled forward (``--compile``, ``models/compiled.py``): with the per-layer work through
+"""The compiled forward (``--compile``, ``models/layers.py``): with the per-layer work through
 torch.compile, a token's logits still do not depend on what shares its forward, and drafters stay
 token-identical to (compiled) vanilla decoding; the float32 exact forward keeps its eager layers."""
 
@@ -14,7 +14,7 @@ from helpers import make_prompts, tiny_model
 from helpers.invariance import mismatches
 
 import specdecode as sd
-from specdecode.models.hf import BatchTarget
+from specdecode.models import BatchTarget
 from specdecode.models.lean import LeanForward
 from specdecode.types import Draft
 
@@ -39,8 +39,7 @@ def test_compiled_forward_is_batch_invariant_in_bfloat16():
 def test_compiled_drafters_are_token_identical_to_compiled_vanilla(caplog):
     """Also: after the warm-up no forward recompiles (dynamic shapes: every token count, chains,
     trees, batch rows and the self-draft's one-token steps run the graphs compiled once)."""
-    from specdecode.models.adapter import HFModel
-    from specdecode.models.compiled import warm_up
+    from specdecode.models import HFModel, warm_up
 
     target = _compiled("llama", torch.bfloat16, seed=0)
     other = tiny_model("llama", seed=1, layers=1, dtype=torch.bfloat16, vocab=256)

@@ -24,7 +24,7 @@ from specdecode import Draft
 from specdecode.drafters.base import DraftContext
 from specdecode.drafters.dynamic_tree import Tree, best_nodes, build_tree
 from specdecode.drafters.model_drafting import DraftModelDrafter
-from specdecode.models.hf import HFModel
+from specdecode.models import HFModel
 from specdecode.sampling import TorchRandom, processed_probs
 from specdecode.types import SamplingParams, SpecDecodeError
 from specdecode.verify import verify_rejection

@@ -90,16 +90,16 @@ def test_exact_attention_at_real_shapes(dim, kv_heads, group):
     """The bfloat16 exact attention at real head sizes and contexts past 512 keys: a token's output
     is the same computed alone (plain decoding), inside a chain of 1 to 40 tokens sharing the
     row's keys, or as a tree node with its keys gathered."""
-    from specdecode.models.exact import WINDOW, _matmul_attention, window_end
+    from specdecode.models.exact import KEY_BLOCK, _matmul_attention, block_end
 
     gen = torch.Generator().manual_seed(dim + group)
-    for length in (WINDOW, 3 * WINDOW, 5 * WINDOW, 9 * WINDOW):
+    for length in (KEY_BLOCK, 3 * KEY_BLOCK, 5 * KEY_BLOCK, 9 * KEY_BLOCK):
         k = torch.randn(kv_heads, length, dim, generator=gen).to(torch.bfloat16)
         v = torch.randn(kv_heads, length, dim, generator=gen).to(torch.bfloat16)
         for g in (1, 2, 5, 17, 40):
             q = torch.randn(g, kv_heads, group, dim, generator=gen).to(torch.bfloat16)
-            positions = torch.randint(length - WINDOW, length, (g,), generator=gen)
-            assert all(window_end(int(p)) == length for p in positions)
+            positions = torch.randint(length - KEY_BLOCK, length, (g,), generator=gen)
+            assert all(block_end(int(p)) == length for p in positions)
             mask = torch.arange(length)[None, :] <= positions[:, None]  # [g, length]
             chain = _matmul_attention(q.transpose(0, 1).reshape(kv_heads, g * group, dim), k, v,
                                       mask[:, None].expand(g, group, length).reshape(-1, length),

@@ -280,7 +280,7 @@ def test_distillation_brings_the_draft_closer_and_resumes_exactly(tmp_path, loss
     resumed = distill(target, copy.deepcopy(draft), data, data, parts, cfg)
     assert resumed["after"] == full["after"] and resumed["before"] == full["before"]
     # the distilled draft is a plain draft model: lossless as ever
-    from specdecode.models.hf import load_causal_lm
+    from specdecode.models import load_causal_lm
 
     model = load_causal_lm(str(parts / "model"))
     prompt = make_prompts(4)[3]

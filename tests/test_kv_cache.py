@@ -9,7 +9,7 @@ from helpers.drafters import OraclePrefixTree
 
 from specdecode import SamplingParams
 from specdecode.engine import run
-from specdecode.models.hf import BatchTarget, HFModel
+from specdecode.models import BatchTarget, HFModel
 
 
 def test_cache_equals_fresh_prefill_after_every_step(arch):
@@ -37,7 +37,7 @@ def test_cache_equals_fresh_prefill_after_every_step(arch):
 
 
 def test_tree_mask_lets_each_node_see_only_its_ancestors():
-    from specdecode.models.attention import tree_mask
+    from specdecode.models.masks import tree_mask
 
     parents = torch.tensor([-1, -1, 0, 2, 1])
     visible = tree_mask(parents, past=3, dtype=torch.float32)[0, 0] == 0

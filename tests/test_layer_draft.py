@@ -13,8 +13,7 @@ import torch
 from helpers import corpus_target, make_prompts, tiny_model, vanilla
 
 import specdecode as sd
-from specdecode.models import layer_draft
-from specdecode.models.adapter import HFModel
+from specdecode.models import HFModel, layer_draft
 from specdecode.models.layer_draft import cut_draft, load_cut_draft, parse_layers, save_cut_draft
 from specdecode.types import SpecDecodeError
 
@@ -150,7 +149,7 @@ def test_train_drafter_cuts_distils_and_the_commands_then_use_it(tmp_path, monke
     from click.testing import CliRunner
 
     from specdecode.cli import main
-    from specdecode.cli_shared import load_models
+    from specdecode.cli.shared import load_models
 
     tok, model = corpus_target(tmp_path, monkeypatch)
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ import specdecode as sd
 from specdecode.drafters import layer_skip as ls
 from specdecode.drafters.base import BuildContext
 from specdecode.drafters.registry import make_drafter
-from specdecode.models.hf import HFModel
+from specdecode.models import HFModel
 from specdecode.types import SpecDecodeError
 
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from specdecode.models import lean
+from specdecode.models import BatchTarget, HFModel, lean
 from specdecode.models.cpu import cpu_path, packs
-from specdecode.models.hf import BatchTarget, HFModel
 from specdecode.types import Draft
 
 

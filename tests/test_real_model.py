@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import specdecode as sd
-from specdecode.cli_shared import load_tokenizer
+from specdecode.cli.shared import load_tokenizer
+from specdecode.models import load_causal_lm
 from specdecode.models.cpu import cpu_path, native_bf16
-from specdecode.models.hf import load_causal_lm
 from specdecode.models.sources import resolve_source
 
 pytestmark = pytest.mark.e2e  # the real model (smollm2-135m)

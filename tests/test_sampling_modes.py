@@ -136,7 +136,7 @@ def test_branches_without_replacement_carry_the_rows_they_were_drawn_from(pair):
     """Each child's draft_probs row is its parent's row without the earlier siblings,
     renormalised (the SpecInfer residual on the plain row would be lossy)."""
     from specdecode.drafters.model_drafting import DraftModelDrafter
-    from specdecode.models.hf import HFModel
+    from specdecode.models import HFModel
 
     drafter = DraftModelDrafter(HFModel(pair[1]), num_drafts=3, replacement=False)
     drafter.rng = TorchRandom(0)

@@ -13,8 +13,7 @@ from helpers.gguf_files import tiny_model, write_gguf
 
 import specdecode as sd
 from specdecode.cli import main
-from specdecode.models import sources
-from specdecode.models.hf import load_causal_lm
+from specdecode.models import load_causal_lm, sources
 from specdecode.models.sources import parse_dtype, resolve_source
 from specdecode.types import SpecDecodeError
 

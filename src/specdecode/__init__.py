@@ -38,7 +38,7 @@ def load_demo(*args, **kwargs):
 
 def compile_forward(model, enabled: bool = True):
     """Run ``model``'s per-layer work through ``torch.compile`` from its next forward on; see
-    ``specdecode.models.compiled``. Returns the model."""
-    from specdecode.models.compiled import compile_forward as _compile
+    ``specdecode.models.layers``. Returns the model."""
+    from specdecode.models import compile_forward as _compile
 
     return _compile(model, enabled)

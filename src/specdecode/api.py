@@ -13,7 +13,7 @@ from specdecode.drafters.options import Limits
 from specdecode.drafters.registry import DEFAULT_DRAFTER, check_options
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES, run
 from specdecode.host import HostState, host_of
-from specdecode.models.hf import BatchTarget, load_causal_lm
+from specdecode.models import BatchTarget, load_causal_lm
 from specdecode.policies import Policy, make_policy
 from specdecode.types import (
     DEFAULT_SAMPLING,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from specdecode.drafters.base import DraftContext, Drafter
-from specdecode.models.hf import TargetModel
+from specdecode.models import TargetModel
 from specdecode.policies.base import Budget, Policy, StepRecord
 from specdecode.policies.fixed import FixedPolicy
 from specdecode.sampling import TorchRandom

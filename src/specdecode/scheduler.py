@@ -17,7 +17,7 @@ from typing import Any
 from specdecode.api import prepare
 from specdecode.engine import Batch, Sequence
 from specdecode.host import HostState
-from specdecode.models.hf import BatchTarget, load_causal_lm
+from specdecode.models import BatchTarget, load_causal_lm
 from specdecode.types import GenerationResult, RunStats, SpecDecodeError, StepStats
 
 

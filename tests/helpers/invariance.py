@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from specdecode.models.hf import BatchTarget
+from specdecode.models import BatchTarget
 from specdecode.types import Draft
 
 

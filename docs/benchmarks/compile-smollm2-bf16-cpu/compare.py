@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from specdecode.cli_shared import load_models
-from specdecode.models.compiled import compile_forward, warm_up
-from specdecode.models.hf import BatchTarget
+from specdecode.cli.shared import load_models
+from specdecode.models import compile_forward, warm_up
+from specdecode.models import BatchTarget
 from specdecode.models.lean import LeanForward
 from specdecode.policies.cost import wide_tree
 from specdecode.types import Draft

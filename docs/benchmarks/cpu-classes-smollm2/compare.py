@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from specdecode.cli_shared import load_models
+from specdecode.cli.shared import load_models
 from specdecode.models import cpu, lean, packed
-from specdecode.models.hf import BatchTarget
+from specdecode.models import BatchTarget
 from specdecode.policies.cost import wide_tree
 from specdecode.types import Draft
 

@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from specdecode.cli_shared import load_models
+from specdecode.cli.shared import load_models
 from specdecode.drafters.draft_model import reduced_vocab
-from specdecode.models.adapter import HFModel
+from specdecode.models import HFModel
 
 
 def per_token_ms(model: HFModel, repeats: int = 50) -> float:

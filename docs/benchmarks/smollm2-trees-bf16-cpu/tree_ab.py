@@ -2,7 +2,10 @@
 node's whole key window gathered for it; the module as of commit 3ebb034, saved as
 work/exact_old.py: `git show 3ebb034:src/specdecode/models/exact.py > work/exact_old.py`) and
 after (one gathered layout per root-to-leaf chain). Median ms of one verification step per tree
-shape, the two alternating step by step. Usage: python tree_ab.py CONTEXT (e.g. 300, 1000)"""
+shape, the two alternating step by step. Usage: python tree_ab.py CONTEXT (e.g. 300, 1000)
+
+It swaps the attention the way the code did up to commit 33226f0 (a registered exact attention and
+``models/hf.py``); run it in a checkout of that commit (``git worktree add /tmp/old 33226f0``)."""
 import random
 import statistics
 import sys

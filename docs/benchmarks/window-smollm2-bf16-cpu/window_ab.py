@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from specdecode.cli_shared import load_models
+from specdecode.cli.shared import load_models
 from specdecode.models import exact as ex
-from specdecode.models.hf import BatchTarget
+from specdecode.models import BatchTarget
 from specdecode.types import Draft
 
 torch.set_num_threads(2)
@@ -30,7 +30,7 @@ for B in [int(b) for b in sys.argv[1].split(",")]:
         times = {32: [], 128: []}
         for rep in range(10):
             for w in (32, 128):
-                ex.WINDOW = w
+                ex.KEY_BLOCK = w
                 s = time.perf_counter()
                 target.step([5] * B, drafts)
                 el = time.perf_counter() - s

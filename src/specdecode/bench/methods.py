@@ -179,7 +179,7 @@ def draft_model(path, s: Settings):
     param = next(s.target.parameters())
     key = f"{path}|{param.dtype}|{param.device}"
     if key not in s.draft_models:
-        from specdecode.models.hf import load_causal_lm
+        from specdecode.models import load_causal_lm
 
         s.draft_models[key] = load_causal_lm(str(path), what="draft model", dtype=param.dtype,
                                              device=param.device)

@@ -40,8 +40,8 @@ import torch
 from specdecode.drafters.base import BuildContext
 from specdecode.drafters.model_drafting import DRAFT_OPTIONS, DraftModelDrafter
 from specdecode.drafters.registry import Needs, register
+from specdecode.models import HFModel, load_causal_lm
 from specdecode.models.heads import vocab_subset
-from specdecode.models.hf import HFModel, load_causal_lm
 from specdecode.models.layer_draft import shipped_draft
 from specdecode.types import SpecDecodeError
 

@@ -31,7 +31,7 @@ from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.model_drafting import DRAFT_OPTIONS, DraftModelDrafter
 from specdecode.drafters.options import count
 from specdecode.drafters.registry import register
-from specdecode.models.hf import HFModel
+from specdecode.models import HFModel
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 from specdecode.drafters.base import DraftContext
 from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.drafters.options import DRAFT_TREE, declare, owner_only
-from specdecode.models.hf import HFModel
+from specdecode.models import HFModel
 from specdecode.sampling import TorchRandom, coupled_choice, coupled_ranking, draft_distribution
 from specdecode.types import Draft, SpecDecodeError, Verdict
 

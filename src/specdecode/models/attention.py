@@ -1,169 +1,137 @@
-"""Who sees what in a verification forward: tree masks over the cache, per-row reach matrices,
-and the attention that runs a batch's rows in groups so no row reads the longest row's slots."""
+"""The attention every adopted model runs: transformers' sdpa or eager attention, unchanged when
+called without a plan (the user's own calls of the model), and the plan's attention when the
+adapters pass one (``ForwardPlan``, the ``specdecode`` keyword; ``models/plan.py``).
+
+``install(model)`` switches the model once to ``specdecode_sdpa`` (or ``specdecode_eager`` for a
+model set to eager attention), registered with transformers' attention and mask interfaces: it is
+a permanent switch made when a model is adopted, not a per-call swap, and behaves as the model's
+own attention whenever no plan is given.
+
+With a plan the attention honours each layer's sliding window: the model hands it as the
+``sliding_window`` keyword (Mistral, Qwen2, Gemma 2 / 3 and most modelling code of transformers 5);
+keys outside a query's window are hidden whatever the mode, the window being a function of the
+query's and the key's positions (``masks.in_window``).
+"""
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
+import sys
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from specdecode.models.exact import exact_attention
+from specdecode.models.masks import causal_mask
+from specdecode.models.plan import CAUSAL, CHUNKS, EXACT, SEGMENTS, ForwardPlan
+from specdecode.types import SpecDecodeError
+
+SDPA, EAGER = "specdecode_sdpa", "specdecode_eager"
 
 
-def tree_mask(parents: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, n+1, past+n+1]: row 0 is the pending token, row i+1 draft node i; each
-    row sees the whole cache, the pending token, its ancestors and itself."""
-    n = parents.numel()
-    parent_of = torch.cat([torch.tensor([0]), parents + 1])  # row index of each row's parent
-    step = torch.zeros(n + 1, n + 1)
-    step[torch.arange(1, n + 1), parent_of[1:]] = 1.0
-    reach = torch.eye(n + 1) + step  # ancestor-or-self, closed under squaring below
-    hops = 1
-    while hops < n:
-        reach = ((reach @ reach) > 0).float()
-        hops *= 2
-    visible = torch.cat([torch.ones(n + 1, past), (reach > 0).float()], dim=1)
-    mask = torch.zeros(n + 1, past + n + 1, dtype=dtype)
-    mask.masked_fill_(visible == 0, torch.finfo(dtype).min)
-    return mask[None, None]
+def _eager(module):
+    """The eager attention of ``module``'s modelling file (each model family has its own)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask (True: attended) as the additive mask the model's attention takes: 0 where
-    visible, the dtype's lowest value elsewhere."""
-    mask = torch.zeros(visible.shape, dtype=dtype)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+def attend(plan: ForwardPlan, module, query, key, value, attention_mask, inner, **kwargs):
+    """The attention of one layer in a planned forward; ``inner`` the model's own attention
+    function (sdpa or eager). Returns (output [b, q, heads, dim], None)."""
+    window = kwargs.get("sliding_window")
+    plan.windows[getattr(module, "layer_idx", None)] = window
+    window = plan.binding(window)
+    scaling = kwargs.get("scaling")
+    if plan.attention == EXACT:
+        if kwargs.get("softcap") is not None:
+            raise SpecDecodeError(
+                "attention logit soft-capping (Gemma 2) is not in the exact forward yet: run the "
+                "model in float32 or with exact=False (--no-exact)")
+        return exact_attention(plan, query, key, value, scaling, window)
+    if plan.attention == SEGMENTS:
+        return _segments(plan, module, query, key, value, inner, window, kwargs)
+    sdpa = inner is sdpa_attention_forward
+    if window is not None:
+        attention_mask = plan.window_mask(attention_mask, window, query.shape[2], key.shape[2],
+                                          query.dtype, query.device)
+    elif plan.attention == CAUSAL and sdpa:
+        return sdpa_attention_forward(module, query, key, value, None,
+                                      **{**kwargs, "is_causal": True})
+    if plan.attention == CHUNKS and sdpa and len(plan.chunks) > 1:
+        outs = []
+        for r0, r1, slots in plan.chunks:
+            mask = None if attention_mask is None else attention_mask[r0:r1, ..., :slots]
+            out, _ = inner(module, query[r0:r1], key[r0:r1, :, :slots], value[r0:r1, :, :slots],
+                           mask, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, 0), None
+    return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-def causal_mask(past: int, q: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, q, past + q] of ``q`` new tokens after ``past`` cached ones: each sees
-    the whole cache and the new tokens up to itself."""
-    visible = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
-    return additive_mask(visible, dtype)[None, None]
-
-
-def reach_matrix(parents: list[int], size: int) -> torch.Tensor:
-    """[size, size] bool: row 0 is the pending token, row i+1 draft node i (``parents`` as in
-    ``Draft``); each row reaches itself and its ancestors. Rows past the draft (padding) reach only
-    themselves."""
-    n = len(parents)
-    if parents == list(range(-1, n - 1)):  # a chain: plain causal
-        reach = torch.ones(n + 1, n + 1, dtype=torch.bool).tril_()
-    else:
-        reach = torch.eye(n + 1, dtype=torch.bool)
-        for i, p in enumerate(parents):
-            reach[i + 1] |= reach[p + 1]
-    if size == n + 1:
-        return reach
-    out = torch.eye(size, dtype=torch.bool)
-    out[:n + 1, :n + 1] = reach
-    return out
-
-
-# Rows of a batch whose lengths differ a lot should not all read the longest row's slots: during a
-# ``BatchTarget`` forward the attention runs per group of consecutive rows, each group reading only
-# up to its own longest row (``_FORWARD.chunks``; a view, never a copy). ``_FORWARD.causal``: a
-# fresh row's prefill, plain causal attention (sdpa skips the blocks above the diagonal; the mask
-# the model was given says the same, at full cost). Per thread: targets in other threads (a server's
-# engine next to the caller's own decoding) never see each other's plan.
-ROWS_ATTENTION = "specdecode_rows"
-EXACT_ATTENTION = "specdecode_exact"
-SEGMENTS_ATTENTION = "specdecode_segments"
-_FORWARD = threading.local()
-CHUNK_OVERHEAD_SLOTS = 256  # what one more attention call costs, in slots read (measured)
-
-
-def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """sdpa over each chunk (first row, end row, slots) of ``_FORWARD.chunks``; plain sdpa
-    without."""
-    chunks = getattr(_FORWARD, "chunks", ())
-    if getattr(_FORWARD, "causal", False):
-        kwargs["is_causal"] = True
-        return sdpa_attention_forward(module, query, key, value, None, *args, **kwargs)
-    if len(chunks) <= 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+def _segments(plan: ForwardPlan, module, query, key, value, inner, window, kwargs):
+    """Prefills of several rows in one forward (``plan.segments``). Each row's queries attend
+    over its own slots exactly as its prefill alone would: plain causal sdpa on an empty row
+    without a window, else ``inner`` with the causal (and window) mask of its own prefill.
+    ``key`` / ``value`` are the whole cache buffers."""
     outs = []
-    for r0, r1, slots in chunks:
-        mask = None if attention_mask is None else attention_mask[r0:r1, ..., :slots]
-        out, _ = sdpa_attention_forward(module, query[r0:r1], key[r0:r1, :, :slots],
-                                        value[r0:r1, :, :slots], mask, *args, **kwargs)
-        outs.append(out)
-    return torch.cat(outs, 0), None
-
-
-AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
-
-
-def _segments_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """Prefills of several rows in one forward (``_FORWARD.segments``: row, cached length, offset
-    of its tokens in the forward, their count). Each row's queries attend over its own slots
-    exactly as its prefill alone would: plain causal sdpa on an empty row (``_FORWARD.causal``: the
-    model's attention is sdpa), else the model's attention with the additive mask
-    ``BatchTarget.prefill`` gives. ``key`` / ``value`` are the whole cache buffers."""
-    outs = []
-    for row, past, offset, q in _FORWARD.segments:
+    for row, past, offset, q in plan.segments:
         part = query[:, :, offset:offset + q]
         keys, values = key[row:row + 1, :, :past + q], value[row:row + 1, :, :past + q]
-        if past == 0 and q > 1 and _FORWARD.causal:
-            out, _ = sdpa_attention_forward(module, part, keys, values, None, *args,
-                                            is_causal=True, **kwargs)
+        if past == 0 and q > 1 and window is None and inner is sdpa_attention_forward:
+            out, _ = sdpa_attention_forward(module, part, keys, values, None,
+                                            **{**kwargs, "is_causal": True})
         else:
-            if ("mask", past, q) not in _FORWARD.memo:
-                _FORWARD.memo["mask", past, q] = causal_mask(past, q, query.dtype).to(query.device)
-            out, _ = _FORWARD.inner(module, part, keys, values, _FORWARD.memo["mask", past, q],
-                                    *args, **kwargs)
+            memo_key = ("mask", past, q, window)
+            if memo_key not in plan.memo:
+                plan.memo[memo_key] = causal_mask(past, q, query.dtype, window).to(query.device)
+            out, _ = inner(module, part, keys, values, plan.memo[memo_key], **kwargs)
         outs.append(out)
     return torch.cat(outs, 1), None
 
 
-AttentionInterface.register(SEGMENTS_ATTENTION, _segments_attention)
+def _sdpa_entry(module, query, key, value, attention_mask, *args, specdecode=None, **kwargs):
+    if specdecode is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    return attend(specdecode, module, query, key, value, attention_mask, sdpa_attention_forward,
+                  **_keywords(args, kwargs))
 
 
-@contextmanager
-def rows_attention(config, chunks: list[tuple[int, int, int]] | None, causal: bool,
-                   exact: list | None = None, segments: list | None = None, inner=None):
-    """For one forward of a model whose attention is sdpa: run it per row group (``chunks``, when
-    there are several), plainly causal (``causal``, a fresh row's prefill), per token (``exact``:
-    the plan ``_exact_attention`` reads) or per row prefill (``segments``, with ``inner`` the
-    model's own attention function). The model's config is switched only inside the block and
-    restored after: the user's model is left as it was."""
-    original = config._attn_implementation_internal
-    switch = exact is not None or segments is not None or (
-        (causal or (bool(chunks) and len(chunks) > 1)) and original == "sdpa")
-    if not switch:
-        yield
-        return
-    _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = chunks or [], causal, exact
-    _FORWARD.segments, _FORWARD.inner = segments, inner
-    _FORWARD.memo = {}  # what the exact attention computes once per forward
-    config._attn_implementation_internal = SEGMENTS_ATTENTION if segments is not None else \
-        EXACT_ATTENTION if exact is not None else ROWS_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = original
-        _FORWARD.chunks, _FORWARD.causal, _FORWARD.exact = [], False, None
-        _FORWARD.segments, _FORWARD.inner = None, None
+def _eager_entry(module, query, key, value, attention_mask, *args, specdecode=None, **kwargs):
+    inner = _eager(module)
+    if specdecode is None:
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+    return attend(specdecode, module, query, key, value, attention_mask, inner,
+                  **_keywords(args, kwargs))
 
 
-def plan_chunks(need: list[int], overhead: int = CHUNK_OVERHEAD_SLOTS) -> list[tuple[int, int, int]]:
-    """Split rows 0..b-1 into runs of consecutive rows minimising the slots read plus ``overhead``
-    per run, where a run reads ``rows x its longest need`` (dynamic programming, O(b^2))."""
-    b = len(need)
-    best = [0.0] + [float("inf")] * b
-    cut = [0] * (b + 1)
-    for i in range(1, b + 1):
-        longest = 0
-        for j in range(i - 1, -1, -1):
-            longest = max(longest, need[j])
-            cost = best[j] + (i - j) * longest + overhead
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
-    chunks = []
-    i = b
-    while i > 0:
-        j = cut[i]
-        chunks.append((j, i, max(need[j:i])))
-        i = j
-    return chunks[::-1]
+def _keywords(args: tuple, kwargs: dict) -> dict:
+    """Attention arguments as keywords (transformers passes ``dropout`` and ``scaling`` by name;
+    older modelling code may pass them by position)."""
+    return {**dict(zip(("dropout", "scaling"), args)), **kwargs}
+
+
+AttentionInterface.register(SDPA, _sdpa_entry)
+AttentionInterface.register(EAGER, _eager_entry)
+AttentionMaskInterface.register(SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+AttentionMaskInterface.register(EAGER, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def install(model) -> None:
+    """Switch ``model`` to the planned attention (once; again if the user switched it back):
+    ``specdecode_eager`` over eager attention, ``specdecode_sdpa`` over anything else (flash and
+    flex attention take no tree masks)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current not in (SDPA, EAGER):
+        model.set_attn_implementation(EAGER if current == "eager" else SDPA)
+    # modules that keep a config of their own (a view sharing another model's layers) follow too
+    for config in {id(c): c for m in model.modules()
+                   if (c := getattr(m, "config", None)) is not None}.values():
+        own = getattr(config, "_attn_implementation", None)
+        if own not in (SDPA, EAGER, None):
+            config._attn_implementation = EAGER if own == "eager" else SDPA
+
+
+def attention_function(config):
+    """What the lean forward calls as the attention of a model with ``config`` (installed)."""
+    impl = config._attn_implementation
+    return _eager_entry if impl == EAGER else _sdpa_entry

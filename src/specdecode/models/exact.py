@@ -7,7 +7,7 @@ token exactly what plain decoding does for it (Thinking Machines, "Defeating Non
 Inference", 2025; vLLM's and SGLang's batch-invariant modes, here on the CPU):
 
 - attention (``_exact_attention``): a token at position p attends over the keys up to the end of
-  its ``WINDOW``-aligned block, in position order, the later ones masked (a tree node: in the
+  its ``KEY_BLOCK``-aligned block, in position order, the later ones masked (a tree node: in the
   layout of a root-to-leaf chain through it, so a tree costs a gather per chain, not per node), in
   a call shared by the row's tokens: the key length and the token's computation are functions of
   p alone, the same in every forward;
@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
-from transformers import AttentionInterface
-
-from specdecode.models.attention import _FORWARD, EXACT_ATTENTION
 
 MIN_ROWS = 4  # tokens per exact half-precision forward, at least (see above)
 # key-length granularity of the exact attention: rows of a batch whose queries end in different
 # windows need calls of their own, so wider windows mean fewer calls (26 rows of 80-600 tokens: 11
 # windows of 32, 5 of 128) at the price of masked keys read (SmolLM2, one step over 26 such rows:
 # 132 ms with 128 against 193 ms with 32; one row: unchanged; docs/benchmarks/window-smollm2-*)
-WINDOW = 128
+KEY_BLOCK = 128
 
 
 def default_exact(dtype: torch.dtype) -> bool:
@@ -75,19 +72,20 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return _attend(q, k, v, additive(mask.expand(*q.shape[:-1], mask.shape[-1])), scale)
 
 
-def _exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs):
-    """Batch-invariant attention (``BatchTarget(exact=True)``). A query at position p attends over
-    ``window_end(p)`` keys laid out in position order (key t at index t: the row's own slots for a
+def exact_attention(plan, query, key, value, scaling: float | None, window: int | None):
+    """Batch-invariant attention (``BatchTarget(exact=True)``; ``plan.exact`` from ``exact_plan``,
+    ``window``: the layer's sliding window where it binds). A query at position p attends over
+    ``block_end(p)`` keys laid out in position order (key t at index t: the row's own slots for a
     chain; for a tree, the committed prefix then the path of a root-to-leaf chain holding the
-    node, gathered once per chain), those after p masked. Neither the key length nor the
-    computation for an item (a token's GQA group of heads) depends on how many draft nodes or
-    batch rows share the forward: the result for a token is the one plain decoding computes for it
-    (Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025: a fixed reduction order
-    per token). bfloat16 runs ``_attend``: one call per key length for the chain queries of every
-    row, one per row and key length for a tree's chains; other dtypes run sdpa per row and key
-    length with each token as its own batch item (``exact_plan``). Never one call per token.
-    Masked keys are finite (the cache starts zeroed), so they contribute exact zeros."""
+    node, gathered once per chain), those after p (and with a window, those at or before
+    p - window) masked. Neither the key length nor the computation for an item (a token's GQA
+    group of heads) depends on how many draft nodes or batch rows share the forward: the result
+    for a token is the one plain decoding computes for it (Thinking Machines, "Defeating
+    Nondeterminism in LLM Inference", 2025: a fixed reduction order per token). bfloat16 runs
+    ``_attend``: one call per key length for the chain queries of every row, one per row and key
+    length for a tree's chains; other dtypes run sdpa per row and key length with each token as
+    its own batch item. Never one call per token. Masked keys are finite (the cache starts
+    zeroed), so they contribute exact zeros."""
     b, heads, q, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -97,12 +95,12 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
     out = query.new_zeros(b, q, heads, dim)
     matmul = query.dtype == torch.bfloat16
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    memo = _FORWARD.memo  # per forward: masks and indices, made at the first layer
+    memo = plan.memo  # per forward: masks and indices, made at the first layer (per window)
     if matmul:  # every row's chain queries, one call per key length across the rows
-        if "chains" not in memo:
-            memo["chains"] = _chain_calls(_FORWARD.exact, q, group, key.device)
+        if ("chains", window) not in memo:
+            memo["chains", window] = _chain_calls(plan.exact, q, group, key.device, window)
         flat_q, flat_out = queries_.view(b * q, kv_heads, group, dim), out.view(b * q, heads, dim)
-        for rows, tokens, bias, out_index, res_index in memo["chains"]:
+        for rows, tokens, bias, out_index, res_index in memo["chains", window]:
             n, length = bias.shape[0], bias.shape[-1]
             items = flat_q[tokens.view(-1)].view(n, -1, kv_heads, group, dim).transpose(1, 2)
             if isinstance(rows, slice):  # consecutive rows (one row, every row): a view
@@ -114,9 +112,9 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
             res = res.view(n, kv_heads, -1, group, dim).transpose(1, 2).reshape(-1, heads, dim)
             flat_out[out_index] = res[res_index]
     if matmul:  # tree rows: their chains' gathered keys, one call per row and key length
-        if "trees" not in memo:
-            memo["trees"] = _tree_calls(_FORWARD.exact, group, kv_heads, key.device)
-        for r, cols, gather, bias, out_cols, res_index in memo["trees"]:
+        if ("trees", window) not in memo:
+            memo["trees", window] = _tree_calls(plan.exact, group, kv_heads, key.device, window)
+        for r, cols, gather, bias, out_cols, res_index in memo["trees", window]:
             n, t = cols.shape
             length = bias.shape[-1]
             items = queries_[r, cols.view(-1)].view(n, t, kv_heads, group, dim)
@@ -127,8 +125,12 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
             res = res.view(kv_heads, n, t, group, dim).permute(1, 2, 0, 3, 4)
             out[r, out_cols] = res.reshape(n * t, heads, dim)[res_index]
         return out, None
-    for r, calls in enumerate(_FORWARD.exact):  # other dtypes: sdpa, each token its own item
-        for cols, length, mask, gather in calls:
+    for r, calls in enumerate(plan.exact):  # other dtypes: sdpa, each token its own item
+        for i, (cols, length, mask, gather) in enumerate(calls):
+            if window is not None:
+                if ("sdpa", window, r, i) not in memo:
+                    memo["sdpa", window, r, i] = windowed(mask, window)
+                mask = memo["sdpa", window, r, i]
             g, items = mask.shape[0], queries_[r, cols]  # [g, kv heads, group, dim]
             if gather is None:  # a chain: a view of the row's slots
                 k, v = key[r, :, :length], value[r, :, :length]  # [kv heads, length, dim]
@@ -140,7 +142,11 @@ def _exact_attention(module, query, key, value, attention_mask, dropout: float =
     return out, None
 
 
-AttentionInterface.register(EXACT_ATTENTION, _exact_attention)
+def windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """An exact-plan mask [..., length] (key t visible iff t <= p, the query's position) with the
+    keys at or before p - ``window`` hidden too (outside its sliding window)."""
+    last = mask.sum(-1, keepdim=True) - 1  # p
+    return mask & (torch.arange(mask.shape[-1], device=mask.device) > last - window)
 
 
 class ExactMatmul(TorchFunctionMode):
@@ -185,7 +191,7 @@ def _padded(indices: list[list[int]], masks: list[torch.Tensor], length: int, gr
     return tokens, additive(visible.repeat_interleave(group, dim=1)), out_index, res_index
 
 
-def _chain_calls(plan: list, q: int, group: int, device) -> list:
+def _chain_calls(plan: list, q: int, group: int, device, window: int | None) -> list:
     """The chain calls of ``plan`` (every row's), grouped by key length, as batched calls: (rows
     [n] (a slice where consecutive), token indices [n, t] into the forward's b * q tokens, additive
     mask [n, 1, rows, length], the real tokens' indices and their indices in the call's [n * t]
@@ -194,8 +200,10 @@ def _chain_calls(plan: list, q: int, group: int, device) -> list:
     for r, calls in enumerate(plan):
         for cols, length, mask, gather in calls:
             if gather is None:
+                mask = mask[:, 0, 0].cpu()
                 by_length.setdefault(length, []).append(
-                    (r, [r * q + j for j in _columns(cols)], mask[:, 0, 0].cpu()))
+                    (r, [r * q + j for j in _columns(cols)],
+                     mask if window is None else windowed(mask, window)))
     out = []
     for length, entries in by_length.items():
         tokens, bias, out_index, res_index = _padded([ix for _, ix, _ in entries],
@@ -208,7 +216,7 @@ def _chain_calls(plan: list, q: int, group: int, device) -> list:
     return out
 
 
-def _tree_calls(plan: list, group: int, kv: int, device) -> list:
+def _tree_calls(plan: list, group: int, kv: int, device, window: int | None) -> list:
     """The tree calls of ``plan`` (a row's chains, each with its gathered key layout), batched per
     row and key length: (row, token columns [n, t], gather index [n * length], additive mask
     [kv heads * n, rows, length], the real tokens' columns and their indices in the call's n * t;
@@ -218,8 +226,9 @@ def _tree_calls(plan: list, group: int, kv: int, device) -> list:
         by_length: dict[int, list] = {}
         for cols, length, mask, gather in calls:
             if gather is not None:
+                mask = mask[:, 0, 0].cpu()
                 by_length.setdefault(length, []).append(
-                    (_columns(cols), mask[:, 0, 0].cpu(), gather))
+                    (_columns(cols), mask if window is None else windowed(mask, window), gather))
         for length, entries in by_length.items():
             cols, bias, out_cols, res_index = _padded([js for js, _, _ in entries],
                                                       [m for _, m, _ in entries], length, group)
@@ -230,10 +239,10 @@ def _tree_calls(plan: list, group: int, kv: int, device) -> list:
     return out
 
 
-def window_end(position: int) -> int:
+def block_end(position: int) -> int:
     """How many keys the exact attention lays out for a query at ``position``: up to the end of
-    its ``WINDOW``-aligned block (a function of the position alone, so the same in every forward)."""
-    return (position // WINDOW + 1) * WINDOW
+    its ``KEY_BLOCK``-aligned block (a function of the position alone, so the same in every forward)."""
+    return (position // KEY_BLOCK + 1) * KEY_BLOCK
 
 
 def _tree_chains(n: int, parents: list[int]) -> list[tuple[int, list[int], list[int], list[int]]]:
@@ -269,7 +278,7 @@ def _tree_chains(n: int, parents: list[int]) -> list[tuple[int, list[int], list[
     for path, queries in zip(chains, members):
         groups: dict[int, list] = {}
         for j, p in queries:
-            groups.setdefault(window_end(p), []).append((j, p))
+            groups.setdefault(block_end(p), []).append((j, p))
         for length, items in groups.items():
             out.append((length, [j for j, _ in items], [p for _, p in items],
                         [n + 1 + i for i in path]))
@@ -287,7 +296,7 @@ def exact_plan(lengths: list[int], drafts: list, device) -> list:
         if draft.is_chain():
             groups: dict[int, list] = {}
             for j in range(len(draft) + 1):
-                groups.setdefault(window_end(n + j), []).append(j)
+                groups.setdefault(block_end(n + j), []).append(j)
             calls = []
             for length, js in groups.items():
                 positions = torch.tensor([n + j for j in js])

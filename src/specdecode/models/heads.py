@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from specdecode.models.adapter import check_window, context_length
+from specdecode.models.adopt import attention_window, check_window, context_length
 from specdecode.sampling import draft_distribution
 from specdecode.types import SpecDecodeError
 
@@ -267,12 +267,17 @@ def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
 
 
 def check_head(kind: str, config: dict, target_model) -> None:
-    """``SpecDecodeError`` for a head over a sliding-window target (its features, and our
-    verification, would be wrong: ``models.adapter.attention_window``) or a head config that
-    declares a window of its own (the heads here attend to every earlier position)."""
+    """``SpecDecodeError`` for a target whose windows the planned attention does not follow
+    (``models.adopt.check_window``) or a head config that declares a window of its own (the heads
+    here attend to every earlier position)."""
     check_window(target_model.config, target_model, "the target model")
     own = {"max_position_embeddings": context_length(target_model.config), **config}
-    check_window(SimpleNamespace(**own), what=f"the {kind} head")
+    window = attention_window(SimpleNamespace(**own))
+    if window is not None:
+        raise SpecDecodeError(
+            f"the {kind} head declares a sliding window ({window or 'unknown'} tokens): the heads "
+            "here attend to every earlier position, so a head config with a window is not "
+            "supported")
 
 
 class DraftVocab:

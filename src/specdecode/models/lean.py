@@ -1,33 +1,32 @@
-"""A lean forward for Llama-family targets (``llama``, ``qwen2``): the engine's target forward
+"""A lean forward for Llama-family targets (``llama``, ``mistral``, ``qwen2``): the engine's forward
 without transformers' per-module machinery, with the query/key/value projections fused into one
 matmul and the gate/up projections into another, each weight prepacked once for oneDNN where the
 dtype allows (see ``models/packed.py``).
 
 It computes what the model's own forward computes, with the model's own modules for embedding,
 rotary embedding and activation, transformers' RMSNorm written out (the same ops), and the
-attention function the model is switched to (``models/attention.py``, ``models/exact.py``); only
-the per-call overhead goes. The fused matmuls
+planned attention (``models/attention.py``), given the forward's plan and each layer's sliding
+window as the model's own layers give them; only the per-call overhead goes. The fused matmuls
 give the same values as the separate ones (each output is the same reduction over the hidden
 size; the tests compare the logits bitwise with the model's forward). Measured on SmolLM2-135M in
 bfloat16, 2 threads, one decoding step at 300 tokens of context: 46 ms through the model's forward,
 29 ms through this one.
 
-Used by ``BatchTarget`` whenever ``LeanForward.build`` accepts the model; anything else (other
-architectures, sliding windows, extra norms, biases outside q/k/v) keeps the model's forward.
+Used by ``BatchTarget`` and ``HFModel`` whenever ``LeanForward.build`` accepts the model; anything
+else (other architectures, extra norms, q/k norms, biases outside q/k/v) keeps the model's forward.
 Forward hooks registered on the model's modules do not run inside the engine's target forward.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specdecode.models.compiled import compiled_functions, layer_functions, rms_norm, wants_compile
+from specdecode.models.attention import attention_function
+from specdecode.models.layers import compiled_functions, layer_functions, rms_norm, wants_compile
 from specdecode.models.packed import can_pack, pack_weight, packed_matmul
+from specdecode.models.plan import ForwardPlan
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2")
 _ATTR = "_specdecode_lean_forward"
 _OWNER = "_specdecode_lean_owner"  # the model that the False marker was set for
 
@@ -44,7 +43,7 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class LeanForward:
-    """``lean(ids, positions, mask, cache, last_only, hidden)``: logits (float32) and, with
+    """``lean(ids, positions, mask, cache, plan, last_only, hidden)``: logits (float32) and, with
     ``hidden``, the final-normed states, as the model's forward would give them."""
 
     def __init__(self, model) -> None:
@@ -58,6 +57,12 @@ class LeanForward:
                 self.pack = False
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
         self.layers = []
+        # each layer's sliding window, as the model's layers hand it to their attention (Qwen2: the
+        # module's own, None on full layers; Mistral: the config's, on every layer)
+        self.windows = [attn.sliding_window if hasattr(attn, "sliding_window")
+                        else getattr(config, "sliding_window", None)
+                        for attn in (layer.self_attn for layer in
+                                     inner.layers[:config.num_hidden_layers])]
         with torch.no_grad():
             for layer in inner.layers[:config.num_hidden_layers]:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -76,8 +81,6 @@ class LeanForward:
             self.head = self.linear(model.lm_head.weight)
         self.plain = layer_functions(self._mm)
         self.compiled = compiled_functions(self.pack) if wants_compile(model) else None
-        module = sys.modules[type(inner.layers[0].self_attn).__module__]
-        self.eager = module.eager_attention_forward
         self.owner = id(model)  # a shallow copy of the model (layer-skip's view) builds its own
         self.params = _weights(model)  # (module, name, tensor): replaced or changed in place?
         self.versions = [p._version for _, _, p in self.params]
@@ -104,8 +107,8 @@ class LeanForward:
             module._parameters.get(name) is not p for module, name, p in self.params)
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
-                 last_only: bool = False, hidden: bool = False,
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
+                 plan: ForwardPlan, last_only: bool = False, hidden: bool = False,
                  select: torch.Tensor | None = None, head: torch.Tensor | None = None,
                  compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``select``: logits [1, n, V] of only these tokens (indices into the b * q); ``head``: a
@@ -115,8 +118,7 @@ class LeanForward:
         b, q = ids.shape
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                       self.eager)
+        attend = attention_function(self.config)
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         flat = x.view(b * q, -1)
         pre, post, post_pre = self.compiled if self.compiled and compiled else self.plain
@@ -131,7 +133,8 @@ class LeanForward:
                                       cos, sin, heads, kv_heads, dim))
         for i, (_, _, _, attn, o, norm2, gate_up, down, act) in enumerate(self.layers):
             key, value = cache.update(key, value, i)
-            out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
+            out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling,
+                            sliding_window=self.windows[i], specdecode=plan)
             tail = (flat, out.reshape(b * q, -1), o, norm2.weight, norm2.variance_epsilon,
                     gate_up, down, act)
             if i + 1 == len(self.layers):
@@ -169,8 +172,8 @@ class LeanForward:
 
 
 def supported(model) -> bool:
-    """A llama / qwen2 causal LM in its stock layout: separate q/k/v/o and gate/up/down
-    projections, biases only on q/k/v (all or none), no sliding window, one LM head."""
+    """A llama / mistral / qwen2 causal LM in its stock layout: separate q/k/v/o and gate/up/down
+    projections, biases only on q/k/v (all or none), no q/k norms, one LM head."""
     config = getattr(model, "config", None)
     inner = getattr(model, "model", None)
     if getattr(config, "model_type", None) not in ARCHITECTURES or inner is None \
@@ -192,7 +195,7 @@ def supported(model) -> bool:
         if len(set(biases)) > 1 or attn.o_proj.bias is not None or any(
                 getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
             return False
-        if getattr(attn, "sliding_window", None) or getattr(attn, "q_norm", None) is not None:
+        if getattr(attn, "q_norm", None) is not None:
             return False
         if set(dict(layer.named_children())) - {"self_attn", "mlp", "input_layernorm",
                                                "post_attention_layernorm"}:

@@ -270,7 +270,8 @@ def load_causal_lm(source, *, what: str = "model", trust_remote_code: bool = Fal
                                device)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True,
-            trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+            trust_remote_code=trust_remote_code)  # transformers' default attention: sdpa where
+        # the model has it (``models/attention.py`` plans over it), else eager
     except (OSError, ValueError) as err:
         raise SpecDecodeError(f"cannot load {what} from {str(path)!r}: {err}") from err
     if device is not None:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from specdecode.models import lean
+from specdecode.models import BatchTarget, lean
 from specdecode.models.cpu import cpu_path
 from specdecode.models.exact import default_exact
-from specdecode.models.hf import BatchTarget
 from specdecode.types import Draft, SpecDecodeError
 
 

@@ -29,7 +29,7 @@ from specdecode.chat import chat_prompt
 from specdecode.drafters.options import Limits
 from specdecode.drafters.registry import DEFAULT_DRAFTER, REGISTRY, Needs, available, self_contained
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
-from specdecode.models.hf import context_length, load_causal_lm
+from specdecode.models import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
 from specdecode.server.constraints import request_constraint, wait_compiles
 from specdecode.server.generation import Generation

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from specdecode.models.hf import fresh_cache
+from specdecode.models import fresh_cache
 
 
 @torch.no_grad()

@@ -1,53 +1,29 @@
-"""The model adapters over transformers: with ``models/slot_cache.py``, the only code that touches
-the HF cache API.
+"""The engine's target (``BatchTarget``, the ``TargetModel`` protocol it fills) and ``warm_up``.
 
-Two adapters, one invariant: a request's cache holds its committed tokens except the last one (the
-*pending* token), so one step is exactly one forward over ``[pending] + draft`` with a tree mask,
-after which ``keep(path)`` leaves the pending token and the accepted path in the cache, in order.
-
-- ``BatchTarget`` (the engine's target): a preallocated cache of many rows, one per running
-  request, each at its own offset. A step runs every row together; nothing is concatenated or
-  copied per step (see ``SlotCache``).
-- ``HFModel`` (in ``models/adapter.py``, re-exported here): one request on a growing
-  ``DynamicCache``, with ``crop``; draft models use it.
-
-Both run Llama-family models through ``models/lean.py`` (the same values, less overhead).
+One invariant: a request's cache holds its committed tokens except the last one (the *pending*
+token), so one step is exactly one forward over ``[pending] + draft`` with a tree mask, after
+which ``keep(path)`` leaves the pending token and the accepted path in the cache, in order.
+``BatchTarget`` keeps a preallocated cache of many rows (``SlotCache``), one per running request,
+each at its own offset; a step runs every row together; nothing is concatenated or copied per
+step. Each forward is planned (``models/plan.py``): the plan travels with the call, through the
+lean forward (``models/lean.py``, Llama-family models) or the model's own.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specdecode.models.adapter import (  # noqa: F401 - re-exported
-    HFModel,
-    _Adapter,
-    cache_arg,
-    check_model,
-    context_length,
-    fresh_cache,
-)
-from specdecode.models.attention import (
-    additive_mask,
-    causal_mask,
-    plan_chunks,
-    reach_matrix,
-    rows_attention,
-)
-from specdecode.models.exact import (
-    MIN_ROWS,
-    ExactMatmul,
-    default_exact,
-    exact_plan,
-    window_end,
-)
+from specdecode.models.adopt import Adapter
+from specdecode.models.exact import MIN_ROWS, ExactMatmul, block_end, default_exact, exact_plan
 from specdecode.models.lean import LeanForward
+from specdecode.models.masks import additive_mask, causal_mask, plan_chunks, reach_matrix
 from specdecode.models.packed import packed_linears
+from specdecode.models.plan import CAUSAL, CHUNKS, EXACT, MASK, SEGMENTS, ForwardPlan
 from specdecode.models.slot_cache import SlotCache
-from specdecode.models.sources import load_causal_lm  # noqa: F401 - re-exported
 from specdecode.types import Draft
 
 PREFILL_TOKENS = 4096  # tokens of joining requests prefilled in one forward, at most
@@ -82,7 +58,7 @@ class TargetModel(Protocol):
     def keep(self, row: int, path: list[int]) -> None: ...
 
 
-class BatchTarget(_Adapter):
+class BatchTarget(Adapter):
     """The engine's target: a causal LM and a ``SlotCache`` with one row per running request.
 
     ``prefill(row, ids)`` feeds one row's prompt; ``step(roots, drafts)`` runs one forward over every
@@ -127,31 +103,32 @@ class BatchTarget(_Adapter):
         return last if row != last else None
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 last_only: bool = False, chunks: list[tuple[int, int, int]] | None = None,
-                 causal: bool = False, hidden: bool = False, exact: list | None = None
-                 ) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, plan: ForwardPlan, mask: torch.Tensor,
+                 last_only: bool = False, hidden: bool = False) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
         # exact float32 runs MKL's matmuls row by row, except where they are oneDNN's packed ones
         # (the AVX2 path, models/cpu.py): those give each row the same result at any row count
-        row_by_row = exact is not None and self.dtype == torch.float32 and not (
+        row_by_row = plan.attention == EXACT and self.dtype == torch.float32 and not (
             lean.pack if lean is not None else self.packed is not None)
         mode = ExactMatmul() if row_by_row else \
             self.packed or nullcontext()  # packed linears on the CPU: models/packed.py
-        with rows_attention(self.model.config, chunks, causal, exact), mode:
+        ids, positions = ids.to(self.device), plan.query_pos.to(self.device)
+        with mode:
             if lean is not None:
-                logits, self.hidden = lean(ids.to(self.device), positions.to(self.device),
-                                           mask.to(self.device), self.cache, last_only, hidden,
+                logits, self.hidden = lean(ids, positions, mask.to(self.device),
+                                           self.cache.view(plan), plan, last_only, hidden,
                                            compiled=not row_by_row)
-                return logits
-            out = self.model(input_ids=ids.to(self.device),
-                             position_ids=positions.to(self.device),
-                             attention_mask=mask.to(self.device), use_cache=True,
-                             output_hidden_states=hidden, **{self.cache_arg: self.cache}, **extra)
-        # the last layer's output after the final norm: what the LM head reads
-        self.hidden = out.hidden_states[-1] if hidden else None
-        return out.logits.float()
+            else:
+                out = self.model(input_ids=ids, position_ids=positions,
+                                 attention_mask=mask.to(self.device), use_cache=True,
+                                 output_hidden_states=hidden, specdecode=plan,
+                                 **{self.cache_arg: self.cache.view(plan)}, **extra)
+                # the last layer's output after the final norm: what the LM head reads
+                self.hidden = out.hidden_states[-1] if hidden else None
+                logits = out.logits.float()
+        self.checked(plan)
+        return logits
 
     def prefill(self, row: int, ids: list[int], last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor:
@@ -160,11 +137,11 @@ class BatchTarget(_Adapter):
         target's features (last hidden states) of every id, [len(ids), H]."""
         past, q = self.lengths[row], len(ids)
         self.cache.reserve(len(self.lengths), past + q)
-        cache = self.cache
-        cache.rows, cache.start, cache.index, cache.kv_len = slice(row, row + 1), past, None, past + q
-        logits = self._forward(torch.tensor([ids]), torch.arange(past, past + q)[None],
-                               causal_mask(past, q, self.dtype), last_only,
-                               causal=past == 0 and q > 1, hidden=hidden)
+        fresh = past == 0 and q > 1  # plainly causal: sdpa skips the blocks above the diagonal
+        plan = ForwardPlan(query_pos=torch.arange(past, past + q)[None], rows=slice(row, row + 1),
+                           start=past, kv_len=past + q, attention=CAUSAL if fresh else MASK)
+        logits = self._forward(torch.tensor([ids]), plan, causal_mask(past, q, self.dtype),
+                               last_only, hidden=hidden)
         if hidden:
             self.hidden = self.hidden[0]
         self.lengths[row] = past + q
@@ -212,19 +189,13 @@ class BatchTarget(_Adapter):
             offset += len(run)
         self.cache.reserve(len(self.lengths), max(p + q for _, p, _, q in segments))
         positions = torch.cat([torch.arange(p, p + q) for _, p, _, q in segments])
-        config = self.model.config
-        inner = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, lean.eager)
-        self.cache.segments = segments
-        try:
-            sdpa = config._attn_implementation == "sdpa"  # empty rows then plainly causal
-            with torch.inference_mode(), rows_attention(config, None, sdpa,
-                                                        segments=segments, inner=inner):
-                logits, states = lean(torch.tensor([sum(ids, [])], device=self.device),
-                                      positions[None].to(self.device), None, self.cache,
-                                      select=torch.tensor(select, device=self.device),
-                                      hidden=hidden)
-        finally:
-            self.cache.segments = None
+        plan = ForwardPlan(query_pos=positions[None], attention=SEGMENTS, segments=segments)
+        with torch.inference_mode():
+            logits, states = lean(torch.tensor([sum(ids, [])], device=self.device),
+                                  positions[None].to(self.device), None, self.cache.view(plan),
+                                  plan, select=torch.tensor(select, device=self.device),
+                                  hidden=hidden)
+        self.checked(plan)
         out, first = [], 0
         for (row, past, _, q), last in zip(segments, last_only):
             n = 1 if last else q
@@ -249,7 +220,7 @@ class BatchTarget(_Adapter):
         lens = torch.tensor(self.lengths)
         kv_len = int(lens.max()) + q
         if self.exact:  # the exact attention reads up to the end of each query's key window
-            kv_len = window_end(kv_len - 1)
+            kv_len = block_end(kv_len - 1)
         self.cache.reserve(b, kv_len)
         ids = torch.zeros(b, q, dtype=torch.long)
         positions = lens[:, None].repeat(1, q)
@@ -261,23 +232,22 @@ class BatchTarget(_Adapter):
                 positions[r, 1:sizes[r]] += draft.depths()
             reach[r] = reach_matrix(draft.parents.tolist(), q)
         rel = torch.arange(kv_len)[None, :] - lens[:, None]  # [b, kv_len]: slot - row length
-        window = (rel >= 0) & (rel < q)
+        new_slot = (rel >= 0) & (rel < q)
         own = torch.gather(reach, 2, rel.clamp(0, q - 1)[:, None, :].expand(b, q, kv_len))
-        visible = (rel < 0)[:, None, :] | (own & window[:, None, :])
-        cache = self.cache
-        cache.rows, cache.start, cache.kv_len = slice(0, b), None, kv_len
-        if b == 1:  # one row: its new entries are contiguous
-            cache.start, cache.index = self.lengths[0], None
-        else:
-            cache.index = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
-        try:
-            chunks = plan_chunks((lens + q).tolist()) if b > 1 and not self.exact else None
-            logits = self._forward(ids, positions, additive_mask(visible, self.dtype)[:, None],
-                                   chunks=chunks, hidden=hidden,
-                                   exact=exact_plan(self.lengths, drafts, self.device)
-                                   if self.exact else None)
-        finally:
-            cache.index = None
+        visible = (rel < 0)[:, None, :] | (own & new_slot[:, None, :])
+        key_pos = torch.arange(kv_len)[None].repeat(b, 1)  # slot t holds position t, except
+        real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]  # a tree's nodes: their
+        key_pos[new_slot & (rel < torch.tensor(sizes)[:, None])] = positions[real]  # depth's
+        plan = ForwardPlan(query_pos=positions, key_pos=key_pos, rows=slice(0, b), kv_len=kv_len,
+                           start=self.lengths[0] if b == 1 else None,  # one row: contiguous
+                           index=None if b == 1 else
+                           (lens[:, None] + torch.arange(q)[None, :]).to(self.device))
+        if self.exact:
+            plan.attention, plan.exact = EXACT, exact_plan(self.lengths, drafts, self.device)
+        elif b > 1:
+            plan.attention, plan.chunks = CHUNKS, plan_chunks((lens + q).tolist())
+        logits = self._forward(ids, plan, additive_mask(visible, self.dtype)[:, None],
+                               hidden=hidden)
         if hidden:
             self.hidden = [self.hidden[r, :sizes[r]] for r in range(b)]
         self.before = list(self.lengths)
@@ -300,3 +270,22 @@ class BatchTarget(_Adapter):
         n = self.lengths[row]
         return [(k[row:row + 1, :, :n], v[row:row + 1, :, :n])
                 for k, v in zip(self.cache.keys, self.cache.values)]
+
+
+def warm_up(*models, exact: bool | None = None) -> float:
+    """Compile each of ``models``' forwards now (None entries skipped; see ``compile_forward`` in
+    ``models/layers.py``): a prefill, then steps over a few token counts, one token alone among
+    them, so that no timed region pays for it. Returns the seconds taken."""
+    start = time.perf_counter()
+    for model in models:
+        if model is None:
+            continue
+        own = default_exact(next(model.parameters()).dtype) if exact is None else exact
+        for forward_exact in dict.fromkeys((own, False)):  # the plain forward's M = 1 steps
+            target = BatchTarget(model, exact=forward_exact)
+            row = target.add_row(64)
+            target.prefill(row, [0] * 16)
+            for n in (0, 3, 7):
+                target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
+                target.keep(row, [])
+    return time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""The lean forward's per-layer work, optionally through ``torch.compile`` (``compile_forward``,
+"""The lean forward's per-layer math (RMSNorm, rotary embedding, the fused matmuls, the gated MLP),
+optionally through ``torch.compile`` (``compile_forward``,
 ``--compile``): each layer's matmuls and the elementwise work between them (RMSNorm, rotary
 embedding, SiLU-gated MLP, residuals) as one compiled region from the attention output of layer i
 to the queries, keys and values of layer i + 1; the cache update and the attention stay eager
@@ -92,28 +93,3 @@ def compiled_functions(pack: bool) -> tuple[Callable, Callable, Callable]:
     """``layer_functions`` compiled (dynamic shapes), with the packed op where weights are packed."""
     mm = packed_linear if pack else torch.nn.functional.linear
     return tuple(torch.compile(fn, dynamic=True) for fn in layer_functions(mm))
-
-
-def warm_up(*models, exact: bool | None = None) -> float:
-    """Compile each of ``models``' forwards now (None entries skipped): a prefill, then steps over
-    a few token counts, one token alone among them, so that no timed region pays for it. Returns
-    the seconds taken."""
-    import time
-
-    from specdecode.models.exact import default_exact
-    from specdecode.models.hf import BatchTarget
-    from specdecode.types import Draft
-
-    start = time.perf_counter()
-    for model in models:
-        if model is None:
-            continue
-        own = default_exact(next(model.parameters()).dtype) if exact is None else exact
-        for forward_exact in dict.fromkeys((own, False)):  # the plain forward's M = 1 steps
-            target = BatchTarget(model, exact=forward_exact)
-            row = target.add_row(64)
-            target.prefill(row, [0] * 16)
-            for n in (0, 3, 7):
-                target.step([0], [Draft.chain(torch.zeros(n, dtype=torch.long))])
-                target.keep(row, [])
-    return time.perf_counter() - start
