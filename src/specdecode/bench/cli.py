@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from specdecode.cli_shared import (
+from specdecode.cli.shared import (
     check_policy_name,
     int_list,
     load_models,
@@ -123,9 +123,9 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
     from specdecode.drafters.registry import Needs, drafters_needing
+    from specdecode.models import context_length
     from specdecode.models.exact import default_exact
     from specdecode.models.heads import shipped_head_dir
-    from specdecode.models.hf import context_length
     from specdecode.questions import load_questions
 
     if report_only:
@@ -185,7 +185,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
         dtype, device = str(place.dtype).removeprefix("torch."), str(place.device)
         compile_s = None
         if compile_forward:  # compiled now, outside every timed region
-            from specdecode.models.compiled import warm_up
+            from specdecode.models import warm_up
 
             compile_s = round(warm_up(model, draft, exact=exact), 1)
             tqdm.write(f"compiled the forward in {compile_s} s (first calls, not timed)")
@@ -234,7 +234,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
 def vllm_engine(target: str | None, model, python: str | None):
     """Where the vLLM methods' engines load the same target and tokenizer."""
     from specdecode.bench.vllm_peer import Engine
-    from specdecode.models.hf import context_length
+    from specdecode.models import context_length
 
     if target is None:
         from specdecode.demo import demo_dir
@@ -258,7 +258,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     from specdecode.bench.batch import run_batch_benchmark, write_batch_report
     from specdecode.bench.methods import Settings
     from specdecode.chat import chat_prompt
-    from specdecode.models.hf import context_length
+    from specdecode.models import context_length
 
     limit = context_length(model.config)
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])

@@ -176,7 +176,7 @@ def main(binary, gguf, target, draft_gguf, spec_types, limit_per_category, max_n
     from tqdm import tqdm
 
     from specdecode.chat import chat_prompt
-    from specdecode.cli_shared import load_tokenizer
+    from specdecode.cli.shared import load_tokenizer
     from specdecode.models.sources import preset_file
     from specdecode.questions import load_questions
 

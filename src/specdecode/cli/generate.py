@@ -1,4 +1,5 @@
-"""The `specdecode` command line: thin adapters over the library API."""
+"""`specdecode generate`: one prompt, or many from a file through the continuous-batching
+scheduler, with the step statistics (and, with --compare, vanilla's speed and output)."""
 
 from __future__ import annotations
 
@@ -8,52 +9,28 @@ from pathlib import Path
 
 import click
 
-from specdecode.bench.cli import bench
-from specdecode.cli_shared import (
+from specdecode.cli.shared import (
     POLICY_HELP,
     check_drafter,
     check_policy_name,
     encode_prompt,
-    int_list,
     load_models,
     model_options,
     parse_options,
     quiet_transformers,
 )
-from specdecode.datastore.cli import datastore
 from specdecode.drafters.registry import DEFAULT_DRAFTER, Needs, needs_of
-from specdecode.server.cli import bench_serve, serve
 from specdecode.structured.cli import (
     ROW_HELP,
     constraint_kwargs,
     constraint_options,
     row_constraints,
 )
-from specdecode.train.cli import train_demo
-from specdecode.train.drafter_cli import train_drafter
 from specdecode.types import DEFAULT_SAMPLING, SpecDecodeError
 from specdecode.verify import SAMPLING_MODES
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="specdecode")
-@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
-              help="Import MODULE first (repeatable): a module that registers drafters or "
-                   "policies (also: $SPECDECODE_PLUGINS, comma-separated).")
-def main(plugins: tuple[str, ...]) -> None:
-    """specdecode: lossless speculative decoding for Hugging Face causal LMs.
-
-    Without --target every command uses the demo model pair shipped in the package.
-    """
-    from specdecode.plugins import load_plugins
-
-    try:
-        load_plugins(plugins)
-    except SpecDecodeError as err:
-        raise click.ClickException(str(err)) from None
-
-
-@main.command()
+@click.command()
 @model_options()
 @click.option("--drafter", default=DEFAULT_DRAFTER, show_default=True, callback=check_drafter,
               help="Drafter name (`specdecode drafters` lists them with their options).")
@@ -239,91 +216,3 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise SpecDecodeError(f"{path} holds no prompts")
     return prompts
-
-
-@main.command()
-def drafters() -> None:
-    """List the registered drafters and policies (plugins included), each with what it needs, the
-    first line of its docs and its options (type, default, bounds, who may set it)."""
-    from specdecode.drafters import REGISTRY
-    from specdecode.policies import POLICIES
-
-    for name, spec in sorted(REGISTRY.items()):
-        click.echo(f"{name}  (needs: {spec.needs})\n    {spec.doc}")
-        list_options(spec.options)
-    click.echo("\npolicies (--policy / policy=...):")
-    for name, policy in sorted(POLICIES.items()):
-        doc = " ".join((policy.factory.__doc__ or "").strip().split("\n\n")[0].split())
-        click.echo(f"{name}\n    {doc}")
-        list_options(policy.options)
-
-
-def list_options(table: dict) -> None:
-    if not table:
-        click.echo("    options: none")
-    for name, opt in table.items():
-        default = "required" if opt.required else f"default {opt.default!r}"
-        click.echo(f"    {name}: {opt.describe()}; {default}")
-
-
-@main.command("cost-curve")
-@model_options(draft=False)
-@click.option("--context", type=int, default=256, show_default=True,
-              help="Tokens already in the cache.")
-@click.option("--nodes", default="0,1,2,3,4,6,8,12,16,24,32,48,64", show_default=True,
-              help="Comma-separated draft node counts.")
-@click.option("--repeats", type=int, default=15, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-def cost_curve(target, dtype, device, exact, compile_forward, context, nodes, repeats, threads) -> None:
-    """Measure the target's verification cost c(n) (ms per forward over 1 + n tokens), chain and
-    tree, and print one JSON line per n. Run it with nothing else busy on the machine."""
-    import torch
-
-    from specdecode.models.exact import default_exact
-    from specdecode.policies.cost import verify_cost_curve
-
-    if threads:
-        torch.set_num_threads(threads)
-    quiet_transformers()
-    counts = int_list(nodes, "--nodes", 0, "node counts")
-    try:
-        model, _, _ = load_models(target, None, False, dtype=dtype, device=device,
-                                  compiled=compile_forward)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and context + max(counts) + 1 > limit:
-            raise SpecDecodeError(f"--context {context} + {max(counts)} nodes exceeds the model's "
-                                  f"{limit}-token context")
-        rows = verify_cost_curve(model, sorted(set(counts) | {0}), context, repeats, exact=exact)
-    except SpecDecodeError as err:
-        raise click.ClickException(str(err)) from None
-    param = next(model.parameters())
-    env = {"threads": torch.get_num_threads(), "context": context, "torch": torch.__version__,
-           "exact": default_exact(param.dtype) if exact is None else exact,
-           "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
-    for row in rows:
-        click.echo(json.dumps({**row, **env}))
-
-
-@main.command("export-demo")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("work/demo"),
-              show_default=True)
-def export_demo_cmd(work_dir: Path) -> None:
-    """Copy the trained demo pair (fp16 safetensors) into the package's demo_models/."""
-    from specdecode.demo import export_demo
-
-    try:
-        click.echo(json.dumps(export_demo(work_dir)))
-    except SpecDecodeError as err:
-        raise click.ClickException(str(err)) from None
-
-
-main.add_command(train_demo)
-main.add_command(train_drafter)
-main.add_command(bench)
-main.add_command(datastore)
-main.add_command(serve)
-main.add_command(bench_serve)
-
-
-if __name__ == "__main__":
-    main()

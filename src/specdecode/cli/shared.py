@@ -1,6 +1,6 @@
 """What every command line shares (generate, bench, serve, cost-curve, train-drafter): option
 parsing, the model options (``--target``, ``--draft-model``, ``--dtype``, ``--device``) and model
-loading. The sub-CLIs import this module, never ``specdecode.cli`` (which imports them)."""
+loading. Every command module imports it (``specdecode.cli`` explains why that is no circle)."""
 
 from __future__ import annotations
 
@@ -120,11 +120,11 @@ def load_models(target: str | None, draft_model: str | None, need_draft: bool,
     """(target model, draft model or None, tokenizer); the demo pair when no target is given, the
     draft shipped for the target (``models/layer_draft.py``) when it has one and none is given.
     Both models in ``dtype`` on ``device`` (float32, cpu by default), their forwards compiled with
-    ``compiled`` (``models/compiled.py``). ``trust_remote_code`` stays off unless asked for."""
+    ``compiled`` (``models/layers.py``). ``trust_remote_code`` stays off unless asked for."""
     model, draft, tokenizer = _load_models(target, draft_model, need_draft, trust_remote_code,
                                            dtype, device)
     if compiled:
-        from specdecode.models.compiled import compile_forward
+        from specdecode.models import compile_forward
 
         for each in (model, draft):
             if each is not None:
@@ -135,7 +135,7 @@ def load_models(target: str | None, draft_model: str | None, need_draft: bool,
 def _load_models(target, draft_model, need_draft: bool, trust_remote_code: bool, dtype, device):
     import torch
 
-    from specdecode.models.hf import load_causal_lm
+    from specdecode.models import load_causal_lm
     from specdecode.models.sources import parse_device, parse_dtype
 
     dtype, device = parse_dtype(dtype), parse_device(device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from specdecode.cli_shared import (
+from specdecode.cli.shared import (
     check_drafter,
     check_policy_name,
     int_list,
@@ -107,7 +107,7 @@ def serve(target, draft_model, dtype, device, exact, compile_forward, drafter, o
                    **({"max_draft_nodes": max_draft_nodes} if max_draft_nodes else {}),
                    **config.drafter_options)  # the server's own options, checked
         if compile_forward:  # compiled before the first request, not during it
-            from specdecode.models.compiled import warm_up
+            from specdecode.models import warm_up
 
             seconds = warm_up(model, draft, exact=exact)
             click.echo(f"compiled the forward in {seconds:.1f} s", err=True)

@@ -138,7 +138,7 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
     and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
     import torch
 
-    from specdecode.cli_shared import load_models
+    from specdecode.cli.shared import load_models
     from specdecode.train.distill import DistillConfig, distill
     from specdecode.train.heads import HeadConfig, most_used, train_head
     from specdecode.types import SpecDecodeError
