@@ -75,6 +75,9 @@ class Sequence:
         self.rng = TorchRandom(self.seed)
         self.feedback_topk = int(getattr(self.drafter, "feedback_topk", 0) or 0)
         self.feedback_hidden = bool(getattr(self.drafter, "feedback_hidden", False))
+        # which of the target's features: its final-normed states (-1), or layers' outputs
+        self.features = tuple(getattr(self.drafter, "feature_layers", None) or (-1,)) \
+            if self.feedback_hidden else ()
         self.hidden: list = []  # target features of committed tokens not yet given to the drafter
         self.prefill_topk = None
         self.warned = False
@@ -122,14 +125,14 @@ class Batch:
             self.seqs.append(seq)
         start = time.perf_counter()
         todo = [seq for seq in seqs if len(seq.tokens) > 1]
-        hidden = any(seq.feedback_hidden for seq in todo)
+        layers = _feature_union(todo)
         if todo:
             all_logits = self.target.prefill_rows([s.row for s in todo],
                                                   [s.tokens[:-1] for s in todo],
-                                                  [not s.feedback_topk for s in todo], hidden)
+                                                  [not s.feedback_topk for s in todo], layers)
             for i, (seq, logits) in enumerate(zip(todo, all_logits)):
                 if seq.feedback_hidden:
-                    seq.hidden.append(self.target.hidden[i])
+                    seq.hidden.append(_own_features(seq, layers, self.target.hidden[i]))
                 if seq.feedback_topk:
                     seq.prefill_topk = logits.topk(min(seq.feedback_topk, logits.size(-1)),
                                                    dim=-1).indices
@@ -167,10 +170,11 @@ class Batch:
         for seq in self.seqs:
             _propose(seq, self.target, len(self.seqs))
         verify_start = time.perf_counter()
-        hidden = any(s.feedback_hidden for s in self.seqs)
+        layers = _feature_union(self.seqs)
         all_logits = self.target.step([s.tokens[-1] for s in self.seqs],
-                                      [s.draft for s in self.seqs], hidden=hidden)
-        features = self.target.hidden if hidden else [None] * len(self.seqs)
+                                      [s.draft for s in self.seqs], hidden=layers)
+        features = [_own_features(s, layers, f) for s, f in zip(self.seqs, self.target.hidden)] \
+            if layers else [None] * len(self.seqs)
         verify_s = time.perf_counter() - verify_start
         tokens_in_forward = len(self.seqs) * max(len(s.draft) + 1 for s in self.seqs)
         for seq, logits, rows in zip(list(self.seqs), all_logits, features):
@@ -227,6 +231,23 @@ def _propose(seq: Sequence, target: TargetModel, batch_size: int) -> None:
         seq.draft = seq.constraint.shape(seq.draft, seq.max_draft_nodes,
                                          _room(seq, target.max_length) - 1)
     step.draft_s = time.perf_counter() - start
+
+
+def _feature_union(seqs) -> tuple[int, ...]:
+    """The target features any of ``seqs``' drafters wants (layer indices; () for none)."""
+    return tuple(sorted({layer for seq in seqs for layer in seq.features}))
+
+
+def _own_features(seq: Sequence, layers: tuple[int, ...], rows: torch.Tensor
+                  ) -> torch.Tensor | None:
+    """``seq``'s drafter's features out of the ``layers`` the target gave, in its own order."""
+    if not seq.features:
+        return None
+    if seq.features == layers:
+        return rows
+    width = rows.shape[-1] // len(layers)
+    return torch.cat([rows[..., layers.index(i) * width:(layers.index(i) + 1) * width]
+                      for i in seq.features], -1)
 
 
 def _commit(seq: Sequence, target: TargetModel, logits, verify_s: float, batch_size: int,

@@ -1,4 +1,7 @@
-"""``eagle``: an EAGLE-1 draft head (Li et al., ICML 2024) on the target's own features, drafting
+"""``eagle``: an EAGLE draft head on the target's own features: EAGLE-1 (Li et al., ICML 2024;
+``EagleHead``: the last layer's features, the target's LM head) or EAGLE-3 (Li et al., 2025;
+``Eagle3Head``: a low, a middle and a high layer's features fused, its own reduced read-out;
+preferred where both are shipped), drafting
 EAGLE-2's dynamic tree (Li et al., EMNLP 2024) with ``dynamic_tree.build_tree``; with ``topk`` 1
 (the default) that tree is a chain of the head's best tokens. On the demo target on 2 CPU cores
 the chain measured fastest (quick Spec-Bench run, greedy, docs/benchmarks/quick-trained-greedy-cpu:
@@ -32,12 +35,16 @@ from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.dynamic_tree import build_tree
 from specdecode.drafters.options import DEPTH, HEAD, NODES, TREE_TOPK
 from specdecode.drafters.registry import Needs, register
-from specdecode.models.heads import HOST_KEY, DraftVocab, EagleHead, resolve_head, vocab_subset
+from specdecode.models.heads import HOST_KEY, EagleHead, resolve_head, vocab_subset
 from specdecode.sampling import TorchRandom, coupled_ranking
 from specdecode.types import Draft, SpecDecodeError, Verdict
 
 
 class EagleDrafter:
+    """The head (``EagleHead`` or ``Eagle3Head``: ``lift`` maps the target's features into the
+    head's input, ``readout`` gives its draft distribution, ``feature_layers`` says which of the
+    target's features it reads) over the committed tokens, then a tree of its predictions."""
+
     feedback_hidden = True
 
     def __init__(self, target_model, head: EagleHead, num_draft_tokens: int = 5, topk: int = 1,
@@ -45,8 +52,9 @@ class EagleDrafter:
         if num_draft_tokens < 1 or topk < 1 or max_nodes < 1:
             raise SpecDecodeError("num_draft_tokens, topk and max_nodes must be >= 1")
         self.head, self.depth, self.topk, self.max_nodes = head, num_draft_tokens, topk, max_nodes
+        self.feature_layers = head.feature_layers
         self.embed = target_model.get_input_embeddings()
-        self.readout = DraftVocab(target_model.get_output_embeddings().weight, vocab)
+        self.readout = head.readout(target_model, vocab)
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fed = 0  # tokens[1:fed + 1] are in the cache (pair t: feature of t - 1, token t)
         self.start = 0  # the first cached pair's token index
@@ -67,7 +75,7 @@ class EagleDrafter:
         cached = 0 if self.past is None else self.past[0].size(2)
         visible = torch.ones(m, cached + m, dtype=torch.bool)
         visible[:, cached:] = torch.ones(m, m, dtype=torch.bool).tril()
-        out, (k, v) = self.head(self.embed(tokens)[None], ctx.hidden[None],
+        out, (k, v) = self.head(self.embed(tokens)[None], self.head.lift(ctx.hidden)[None],
                                 positions[None], visible[None], self.past)
         self.past = (k, v) if self.past is None else (torch.cat([self.past[0], k], 2),
                                                       torch.cat([self.past[1], v], 2))

@@ -95,6 +95,15 @@ class EagleHead(nn.Module):
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(nn.functional.silu(gate) * up), new
 
+    feature_layers = None  # the target's final-normed last hidden states
+
+    def lift(self, target_features: torch.Tensor) -> torch.Tensor:
+        return target_features
+
+    def readout(self, target_model, vocab: torch.Tensor | None = None) -> DraftVocab:
+        """Through the target's own LM head, over ``vocab`` (None: the whole vocabulary)."""
+        return DraftVocab(target_model.get_output_embeddings().weight, vocab)
+
 
 class MedusaHeads(nn.Module):
     """K Medusa-1 heads: ``forward(features [..., H])`` -> logits [K, ..., V]; head d predicts
@@ -208,7 +217,7 @@ def load_head(directory: Path | str, kind: str, target_model) -> tuple[nn.Module
                               f"{HEAD_FILE}; train one with `specdecode train-drafter --kind "
                               f"{kind}`)")
     config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.get("kind") != kind:
+    if config.get("kind") != kind and not (kind, config.get("kind")) == ("eagle", "eagle3"):
         raise SpecDecodeError(f"{str(directory)!r} holds a {config.get('kind')!r} head, not {kind!r}")
     wanted = head_target_info(target_model)
     if config.get("target", {}) | wanted != config.get("target", {}):
@@ -249,7 +258,9 @@ def resolve_head(kind: str, head, target_model, loaded: dict | None = None):
     if isinstance(head, torch.nn.Module):
         check_head(kind, head.config, target_model)
         return head.to(dtype=param.dtype, device=param.device).eval(), head.config
-    directory = head if head is not None else shipped_head_dir(kind, target_model)
+    directory = head if head is not None else (  # the eagle drafter: an EAGLE-3 head first
+        kind == "eagle" and shipped_head_dir("eagle3", target_model)) or shipped_head_dir(
+        kind, target_model)
     if directory is None:
         raise SpecDecodeError(f"the {kind} drafter needs a head trained for this target: "
                               f"{kind}:head=DIR (train one with `specdecode train-drafter --kind "
@@ -286,14 +297,20 @@ class DraftVocab:
     ``vocab_subset``), the rest probability 0, so a vocabulary-sized projection stops dominating a
     small head's cost. Drafts only; the target still verifies over its whole vocabulary (lossless)."""
 
-    def __init__(self, weight: torch.Tensor, vocab: torch.Tensor | None) -> None:
-        self.size = weight.shape[0]
-        self.vocab = vocab
-        self.weight = weight if vocab is None else weight[vocab].contiguous()
+    def __init__(self, weight: torch.Tensor, vocab: torch.Tensor | None, size: int | None = None,
+                 norm: nn.Module | None = None) -> None:
+        """``weight``: the whole vocabulary's read-out, trimmed here to ``vocab``; or, given
+        ``size`` (the target's vocabulary), the read-out of ``vocab``'s rows already (a head's
+        own LM head). ``norm``: applied to the features first."""
+        self.size = weight.shape[0] if size is None else size
+        self.vocab, self.norm = vocab, norm
+        self.weight = weight if vocab is None or size is not None else weight[vocab].contiguous()
 
     def probs(self, features: torch.Tensor, params, weight: torch.Tensor | None = None
               ) -> torch.Tensor:
         """[n, V] draft probabilities (processed like the target's when sampling)."""
+        if self.norm is not None:
+            features = self.norm(features)
         logits = torch.nn.functional.linear(features, self.weight if weight is None else weight)
         small = draft_distribution(logits, params)
         if self.vocab is None:
@@ -318,6 +335,12 @@ def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tenso
 
 
 def build_head(config: dict) -> nn.Module:
+    if config["kind"] == "eagle3":
+        from specdecode.models.eagle3 import Eagle3Head
+
+        return Eagle3Head(config["hidden_size"], config["num_heads"], config["intermediate_size"],
+                          config["feature_layers"], config["vocab"],
+                          config.get("rope_theta", 10000.0), config.get("eps", 1e-6))
     if config["kind"] == "eagle":
         return EagleHead(config["hidden_size"], config["num_heads"], config["intermediate_size"],
                          config.get("rope_theta", 10000.0), config.get("eps", 1e-6))

@@ -108,10 +108,12 @@ class LeanForward:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
-                 plan: ForwardPlan, last_only: bool = False, hidden: bool = False,
+                 plan: ForwardPlan, last_only: bool = False, hidden: bool | tuple = False,
                  select: torch.Tensor | None = None, head: torch.Tensor | None = None,
                  compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``select``: logits [1, n, V] of only these tokens (indices into the b * q); ``head``: a
+        """``hidden``: also return features [b, q, F] (True: the final-normed states; a tuple of
+        layer indices: ``features`` of those layers' outputs, -1 the final-normed states).
+        ``select``: logits [1, n, V] of only these tokens (indices into the b * q); ``head``: a
         read-out to use instead of the LM head (from ``linear``: a draft's reduced vocabulary);
         ``compiled``: False keeps the eager layers even where the model asked for compiling (the
         float32 exact forward's row-by-row matmuls are not traced)."""
@@ -128,6 +130,8 @@ class LeanForward:
         def rows(*tensors: torch.Tensor) -> list[torch.Tensor]:  # [M, h, dim] -> [b, h, q, dim]
             return [t.view(b, q, -1, dim).transpose(1, 2) for t in tensors]
 
+        layers = feature_layers(hidden)
+        kept = {}  # layer index -> its output (the residual stream after it)
         norm1, qkv, qkv_bias = self.layers[0][:3]
         query, key, value = rows(*pre(flat, norm1.weight, norm1.variance_epsilon, qkv, qkv_bias,
                                       cos, sin, heads, kv_heads, dim))
@@ -144,13 +148,18 @@ class LeanForward:
                 flat, *qkv_out = post_pre(*tail, norm1.weight, norm1.variance_epsilon, qkv,
                                           qkv_bias, cos, sin, heads, kv_heads, dim)
                 query, key, value = rows(*qkv_out)
+            if i in layers:
+                kept[i] = flat
         states = _rms_norm(self.norm, flat).view(b, q, -1)
+        kept[-1] = states
+        features = None if not layers else torch.cat(
+            [kept[i].view(b, q, -1) for i in layers], -1)
         if select is not None:
             picked = states.view(b * q, -1).index_select(0, select)
-            return self._mm(picked, self.head)[None].float(), states if hidden else None
+            return self._mm(picked, self.head)[None].float(), features
         logits = self._mm((states[:, -1:] if last_only else states).reshape(-1, flat.shape[-1]),
                           self.head if head is None else head).view(b, 1 if last_only else q, -1)
-        return logits.float(), states if hidden else None
+        return logits.float(), features
 
     @classmethod
     def build(cls, model) -> LeanForward | None:
@@ -203,3 +212,17 @@ def supported(model) -> bool:
         norms.extend([layer.input_layernorm, layer.post_attention_layernorm])
     return all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon")
                and isinstance(getattr(n, "weight", None), torch.Tensor) for n in norms)
+
+
+def feature_layers(hidden: bool | tuple | None) -> tuple[int, ...]:
+    """Which features a forward returns (``hidden``): () none, True the final-normed states (-1),
+    else the given layer indices (the output of decoder layer i; -1 the final-normed states)."""
+    if hidden is True:
+        return (-1,)
+    return tuple(hidden) if hidden else ()
+
+
+def own_features(hidden_states: tuple, layers: tuple[int, ...]) -> torch.Tensor:
+    """``feature_layers`` from transformers' ``output_hidden_states`` (entry i + 1: the output of
+    layer i; the last entry: after the final norm), concatenated."""
+    return torch.cat([hidden_states[-1] if i < 0 else hidden_states[i + 1] for i in layers], -1)

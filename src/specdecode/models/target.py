@@ -19,7 +19,7 @@ import torch
 
 from specdecode.models.adopt import Adapter
 from specdecode.models.exact import MIN_ROWS, ExactMatmul, block_end, default_exact, exact_plan
-from specdecode.models.lean import LeanForward
+from specdecode.models.lean import LeanForward, feature_layers, own_features
 from specdecode.models.masks import additive_mask, causal_mask, plan_chunks, reach_matrix
 from specdecode.models.packed import packed_linears
 from specdecode.models.plan import CAUSAL, CHUNKS, EXACT, MASK, SEGMENTS, ForwardPlan
@@ -33,7 +33,9 @@ class TargetModel(Protocol):
     """What the engine needs from a target: rows (one per running request) with their own caches,
     a prefill per row, one forward for every row's draft, and ``keep`` per row. Asked with
     ``hidden=True``, ``prefill`` and ``step`` leave the target's features (last hidden states, the
-    LM head's input) of what they ran in ``hidden``, for feature-level drafters."""
+    LM head's input) of what they ran in ``hidden``, for feature-level drafters; asked with a tuple
+    of layer indices, the outputs of those decoder layers (-1: the final-normed states),
+    concatenated (EAGLE-3's low, middle and high layers)."""
 
     vocab_size: int
     max_length: int | None
@@ -47,12 +49,12 @@ class TargetModel(Protocol):
     def remove_row(self, row: int) -> int | None: ...
 
     def prefill(self, row: int, ids: list[int], last_only: bool = False,
-                hidden: bool = False) -> torch.Tensor: ...
+                hidden: bool | tuple = False) -> torch.Tensor: ...
 
     def prefill_rows(self, rows: list[int], ids: list[list[int]], last_only: list[bool],
-                     hidden: bool = False) -> list[torch.Tensor]: ...
+                     hidden: bool | tuple = False) -> list[torch.Tensor]: ...
 
-    def step(self, roots: list[int], drafts: list[Draft], hidden: bool = False
+    def step(self, roots: list[int], drafts: list[Draft], hidden: bool | tuple = False
              ) -> list[torch.Tensor]: ...
 
     def keep(self, row: int, path: list[int]) -> None: ...
@@ -104,7 +106,10 @@ class BatchTarget(Adapter):
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, plan: ForwardPlan, mask: torch.Tensor,
-                 last_only: bool = False, hidden: bool = False) -> torch.Tensor:
+                 last_only: bool = False, hidden: bool | tuple = False,
+                 select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, q, V] (with ``select``, where the lean forward runs: [1, n, V] of only
+        those of the b * q tokens)."""
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
         # exact float32 runs MKL's matmuls row by row, except where they are oneDNN's packed ones
@@ -118,20 +123,20 @@ class BatchTarget(Adapter):
             if lean is not None:
                 logits, self.hidden = lean(ids, positions, mask.to(self.device),
                                            self.cache.view(plan), plan, last_only, hidden,
-                                           compiled=not row_by_row)
+                                           select=select, compiled=not row_by_row)
             else:
+                layers = feature_layers(hidden)
                 out = self.model(input_ids=ids, position_ids=positions,
                                  attention_mask=mask.to(self.device), use_cache=True,
-                                 output_hidden_states=hidden, specdecode=plan,
+                                 output_hidden_states=bool(layers), specdecode=plan,
                                  **{self.cache_arg: self.cache.view(plan)}, **extra)
-                # the last layer's output after the final norm: what the LM head reads
-                self.hidden = out.hidden_states[-1] if hidden else None
+                self.hidden = own_features(out.hidden_states, layers) if layers else None
                 logits = out.logits.float()
         self.checked(plan)
         return logits
 
     def prefill(self, row: int, ids: list[int], last_only: bool = False,
-                hidden: bool = False) -> torch.Tensor:
+                hidden: bool | tuple = False) -> torch.Tensor:
         """Causal forward of ``ids`` after row ``row``'s cached tokens; logits [len(ids), V] (with
         ``last_only``, at least the last row). With ``hidden``, ``self.hidden`` is then the
         target's features (last hidden states) of every id, [len(ids), H]."""
@@ -148,7 +153,7 @@ class BatchTarget(Adapter):
         return logits[0]
 
     def prefill_rows(self, rows: list[int], ids: list[list[int]], last_only: list[bool],
-                     hidden: bool = False) -> list[torch.Tensor]:
+                     hidden: bool | tuple = False) -> list[torch.Tensor]:
         """``prefill`` of several rows (requests joining together), in one forward where that
         gives each row exactly its own prefill's values: the lean forward on oneDNN's packed
         half-precision matmuls, whose result for a token does not depend on how many tokens
@@ -181,7 +186,7 @@ class BatchTarget(Adapter):
         return out
 
     def _prefill_together(self, lean: LeanForward, rows: list[int], ids: list[list[int]],
-                          last_only: list[bool], hidden: bool) -> list[torch.Tensor]:
+                          last_only: list[bool], hidden: bool | tuple) -> list[torch.Tensor]:
         segments, offset, select = [], 0, []
         for row, run, last in zip(rows, ids, last_only):
             segments.append((row, self.lengths[row], offset, len(run)))
@@ -205,7 +210,7 @@ class BatchTarget(Adapter):
         self.hidden = [states[0, o:o + q] for _, _, o, q in segments] if hidden else None
         return out
 
-    def step(self, roots: list[int], drafts: list[Draft], hidden: bool = False
+    def step(self, roots: list[int], drafts: list[Draft], hidden: bool | tuple = False
              ) -> list[torch.Tensor]:
         """One forward over every row: row r's pending token ``roots[r]`` and ``drafts[r]``.
         Returns logits [len(drafts[r]) + 1, V] per row. Rows' lengths grow by their draft + 1 until
@@ -246,14 +251,21 @@ class BatchTarget(Adapter):
             plan.attention, plan.exact = EXACT, exact_plan(self.lengths, drafts, self.device)
         elif b > 1:
             plan.attention, plan.chunks = CHUNKS, plan_chunks((lens + q).tolist())
+        # a large vocabulary makes the read-out a step's largest matmul: rows padded to the
+        # longest draft are not read out (the lean forward; at least MIN_ROWS rows, see exact.py)
+        select = real.view(-1).nonzero().squeeze(1) if b > 1 and sum(sizes) < b * q and sum(
+            sizes) >= MIN_ROWS and LeanForward.build(self.model) is not None else None
         logits = self._forward(ids, plan, additive_mask(visible, self.dtype)[:, None],
-                               hidden=hidden)
+                               hidden=hidden, select=None if select is None else
+                               select.to(self.device))
+        per_row = list(torch.split(logits[0], sizes)) if select is not None else \
+            [logits[r, :sizes[r]] for r in range(b)]
         if hidden:
             self.hidden = [self.hidden[r, :sizes[r]] for r in range(b)]
         self.before = list(self.lengths)
         for r in range(b):
             self.lengths[r] += sizes[r]
-        return [logits[r, :sizes[r]] for r in range(b)]
+        return per_row
 
     @torch.inference_mode()
     def keep(self, row: int, path: list[int]) -> None:
