@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import fixed_policy as sd
 from transformers import AutoModelForCausalLM
 
-import specdecode as sd
 from specdecode import SpecDecodeError
 from specdecode.models.lean import LeanForward
 

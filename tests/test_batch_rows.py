@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import ARCHS, make_prompts, matrix, tiny_model, vanilla
+from helpers import fixed_policy as sd
 from helpers.drafters import OraclePrefixTree
 from helpers.matrix import drafter_matrix
 
-import specdecode as sd
 from specdecode.models import HFModel
 
 PROMPTS = make_prompts(11, seed=3)

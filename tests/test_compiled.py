@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model
 from helpers.invariance import mismatches
 
-import specdecode as sd
 from specdecode.models import BatchTarget
 from specdecode.models.lean import LeanForward
 from specdecode.types import Draft

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 from specdecode.cli import main
 from specdecode.train.corpus import render_chat
 

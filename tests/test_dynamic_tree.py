@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 from helpers.enumerate_rules import (
     sequence_distribution,
     target_sequence_distribution,
@@ -17,7 +18,6 @@ from helpers.enumerate_rules import (
     toy_probs,
 )
 
-import specdecode as sd
 import specdecode.drafters.draft_model as draft_model
 import specdecode.drafters.model_drafting as model_drafting
 from specdecode import Draft

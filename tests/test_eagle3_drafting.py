@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 from specdecode.models import BatchTarget
 from specdecode.models.eagle3 import Eagle3Head, default_layers
 from specdecode.models.heads import load_head, save_head

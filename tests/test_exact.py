@@ -11,10 +11,9 @@ import zlib
 import pytest
 import torch
 from helpers import ARCHS, make_prompts, tiny_model
+from helpers import fixed_policy as sd
 from helpers.invariance import mismatches
 from helpers.matrix import NEVER_ACCEPTED, drafter_matrix
-
-import specdecode as sd
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

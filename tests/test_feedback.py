@@ -6,10 +6,10 @@ is called once with the output, however the request ends."""
 from __future__ import annotations
 
 import torch
+from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model, vanilla
 from helpers.drafters import OraclePrefixTree
 
-import specdecode as sd
 from specdecode.types import Draft, Verdict
 
 

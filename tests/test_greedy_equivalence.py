@@ -7,11 +7,10 @@ import random
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import make_prompts, matrix, vanilla
 from helpers.drafters import FlakyPolicy, steep_adaptive
 from helpers.matrix import NEVER_ACCEPTED, drafter_matrix
-
-import specdecode as sd
 
 PROMPTS = make_prompts(20)
 datastore = matrix.datastore  # the REST datastore fixture (of half of these prompts)

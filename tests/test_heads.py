@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import corpus_target, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 from specdecode.drafters.medusa import prior_tree, static_tree
 from specdecode.models.heads import EagleHead, MedusaHeads, load_head, save_head
 from specdecode.policies.fixed import FixedPolicy

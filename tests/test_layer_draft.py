@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import corpus_target, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 from specdecode.models import HFModel, layer_draft
 from specdecode.models.layer_draft import cut_draft, load_cut_draft, parse_layers, save_cut_draft
 from specdecode.types import SpecDecodeError

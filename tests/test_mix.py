@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model, vanilla
 
-import specdecode as sd
 from specdecode.drafters.mix import merge_drafts
 from specdecode.types import Draft, TargetFeedback, Verdict
 

@@ -10,9 +10,9 @@ import copy
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import tiny_model
 
-import specdecode as sd
 from specdecode.models.cpu import cpu_path, packs, row_blocks
 from specdecode.models.exact import MIN_ROWS
 from specdecode.models.packed import PackedLinears, packed_linears

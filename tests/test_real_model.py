@@ -10,8 +10,8 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 from specdecode.cli.shared import load_tokenizer
 from specdecode.models import load_causal_lm
 from specdecode.models.cpu import cpu_path, native_bf16

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 import specdecode.drafters.rest as rest
 from specdecode.cli import main
 from specdecode.datastore import (

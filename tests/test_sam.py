@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 import specdecode.drafters.sam  # noqa: F401  (registers "sam")
 from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.sam import CorpusCache, SamDrafter, StaticCorpus, build_sam

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model
 from helpers.drafters import FlakyPolicy, eager_adaptive, trained_heads
 from scipy.stats import chi2
 
-import specdecode as sd
 import specdecode.engine as engine
 from specdecode.sampling import processed_probs
 from specdecode.types import SamplingParams

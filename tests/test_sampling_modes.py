@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model
 
-import specdecode as sd
 from specdecode.bench.methods import Settings, check_specs, method_options
 from specdecode.cli import main
 from specdecode.sampling import TorchRandom, processed_probs

@@ -17,9 +17,9 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import fixed_policy as sd
 from helpers.live_server import start_server
 
-import specdecode as sd
 from specdecode.chat import chat_prompt
 from specdecode.demo import load_demo
 from specdecode.server import ServerConfig
@@ -39,7 +39,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server(demo):
-    srv, thread = start_server(ServerConfig(max_batch_size=8))
+    srv, thread = start_server(ServerConfig(max_batch_size=8, policy="fixed"))  # as sd's
     yield srv
     srv.should_exit = True
     thread.join(timeout=30)

@@ -18,10 +18,10 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import fixed_policy as sd
 from helpers.live_server import start_server
 from starlette.testclient import TestClient
 
-import specdecode as sd
 from specdecode.demo import load_demo
 from specdecode.drafters import REGISTRY
 from specdecode.drafters.options import Limits
@@ -93,7 +93,7 @@ def demo():
 @pytest.fixture(scope="module")
 def server():
     srv, thread = _serve(ServerConfig(max_batch_size=2, max_queue=2, max_body_bytes=LIMIT,
-                                      api_key=KEY))
+                                      api_key=KEY, policy="fixed"))  # as sd's
     yield srv
     srv.should_exit = True
     thread.join(timeout=30)

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import tiny_model, vanilla
 
-import specdecode as sd
 import specdecode.models.heads as heads
 from specdecode.models.heads import EagleHead, probe_matches, save_head, weights_probe
 from specdecode.types import SpecDecodeError

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import fixed_policy as sd
 from helpers.gguf_files import tiny_model, write_gguf
 
-import specdecode as sd
 from specdecode.cli import main
 from specdecode.models import load_causal_lm, sources
 from specdecode.models.sources import parse_dtype, resolve_source

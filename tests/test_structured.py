@@ -11,10 +11,10 @@ import re
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import tiny_model
 from helpers.drafters import AntiOracle, Exploding, OraclePrefixTree, trained_heads
 
-import specdecode as sd
 from specdecode.types import SpecDecodeError
 
 llguidance = pytest.importorskip("llguidance")

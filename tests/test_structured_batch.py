@@ -11,9 +11,9 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from helpers import fixed_policy as sd
 from helpers import tiny_model
 
-import specdecode as sd
 from specdecode.cli import main
 from specdecode.structured.bounds import MAX_CHOICE_CHARS, MAX_CHOICES
 from specdecode.types import SpecDecodeError

@@ -11,10 +11,10 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import tiny_model
 from scipy.stats import chi2
 
-import specdecode as sd
 from specdecode.types import Draft
 
 pytest.importorskip("llguidance")

@@ -10,9 +10,9 @@ import re
 
 import openai
 import pytest
+from helpers import fixed_policy as sd
 from helpers.live_server import start_server
 
-import specdecode as sd
 from specdecode.demo import load_demo
 from specdecode.server import ServerConfig
 
@@ -33,7 +33,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def client(demo):
-    srv, thread = start_server(ServerConfig(max_batch_size=4, drafter="mix",
+    srv, thread = start_server(ServerConfig(max_batch_size=4, drafter="mix", policy="fixed",
                                             drafter_options={"sources": "grammar+suffix"}))
     yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     srv.should_exit = True

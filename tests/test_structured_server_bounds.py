@@ -12,11 +12,12 @@ import time
 
 import openai
 import pytest
+from helpers import fixed_policy as sd
 from helpers.live_server import start_server
 
-import specdecode as sd
 from specdecode.demo import load_demo
-from specdecode.server import ServerConfig, constraints
+from specdecode.server import ServerConfig
+from specdecode.server.constraints import GrammarCompiler
 from specdecode.structured.bounds import MAX_CHOICE_CHARS, MAX_CHOICES
 
 pytestmark = pytest.mark.e2e  # a live server
@@ -36,7 +37,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server():
-    srv, thread = start_server(ServerConfig(max_batch_size=4, drafter="grammar"))
+    srv, thread = start_server(ServerConfig(max_batch_size=4, drafter="grammar", policy="fixed"))
     yield srv
     srv.should_exit = True
     thread.join(timeout=30)
@@ -94,10 +95,9 @@ def _post(client, result: dict, key: str, **kw) -> None:
     result[key + "_s"] = time.monotonic() - start
 
 
-def test_pathological_grammars_are_400_and_never_stall(demo, client, monkeypatch):
-    monkeypatch.setattr(constraints, "COMPILE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(constraints, "_SLOTS", threading.BoundedSemaphore(4))
-    monkeypatch.setattr(constraints, "_TOO_SLOW", type(constraints._TOO_SLOW)())
+def test_pathological_grammars_are_400_and_never_stall(demo, server, client, monkeypatch):
+    compiler = GrammarCompiler(timeout_s=0.5, max_compiling=4)  # this test's, in the live app
+    monkeypatch.setattr(server.state, "compiler", compiler)
     result: dict = {}
     slow = threading.Thread(target=_post, args=(client, result, "schema"), kwargs={
         "extra_body": {"response_format": {"type": "json_schema", "json_schema": {
@@ -126,4 +126,4 @@ def test_pathological_grammars_are_400_and_never_stall(demo, client, monkeypatch
         client.completions.create(model="specdecode-demo", prompt="hi", max_tokens=4,
                                   extra_body={"structured_outputs": {"regex": HUGE_REGEX}})
     assert time.monotonic() - start < 2
-    assert constraints.wait_compiles(120)  # the timed-out compiles end on their own
+    assert compiler.wait(120)  # the timed-out compiles end on their own

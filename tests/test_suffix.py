@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
+from helpers import fixed_policy as sd
 
-import specdecode as sd
 import specdecode.drafters.suffix as suffix
 from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.suffix_tree import ROOT, SuffixStore, SuffixTree

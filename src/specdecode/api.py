@@ -24,10 +24,11 @@ from specdecode.types import (
     StepEvent,
 )
 
-# Read at call time. "adaptive" (policies/adaptive.py): drafting never costs more than it saves
-# by its own estimate, on every CPU class (SmolLM2 quick set, AVX2 path: eagle 0.92x fixed, 1.03x
-# adaptive; suffix 1.24x / 1.25x; docs/cpus.md). Known loss: the demo pair's draft-model chains
-# (1.11x fixed, 1.02x adaptive; docs/benchmarks.md).
+# The policy of every request that names none (a constant: whoever wants another passes policy=).
+# "adaptive" (policies/adaptive.py): drafting never costs more than it saves by its own estimate,
+# on every CPU class (SmolLM2 quick set, AVX2 path: eagle 0.92x fixed, 1.03x adaptive; suffix
+# 1.24x / 1.25x; docs/cpus.md). Known loss: the demo pair's draft-model chains (1.11x fixed, 1.02x
+# adaptive; docs/benchmarks.md).
 DEFAULT_POLICY = "adaptive"
 
 

@@ -62,8 +62,9 @@ def make_prompts(count: int = 20, vocab: int = 96, seed: int = 0) -> list[list[i
 
 
 def vanilla(model, prompt, max_new_tokens, **kw) -> list[int]:
+    """Plain decoding (the fixed policy: nothing to budget, no cost curve to measure)."""
     return sd.generate(model, prompt, drafter="none", max_new_tokens=max_new_tokens,
-                       eos_token_id=kw.pop("eos_token_id", []), **kw).token_ids
+                       eos_token_id=kw.pop("eos_token_id", []), **{"policy": "fixed", **kw}).token_ids
 
 
 def corpus_target(tmp_path, monkeypatch):

@@ -161,7 +161,8 @@ def trained_heads(target, steps: int = 60) -> tuple:
         vocab = int(target.config.vocab_size)
         rng = random.Random(0)
         rows = [sd.generate(target, [rng.randrange(vocab)], drafter="none", max_new_tokens=47,
-                            temperature=1.0, seed=i, eos_token_id=[]).token_ids for i in range(24)]
+                            temperature=1.0, seed=i, eos_token_id=[], policy="fixed").token_ids
+                for i in range(24)]
         data = np.asarray([t for row in rows for t in row], dtype=np.int64)
         frozen = copy.deepcopy(target)
         heads = []

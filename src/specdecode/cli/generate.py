@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from specdecode.api import DEFAULT_POLICY
 from specdecode.cli.shared import (
     POLICY_HELP,
     check_drafter,
@@ -72,7 +73,6 @@ def generate(target, draft_model, dtype, device, exact, compile_forward, drafter
     import torch
 
     import specdecode as sd
-    from specdecode.api import DEFAULT_POLICY
 
     if threads:
         torch.set_num_threads(threads)

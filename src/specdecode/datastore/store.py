@@ -236,18 +236,18 @@ def open_datastore(path: str | os.PathLike,
     """The datastore at ``path``, opened once per ``cache`` (a host's: ``rest`` passes
     ``build.host``'s): an LRU cache of ``CACHE_SIZE`` entries keyed by the resolved path and the
     mtime of its meta.json (a rebuilt datastore is reopened). Without a cache: opened now."""
-    _CACHE = OrderedDict() if cache is None else cache
+    stores = OrderedDict() if cache is None else cache
     resolved = Path(path).expanduser().resolve()
     try:
         stamp = (resolved / "meta.json").stat().st_mtime_ns
     except OSError:
         stamp = -1
     key = (str(resolved), stamp)
-    store = _CACHE.get(key)
+    store = stores.get(key)
     if store is None:
         store = Datastore(resolved)
-        _CACHE[key] = store
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    _CACHE.move_to_end(key)
+        stores[key] = store
+        while len(stores) > CACHE_SIZE:
+            stores.popitem(last=False)
+    stores.move_to_end(key)
     return store

@@ -113,10 +113,10 @@ def measured_curve(model, *, use_disk: bool = True, repeats: int = 7,
     """``{"chain": {n: seconds}, "tree": {n: seconds}}`` for ``CURVE_COUNTS`` (up to the model's
     context), from ``memory`` (a host's), from disk, or measured now (about 1 s for the demo
     target)."""
-    _MEASURED: dict[str, dict] = {} if memory is None else memory
+    measured: dict[str, dict] = {} if memory is None else memory
     key = curve_key(model, exact)
-    if key in _MEASURED:
-        return _MEASURED[key]
+    if key in measured:
+        return measured[key]
     path = cache_dir() / "cost" / f"{key}.json"
     curve = None
     if use_disk and path.exists():
@@ -141,7 +141,7 @@ def measured_curve(model, *, use_disk: bool = True, repeats: int = 7,
                 path.write_text(json.dumps(curve))
             except OSError as err:
                 log.warning("cannot cache the cost curve in %s: %s", path, err)
-    _MEASURED[key] = curve
+    measured[key] = curve
     return curve
 
 

@@ -31,7 +31,7 @@ from specdecode.drafters.registry import DEFAULT_DRAFTER, REGISTRY, Needs, avail
 from specdecode.engine import DEFAULT_MAX_DRAFT_NODES
 from specdecode.models import context_length, load_causal_lm
 from specdecode.scheduler import Scheduler
-from specdecode.server.constraints import request_constraint, wait_compiles
+from specdecode.server.constraints import GrammarCompiler
 from specdecode.server.generation import Generation
 from specdecode.server.guard import ApiKeyGuard
 from specdecode.server.metrics import ServerMetrics, SpecCounts
@@ -104,6 +104,7 @@ class ServerState:
                                   f"{', '.join(available())}")
         self.allowed = frozenset(allowed)
         self.metrics = ServerMetrics(config.model_name)
+        self.compiler = GrammarCompiler()  # this app's grammar-compile threads
         defaults: dict[str, Any] = {"draft_model": draft_model}
         if config.max_draft_nodes is not None:
             defaults["max_draft_nodes"] = config.max_draft_nodes
@@ -206,7 +207,7 @@ async def completions(request: Request) -> Response:
     req = parse(CompletionRequest, await _body(request))
     state.check_model(req.model)
     state.check_room()
-    constraint = await request_constraint(req, state.tokenizer)  # off the loop, time-bounded
+    constraint = await state.compiler.request_constraint(req, state.tokenizer)  # off the loop
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -230,7 +231,7 @@ async def chat_completions(request: Request) -> Response:
     state.check_room()
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-    constraint = await request_constraint(req, state.tokenizer)  # off the loop, time-bounded
+    constraint = await state.compiler.request_constraint(req, state.tokenizer)  # off the loop
     history = [{"role": m.role, "content": message_text(m)} for m in req.messages]
     try:
         prompt = await state.run_off_loop(chat_prompt, state.tokenizer, history)
@@ -353,7 +354,7 @@ def create_app(model, tokenizer, *, draft_model=None, config: ServerConfig | Non
         yield
         state.worker.close()
         state.tokenize_pool.shutdown(wait=False)
-        await asyncio.get_running_loop().run_in_executor(None, wait_compiles, 30.0)
+        await asyncio.get_running_loop().run_in_executor(None, state.compiler.wait, 30.0)
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
