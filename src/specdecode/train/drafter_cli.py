@@ -68,9 +68,12 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
 
 
 @click.command("train-drafter")
-@click.option("--kind", type=click.Choice(["distill", "eagle", "medusa"]), required=True,
+@click.option("--kind", type=click.Choice(["distill", "eagle", "eagle3", "medusa"]), required=True,
               help="distill: DistillSpec on-policy distillation of a draft model; eagle: an "
-                   "EAGLE-1 feature head (one decoder layer); medusa: Medusa-1 heads.")
+                   "EAGLE-1 feature head (one decoder layer); eagle3: an EAGLE-3 head (a low, a "
+                   "middle and a high layer of the target fused, training-time test, its own "
+                   "read-out over a reduced draft vocabulary) trained on the target's own answers "
+                   "(--data DIR, from `specdecode build-drafter-data`); medusa: Medusa-1 heads.")
 @click.option("--target", default=None, help="Target model: a directory, a .gguf file, the preset "
               "smollm2-135m or a Hub id (default: the demo target).")
 @click.option("--draft-model", default=None,
@@ -79,25 +82,31 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
               help="distill: total variation distance or forward KL to the target.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output directory: checkpoint.pt, summary.json and head/ (the eagle / medusa "
-                   "drafters' head=... option) or model/ (distill: a draft model directory). "
-                   "Rerun the same command to resume.")
+                   "drafters' head=... option) or model/ (distill: a draft model directory); "
+                   "eagle3 also eval.log (a JSON line per held-out evaluation) and data.json (the "
+                   "shards and draft vocabulary it trains on). Rerun the same command to resume.")
 @click.option("--corpus-cache", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Where the tokenized corpus is cached (default: OUT/data).")
 @click.option("--corpus-tokens", type=int, default=8_000_000, show_default=True,
               help="Training tokens to tokenize from the corpus.")
 @click.option("--steps", type=int, default=600, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True,
-              help="Window length (distill: half corpus prompt, half generated continuation).")
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per step (default: 16; eagle3: 8).")
+@click.option("--seq-len", type=int, default=None,
+              help="Window length (default: 256; eagle3: 512, the prompt's tail and the answer; "
+                   "distill: half corpus prompt, half generated continuation).")
 @click.option("--lr", type=float, default=None,
-              help="Peak learning rate (default: 1e-3 for heads, 3e-4 for distill).")
+              help="Peak learning rate (default: 1e-3 for eagle / medusa, 5e-4 for eagle3, 3e-4 "
+                   "for distill).")
 @click.option("--medusa-heads", type=int, default=3, show_default=True,
               help="Medusa: number of heads (draft depth).")
-@click.option("--data", "data_kind", type=click.Choice(["corpus", "target"]), default="corpus",
-              show_default=True,
-              help="eagle / medusa: train on corpus windows, or on short corpus prompts continued by "
-                   "the target itself (greedily or sampled at temperature 1, see --greedy-share: "
-                   "the text the heads meet when drafting; slower per step).")
+@click.option("--data", "data_kind", default=None, metavar="corpus|target|DIR",
+              help="eagle / medusa: train on corpus windows (corpus, the default), or on short "
+                   "corpus prompts continued by the target itself (target: greedily or sampled at "
+                   "temperature 1, see --greedy-share: the text the heads meet when drafting; "
+                   "slower per step). eagle3 (required): a directory written by `specdecode "
+                   "build-drafter-data` for this target (its weights and tokenizer are checked; "
+                   "the target runs in the data's dtype).")
 @click.option("--prompt-len", type=int, default=64, show_default=True,
               help="--data target: corpus tokens before the target's continuation.")
 @click.option("--greedy-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -112,9 +121,11 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
                    "first layers were the best start) on its embedding and LM head, which stay "
                    "frozen. Also saves OUT/head (the trained layers only, tied to the target's "
                    "weights; copied to heads/<model>/draft it loads by default for that target).")
-@click.option("--draft-vocab", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--draft-vocab", type=click.IntRange(0), default=None,
               help="distill: the draft reads out only the N most used corpus tokens (its loss, "
-                   "and the draft-model drafter's read-out by default). 0: all.")
+                   "and the draft-model drafter's read-out by default; default 0: all). eagle3: "
+                   "the head's vocabulary, the N most frequent tokens of the training answers "
+                   "(default 8192; the summary reports the share of answer tokens it covers).")
 @click.option("--target-rows", type=int, default=0, show_default=True,
               help="distill: rows of each batch the target continues (half greedy, half sampled) "
                    "instead of the draft.")
@@ -126,16 +137,43 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
               help="medusa: every head reads out through the target's own LM head (frozen, not "
                    "saved): only the residual blocks train; a few MB instead of one "
                    "vocabulary-sized matrix per head.")
+@click.option("--ttt-steps", type=click.IntRange(1), default=None,
+              help="eagle3: training-time test depth, the steps the head runs on its own outputs "
+                   "(default 5).")
+@click.option("--feature-layers", default=None,
+              help="eagle3: the target's decoder layers whose outputs the head fuses (comma-"
+                   "separated, each below the last layer; default: EAGLE-3's low, middle and high "
+                   "layer, 2,15,27 on a 30-layer target).")
+@click.option("--intermediate-size", type=click.IntRange(1), default=None,
+              help="eagle3: the head's MLP width (default: the target's).")
+@click.option("--eval-every", type=click.IntRange(0), default=None,
+              help="eagle3: steps between held-out evaluations (the first before training), "
+                   "each a line in OUT/eval.log (default 100; 0: at the end only).")
+@click.option("--eval-examples", type=click.IntRange(1), default=None,
+              help="eagle3: held-out examples evaluated (default 128).")
+@click.option("--cache-features", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="eagle3: keep the target's features of the training set in this directory "
+                   "(bfloat16 .npy files, about 4 * hidden size * 2 bytes a token): the first "
+                   "epoch writes them, later epochs and resumed runs read them instead of running "
+                   "the target (on SmolLM2 the target pass costs as much as the head's training).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
 @click.option("--time-budget", type=float, default=0.0,
-              help="Stop after this many minutes with a checkpoint; rerun to resume. 0: none.")
+              help="Stop after this many minutes with a checkpoint; rerun to resume (the budget "
+                   "counts every run's time). 0: none.")
 def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tokens, steps,
                   batch_size, seq_len, lr, medusa_heads, data_kind, prompt_len, greedy_share,
-                  init_head, draft_layers, draft_vocab, target_rows, loss_vocab, tied_heads, seed,
-                  threads, time_budget) -> None:
+                  init_head, draft_layers, draft_vocab, target_rows, loss_vocab, tied_heads,
+                  ttt_steps, feature_layers, intermediate_size, eval_every, eval_examples,
+                  cache_features, seed, threads, time_budget) -> None:
     """Train a drafter on a frozen target: seeded, step-scheduled, resumable, with a progress bar
-    and OUT/summary.json. The target never changes, so decoding with the result stays lossless."""
+    and OUT/summary.json. The target never changes, so decoding with the result stays lossless.
+
+    \b
+    eagle3 example (then eagle:head=OUT/head, or copy OUT/head to heads/<model>/eagle3):
+      specdecode build-drafter-data --target smollm2-135m --out work/selfdata
+      specdecode train-drafter --kind eagle3 --target smollm2-135m --data work/selfdata \\
+          --out work/eagle3 --time-budget 60 --threads 2"""
     import torch
 
     from specdecode.cli.shared import load_models
@@ -143,6 +181,26 @@ def train_drafter(kind, target, draft_model, loss, out_dir, data_dir, corpus_tok
     from specdecode.train.heads import HeadConfig, most_used, train_head
     from specdecode.types import SpecDecodeError
 
+    eagle3_only = {"ttt_steps": ttt_steps, "feature_layers": feature_layers,
+                   "intermediate_size": intermediate_size, "eval_every": eval_every,
+                   "eval_examples": eval_examples, "cache_features": cache_features}
+    if kind == "eagle3":
+        from specdecode.train.eagle3_cli import run_eagle3
+
+        run_eagle3(target=target, out_dir=out_dir, data=data_kind, steps=steps,
+                   batch_size=batch_size, seq_len=seq_len, lr=lr, draft_vocab=draft_vocab,
+                   seed=seed, threads=threads, time_budget=time_budget, **eagle3_only)
+        return
+    given = [name for name, value in eagle3_only.items() if value is not None]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} applies to --kind eagle3 only")
+    data_kind = data_kind or "corpus"
+    if data_kind not in ("corpus", "target"):
+        raise click.UsageError(f"--data {data_kind!r}: --kind {kind} takes corpus or target (a "
+                               "data directory is for --kind eagle3)")
+    batch_size = 16 if batch_size is None else batch_size
+    seq_len = 256 if seq_len is None else seq_len
+    draft_vocab = draft_vocab or 0
     lr = lr if lr is not None else (3e-4 if kind == "distill" else 1e-3)
     if min(steps, batch_size, seq_len, medusa_heads, prompt_len) < 1 or lr <= 0:
         raise click.UsageError("--steps, --batch-size, --seq-len, --medusa-heads, --prompt-len and "
