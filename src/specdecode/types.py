@@ -11,7 +11,10 @@ class SpecDecodeError(ValueError):
     """Bad input detected before decoding starts; the message names the problem."""
 
 
-# Sampling rules (``SamplingParams.mode``): the keys of the rule table, ``verify.SAMPLING_MODES``.
+# Sampling rules (``SamplingParams.mode``), every one lossless: the rule table in ``verify/`` has
+# exactly these keys (checked when it is built). Under all but "coupled" the drafters that can
+# sample draw their drafts from their processed distributions (``draft_probs``).
+SAMPLING_MODES = ("rejection", "coupled", "block", "traversal", "spectr")
 # The default rule: traversal verification (block verification on chains) accepts at least as much
 # as token-level rejection sampling with the same draft, and measured more at temperature 1 (quick
 # benchmark, demo pair: draft-model chain MAT 2.68 -> 2.89, 1.23x -> 1.32x; delayed tree 2.79 ->
@@ -45,8 +48,6 @@ class SamplingParams:
             raise SpecDecodeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SpecDecodeError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        from specdecode.verify import SAMPLING_MODES  # the rule table's keys (it imports us)
-
         if self.mode not in SAMPLING_MODES:
             raise SpecDecodeError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, "
                                   f"got {self.mode!r}")

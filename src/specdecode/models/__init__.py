@@ -15,10 +15,11 @@ The names below are the package's public face; other modules import them from he
 
 from specdecode.models.adopt import context_length, fresh_cache
 from specdecode.models.draft import HFModel
+from specdecode.models.eagle3 import Eagle3Head
 from specdecode.models.exact import default_exact
 from specdecode.models.layers import compile_forward
 from specdecode.models.sources import load_causal_lm
 from specdecode.models.target import BatchTarget, TargetModel, warm_up
 
-__all__ = ["BatchTarget", "HFModel", "TargetModel", "compile_forward", "context_length",
+__all__ = ["BatchTarget", "Eagle3Head", "HFModel", "TargetModel", "compile_forward", "context_length",
            "default_exact", "fresh_cache", "load_causal_lm", "warm_up"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specdecode.models.heads import DraftVocab, RMSNorm, rotary
+from specdecode.models.heads import HEAD_BUILDERS, DraftVocab, RMSNorm, rotary
 from specdecode.types import SpecDecodeError
 
 
@@ -100,3 +100,8 @@ class Eagle3Head(nn.Module):
             raise SpecDecodeError(f"the EAGLE-3 head's vocabulary has ids up to "
                                   f"{int(self.vocab.max())}; this target has {size} tokens")
         return DraftVocab(self.lm_head.weight, self.vocab, size=size, norm=self.norm)
+
+
+HEAD_BUILDERS["eagle3"] = lambda c: Eagle3Head(
+    c["hidden_size"], c["num_heads"], c["intermediate_size"], c["feature_layers"], c["vocab"],
+    c.get("rope_theta", 10000.0), c.get("eps", 1e-6))

@@ -334,15 +334,18 @@ def vocab_subset(config: dict, size: int | None, vocab_size: int) -> torch.Tenso
     return torch.tensor(sorted(ids)) if ids and len(ids) < vocab_size else None
 
 
-def build_head(config: dict) -> nn.Module:
-    if config["kind"] == "eagle3":
-        from specdecode.models.eagle3 import Eagle3Head
+# head kind -> its builder from a saved config (models/eagle3.py adds "eagle3" when imported, which
+# the models package does)
+HEAD_BUILDERS: dict[str, object] = {
+    "eagle": lambda c: EagleHead(c["hidden_size"], c["num_heads"], c["intermediate_size"],
+                                 c.get("rope_theta", 10000.0), c.get("eps", 1e-6)),
+    "medusa": lambda c: MedusaHeads(c["hidden_size"], c["vocab_size"], c["num_heads"],
+                                    bool(c.get("tied", False))),
+}
 
-        return Eagle3Head(config["hidden_size"], config["num_heads"], config["intermediate_size"],
-                          config["feature_layers"], config["vocab"],
-                          config.get("rope_theta", 10000.0), config.get("eps", 1e-6))
-    if config["kind"] == "eagle":
-        return EagleHead(config["hidden_size"], config["num_heads"], config["intermediate_size"],
-                         config.get("rope_theta", 10000.0), config.get("eps", 1e-6))
-    return MedusaHeads(config["hidden_size"], config["vocab_size"], config["num_heads"],
-                       bool(config.get("tied", False)))
+
+def build_head(config: dict) -> nn.Module:
+    if config.get("kind") not in HEAD_BUILDERS:
+        raise SpecDecodeError(f"unknown head kind {config.get('kind')!r} (known: "
+                              f"{', '.join(sorted(HEAD_BUILDERS))})")
+    return HEAD_BUILDERS[config["kind"]](config)

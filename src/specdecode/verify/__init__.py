@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from specdecode.sampling import RandomSource, coupled_choice, processed_probs
-from specdecode.types import Draft, SamplingParams, Verdict
+from specdecode.types import SAMPLING_MODES, Draft, SamplingParams, Verdict
 from specdecode.verify.block import verify_block
 from specdecode.verify.greedy import accept_matching, verify_greedy
 from specdecode.verify.rejection import verify_rejection
@@ -39,9 +39,8 @@ RULES: dict[str, Rule] = {
     "traversal": lambda draft, probs, rng, seed, pos: verify_traversal(draft, probs, rng),
     "spectr": lambda draft, probs, rng, seed, pos: verify_spectr(draft, probs, rng),
 }
-# The sampling rules (``SamplingParams.mode``), every one lossless. Under all but "coupled" the
-# drafters that can sample draw their drafts from their processed distributions (``draft_probs``).
-SAMPLING_MODES = tuple(RULES)
+if tuple(RULES) != SAMPLING_MODES:  # the modes SamplingParams accepts are this table's keys
+    raise ImportError(f"verify.RULES {tuple(RULES)} differ from types.SAMPLING_MODES")
 
 
 def verify(draft: Draft, logits: torch.Tensor, params: SamplingParams, rng: RandomSource,
