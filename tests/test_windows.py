@@ -53,7 +53,8 @@ def with_module_window(seed: int = 0, vocab: int = VOCAB):
 
 
 # every way a window of 8 tokens is declared: on every layer (Mistral), from max_window_layers on
-# (Qwen2: layer 1 of 2; Qwen3: both), by layer_types (Gemma 2 / 3, hybrid: one local, one global)
+# (Qwen2: layer 1 of 2; Qwen3: both), by layer_types (Gemma 2 / 3, hybrid: one local, one global),
+# on every layer again (Phi-3)
 WINDOWED = {
     "mistral": lambda **kw: tiny("Mistral", sliding_window=8, **kw),
     "qwen2": lambda **kw: tiny("Qwen2", use_sliding_window=True, sliding_window=8,
@@ -61,6 +62,7 @@ WINDOWED = {
     "qwen3": lambda **kw: tiny("Qwen3", use_sliding_window=True, sliding_window=8,
                                max_window_layers=0, **kw),
     "gemma2": lambda **kw: tiny("Gemma2", sliding_window=8, **kw),
+    "phi3": lambda **kw: tiny("Phi3", sliding_window=8, **kw),
     "gemma3_text": lambda **kw: tiny("Gemma3Text", sliding_window=8,
                                      layer_types=["sliding_attention", "full_attention"], **kw),
 }
