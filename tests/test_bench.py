@@ -85,7 +85,7 @@ def test_bench_end_to_end_writes_every_file(tmp_path, tiny_pair):
     out = tmp_path / "out"
     args = ["bench", "--target", str(tiny_pair / "target"), "--draft-model",
             str(tiny_pair / "draft"), "--questions", str(questions), "--max-new-tokens", "12",
-            "--out", str(out), "--methods",
+            "--out", str(out), "--policy", "fixed", "--methods",
             "vanilla,ngram,draft-model:tree_width=2,layer-skip,oracle,hf-generate,hf-pld,hf-assisted"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -146,7 +146,7 @@ def test_batch_bench_reports_every_size_and_equal_rows(tmp_path, tiny_pair):
     result = CliRunner().invoke(main, [
         "bench", "--target", str(tiny_pair / "target"), "--draft-model", str(tiny_pair / "draft"),
         "--questions", str(questions), "--max-new-tokens", "10", "--out", str(out),
-        "--methods", "vanilla,ngram,draft-model,oracle", "--batch-size", "1,3"])
+        "--methods", "vanilla,ngram,draft-model,oracle", "--batch-size", "1,3", "--policy", "fixed"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])["batch"]
     got = {(r["method"], r["batch_size"]) for r in summary}
@@ -165,7 +165,8 @@ def test_batch_bench_reports_every_size_and_equal_rows(tmp_path, tiny_pair):
 def test_generate_prompts_file_batches_and_matches_vanilla(tmp_path, tiny_pair):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hi there\n\nHow are you?\nHello, how\n")
-    base = ["generate", "--target", str(tiny_pair / "target"), "--max-new-tokens", "8"]
+    base = ["generate", "--target", str(tiny_pair / "target"), "--max-new-tokens", "8",
+            "--policy", "fixed"]
     result = CliRunner().invoke(main, base + ["--prompts-file", str(prompts), "--batch-size", "2",
                                               "--compare", "--json"])
     assert result.exit_code == 0, result.output

@@ -98,6 +98,7 @@ def test_cli_compile_flag(tmp_path):
     from specdecode.cli import main
 
     result = CliRunner().invoke(main, ["generate", "--compile", "--prompt", "Hi",
-                                       "--max-new-tokens", "4", "--drafter", "ngram"])
+                                       "--max-new-tokens", "4", "--drafter", "ngram",
+                                       "--policy", "fixed"])
     assert result.exit_code == 0, result.output
     assert "[ngram] 4 tokens in" in result.output

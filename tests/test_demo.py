@@ -60,7 +60,7 @@ def test_greedy_matches_transformers_generate(demo):
 def test_cli_generate_uses_the_demo_pair():
     result = CliRunner().invoke(main, ["generate", "--prompt", "Hello!", "--chat", "--json",
                                        "--drafter", "draft-model", "--max-new-tokens", "16",
-                                       "--compare"])
+                                       "--compare", "--policy", "fixed"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["identical_to_vanilla"] and report["new_tokens"] >= 1

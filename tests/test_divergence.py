@@ -58,7 +58,7 @@ def test_cli_exact_flag_in_bfloat16():
     forward (the report says which)."""
     runner = CliRunner()
     args = ["generate", "--dtype", "bfloat16", "--prompt", "The cat sat on the mat. The cat",
-            "--max-new-tokens", "24", "--compare", "--json", "--drafter", "ngram"]
+            "--max-new-tokens", "24", "--compare", "--json", "--drafter", "ngram", "--policy", "fixed"]
     exact = runner.invoke(main, args + ["--exact"])
     assert exact.exit_code == 0, exact.output
     assert json.loads(exact.output.strip().splitlines()[-1])["identical_to_vanilla"] is True

@@ -52,7 +52,8 @@ def test_cli_loads_the_plugin_and_generates(plugin, demo):
     """First, so the CLI's --plugin is what registers it."""
     result = CliRunner().invoke(main, ["--plugin", plugin, "generate", "--drafter", "echo",
                                        "-o", "num_draft_tokens=3", "--prompt", "one two one two",
-                                       "--max-new-tokens", "8", "--compare", "--json"])
+                                       "--max-new-tokens", "8", "--compare", "--json",
+                                       "--policy", "fixed"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["drafter"] == "echo" and report["identical_to_vanilla"]

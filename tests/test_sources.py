@@ -86,7 +86,8 @@ def test_cli_takes_gguf_dtype_and_rejects_a_bad_dtype(files):
     _, path = files["qwen2"]
     runner = CliRunner()
     res = runner.invoke(main, ["generate", "--target", str(path), "--prompt", "def f(x):",
-                               "--max-new-tokens", "6", "--dtype", "bfloat16", "--json"])
+                               "--max-new-tokens", "6", "--dtype", "bfloat16", "--json",
+                               "--policy", "fixed"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == 6
     res = runner.invoke(main, ["generate", "--target", str(path), "--prompt", "x", "--dtype", "f8"])

@@ -104,7 +104,7 @@ def test_prompts_file_lines_carry_their_own_constraint(tmp_path):
     out = CliRunner().invoke(main, ["generate", "--prompts-file", str(path), "--batch-size", "2",
                                     "--regex", "[a-z]{2,6}", "--max-new-tokens", "24",
                                     "--drafter", "grammar", "--compare", "--json",
-                                    "--threads", "1"])
+                                    "--threads", "1", "--policy", "fixed"])
     assert out.exit_code == 0, out.output
     report = json.loads(out.output.strip().splitlines()[-1])
     texts = [r["text"].replace("<|end|>", "") for r in report["results"]]
@@ -130,7 +130,7 @@ def test_bench_json_workload_in_batch_mode(tmp_path):
         "bench", "--workload", "json", "--batch-size", "2", "--categories",
         "json-writing,json-math", "--limit-per-category", "1", "--max-new-tokens", "12",
         "--methods", "vanilla,grammar,vanilla:constrained=false", "--threads", "1",
-        "--out", str(out)])
+        "--policy", "fixed", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output.strip().splitlines()[-1])["batch"]
     assert {r["method"] for r in rows} == {"vanilla", "grammar", "vanilla:constrained=false"}

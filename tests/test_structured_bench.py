@@ -56,7 +56,7 @@ def test_cli_generate_flags(tmp_path):
     runner = CliRunner()
     out = runner.invoke(main, ["generate", "--prompt", "Call me at", "--regex", "[0-9]{3}-[0-9]{4}",
                                "--drafter", "grammar", "--max-new-tokens", "16", "--json",
-                               "--threads", "1"])
+                               "--threads", "1", "--policy", "fixed"])
     assert out.exit_code == 0, out.output
     report = json.loads(out.output.strip().splitlines()[-1])
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}(<\|end\|>)?", report["text"])
@@ -65,7 +65,8 @@ def test_cli_generate_flags(tmp_path):
     schema.write_text(json.dumps({"type": "object", "properties": {"n": number},
                                   "required": ["n"], "additionalProperties": False}))
     out = runner.invoke(main, ["generate", "--prompt", "x", "--json-schema", str(schema),
-                               "--max-new-tokens", "24", "--json", "--threads", "1"])
+                               "--max-new-tokens", "24", "--json", "--threads", "1",
+                               "--policy", "fixed"])
     assert out.exit_code == 0, out.output
     assert set(json.loads(json.loads(out.output.strip().splitlines()[-1])["text"]
                           .replace("<|end|>", ""))) == {"n"}
