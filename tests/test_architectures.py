@@ -37,7 +37,7 @@ CONFIGS = {
                                        num_attention_heads=4, max_position_embeddings=CONTEXT)),
     "olmo2": ("Olmo2Config", LLAMA_LIKE),
 }
-LEAN = {"llama", "qwen2", "mistral"}  # the rest run the model's own forward
+LEAN = {"llama", "qwen2", "mistral", "qwen3"}  # the rest run the model's own forward
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPTS = [[7, 3, 9, 7, 3, 9, 7, 3, 9, 7, 3, 9, 7, 3, 9, 7],
            [11, 42, 5, 60, 23, 8, 91, 14, 33, 2, 71, 19, 50, 6],

@@ -42,7 +42,7 @@ def _run(model, exact: bool, seed: int) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("exact", [True, False])
 def test_lean_equals_the_models_forward(arch, dtype, exact, monkeypatch):

@@ -11,7 +11,14 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import specdecode as sd
 
@@ -29,6 +36,12 @@ def tiny_config(arch: str, vocab: int = 96, layers: int = 3, context: int = 512)
         return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=context, **common)
+    if arch in ("mistral", "qwen3"):  # lean too (not in ARCHS): Mistral with a binding window
+        options = {"sliding_window": 16} if arch == "mistral" else {"head_dim": 8}
+        kind = MistralConfig if arch == "mistral" else Qwen3Config
+        return kind(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=context, **options, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=context, **common)
     raise ValueError(arch)

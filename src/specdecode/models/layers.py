@@ -67,11 +67,15 @@ def layer_functions(mm: Callable) -> tuple[Callable, Callable, Callable]:
     ``pre`` gives the layer's rotated queries, keys and values; ``post`` the residual stream after
     its attention output and MLP; ``post_pre`` one layer's post then the next one's pre."""
 
-    def pre(flat, w1, eps: float, qkv, bias, cos, sin, heads: int, kv: int, dim: int):
+    def pre(flat, w1, eps: float, qkv, bias, cos, sin, heads: int, kv: int, dim: int, qk=None):
         """Rows [M, hidden] (M = batch x tokens, the only size that varies) to queries, keys and
-        values [M, heads, dim] ([M, kv, dim]); ``cos`` / ``sin`` [M, 1, dim]."""
+        values [M, heads, dim] ([M, kv, dim]); ``cos`` / ``sin`` [M, 1, dim]; ``qk``: the
+        per-head q / k norms (weights and eps; Qwen3) applied before the rotation, or None."""
         y = mm(rms_norm(flat, w1, eps), qkv, bias).view(flat.shape[0], -1, dim)
         x = y[:, :heads + kv]  # queries and keys rotated together
+        if qk is not None:
+            x = torch.cat((rms_norm(x[:, :heads], qk[0], qk[2]),
+                           rms_norm(x[:, heads:], qk[1], qk[2])), 1)
         half = dim // 2
         rotated = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
         return rotated[:, :heads], rotated[:, heads:], y[:, heads + kv:]
@@ -82,9 +86,9 @@ def layer_functions(mm: Callable) -> tuple[Callable, Callable, Callable]:
         return flat + mm(act(gate) * up, down, None)
 
     def post_pre(flat, out, o, w2, eps: float, gate_up, down, act, w1, eps1: float, qkv, bias,
-                 cos, sin, heads: int, kv: int, dim: int):
+                 cos, sin, heads: int, kv: int, dim: int, qk=None):
         flat = post(flat, out, o, w2, eps, gate_up, down, act)
-        return (flat, *pre(flat, w1, eps1, qkv, bias, cos, sin, heads, kv, dim))
+        return (flat, *pre(flat, w1, eps1, qkv, bias, cos, sin, heads, kv, dim, qk))
 
     return pre, post, post_pre
 

@@ -1,7 +1,7 @@
-"""A lean forward for Llama-family targets (``llama``, ``mistral``, ``qwen2``): the engine's forward
-without transformers' per-module machinery, with the query/key/value projections fused into one
-matmul and the gate/up projections into another, each weight prepacked once for oneDNN where the
-dtype allows (see ``models/packed.py``).
+"""A lean forward for Llama-family targets (``llama``, ``mistral``, ``qwen2``, ``qwen3``): the
+engine's forward without transformers' per-module machinery, with the query/key/value projections
+fused into one matmul and the gate/up projections into another, each weight prepacked once for
+oneDNN where the dtype allows (see ``models/packed.py``).
 
 It computes what the model's own forward computes, with the model's own modules for embedding,
 rotary embedding and activation, transformers' RMSNorm written out (the same ops), and the
@@ -26,7 +26,7 @@ from specdecode.models.layers import compiled_functions, layer_functions, rms_no
 from specdecode.models.packed import can_pack, pack_weight, packed_matmul
 from specdecode.models.plan import ForwardPlan
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTR = "_specdecode_lean_forward"
 _OWNER = "_specdecode_lean_owner"  # the model that the False marker was set for
 
@@ -77,7 +77,9 @@ class LeanForward:
                     self.linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                     self.linear(mlp.down_proj.weight),
                     torch.nn.functional.silu if config.hidden_act in ("silu", "swish")
-                    else mlp.act_fn))
+                    else mlp.act_fn,
+                    None if getattr(attn, "q_norm", None) is None else  # Qwen3's q / k norms
+                    (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon)))
             self.head = self.linear(model.lm_head.weight)
         self.plain = layer_functions(self._mm)
         self.compiled = compiled_functions(self.pack) if wants_compile(model) else None
@@ -134,8 +136,8 @@ class LeanForward:
         kept = {}  # layer index -> its output (the residual stream after it)
         norm1, qkv, qkv_bias = self.layers[0][:3]
         query, key, value = rows(*pre(flat, norm1.weight, norm1.variance_epsilon, qkv, qkv_bias,
-                                      cos, sin, heads, kv_heads, dim))
-        for i, (_, _, _, attn, o, norm2, gate_up, down, act) in enumerate(self.layers):
+                                      cos, sin, heads, kv_heads, dim, self.layers[0][9]))
+        for i, (_, _, _, attn, o, norm2, gate_up, down, act, _) in enumerate(self.layers):
             key, value = cache.update(key, value, i)
             out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling,
                             sliding_window=self.windows[i], specdecode=plan)
@@ -146,7 +148,8 @@ class LeanForward:
             else:
                 norm1, qkv, qkv_bias = self.layers[i + 1][:3]
                 flat, *qkv_out = post_pre(*tail, norm1.weight, norm1.variance_epsilon, qkv,
-                                          qkv_bias, cos, sin, heads, kv_heads, dim)
+                                          qkv_bias, cos, sin, heads, kv_heads, dim,
+                                          self.layers[i + 1][9])
                 query, key, value = rows(*qkv_out)
             if i in layers:
                 kept[i] = flat
@@ -181,8 +184,9 @@ class LeanForward:
 
 
 def supported(model) -> bool:
-    """A llama / mistral / qwen2 causal LM in its stock layout: separate q/k/v/o and gate/up/down
-    projections, biases only on q/k/v (all or none), no q/k norms, one LM head."""
+    """A llama / mistral / qwen2 / qwen3 causal LM in its stock layout: separate q/k/v/o and
+    gate/up/down projections, biases only on q/k/v (all or none), per-head q / k RMSNorms or none,
+    one LM head."""
     config = getattr(model, "config", None)
     inner = getattr(model, "model", None)
     if getattr(config, "model_type", None) not in ARCHITECTURES or inner is None \
@@ -204,7 +208,11 @@ def supported(model) -> bool:
         if len(set(biases)) > 1 or attn.o_proj.bias is not None or any(
                 getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
             return False
-        if getattr(attn, "q_norm", None) is not None:
+        norms_qk = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+        if any(n is not None for n in norms_qk) and not (  # Qwen3: per-head RMSNorms on q and k
+                all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon")
+                    and n.weight.numel() == attn.head_dim for n in norms_qk)
+                and norms_qk[0].variance_epsilon == norms_qk[1].variance_epsilon):
             return False
         if set(dict(layer.named_children())) - {"self_attn", "mlp", "input_layernorm",
                                                "post_attention_layernorm"}:
