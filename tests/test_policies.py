@@ -180,3 +180,17 @@ def test_draft_cost_fits_a_fixed_part_and_a_part_per_depth():
         cost.add(depth, 0.5 + 0.6 * depth)
     cost.add(2, 50.0, provisional=True)  # catching up after plain steps: ignored
     assert cost(1) == pytest.approx(1.1) and cost(8) == pytest.approx(5.3)
+
+
+def test_adaptive_measures_its_curve_within_a_short_context():
+    """A 256-position GPT-2: the cost curve is measured at a fixed context that fits (each
+    measured step is rewound), so the adaptive policy runs and changes nothing."""
+    from helpers import tiny_model, vanilla
+
+    import specdecode
+
+    model = tiny_model("gpt2", context=256)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    out = specdecode.generate(model, prompt, drafter="ngram", policy="adaptive",
+                              max_new_tokens=24, eos_token_id=[])
+    assert out.token_ids == vanilla(model, prompt, 24)

@@ -152,7 +152,8 @@ def prepare(model, input_ids, *, drafter: str | Drafter = DEFAULT_DRAFTER, draft
                               f"{type(drafter).__name__}")
     build = BuildContext(target=target, draft_model=draft_model, host=host,
                          kind=_request_kind(hf, drafter, drafter_options, params))
-    policy = DEFAULT_POLICY if policy is None else policy
+    if policy is None:  # plain decoding never drafts: no cost curve to measure for it
+        policy = "fixed" if drafter == "none" else DEFAULT_POLICY
     if isinstance(policy, str):
         policy_obj = make_policy(policy, build, limits, **(policy_options or {}))
     elif all(hasattr(policy, m) for m in ("plan", "select", "observe")):

@@ -39,12 +39,17 @@ def wide_tree(n: int) -> Draft:
 def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats: int = 15,
                       seed: int = 0, exact: bool | None = None) -> list[dict]:
     """Median milliseconds per verification forward for each n in ``node_counts`` (chain and tree),
-    interleaved so that drift hits every n alike; ``exact`` as ``BatchTarget``'s."""
+    interleaved so that drift hits every n alike; ``exact`` as ``BatchTarget``'s. Every forward
+    runs after the same ``context`` tokens (each step is rewound), fewer where the model's context
+    is shorter."""
     target = BatchTarget(model, exact=exact)
+    if target.max_length:
+        context = max(2, min(context, target.max_length - max(node_counts) - 1))
     rng = random.Random(seed)
     prompt = [rng.randrange(target.vocab_size) for _ in range(context)]
-    row = target.add_row(context + (repeats + 2) * 2 * len(node_counts) + max(node_counts) + 2)
+    row = target.add_row(context + max(node_counts) + 2)
     target.prefill(row, prompt[:-1], last_only=True)
+    base_length = target.lengths[row]
     drafts = {}
     for n in node_counts:
         tokens = torch.tensor([rng.randrange(target.vocab_size) for _ in range(n)])
@@ -61,6 +66,7 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
                 target.step([prompt[-1]], [draft])
                 elapsed = time.perf_counter() - start
                 target.keep(row, [])
+                target.lengths[row] = base_length  # rewound: the next forward sees the same
                 if rep >= 2:
                     times[(n, shape)].append(elapsed)
     base = statistics.median(times[(0, "chain")]) if 0 in node_counts else None
@@ -78,9 +84,9 @@ def verify_cost_curve(model, node_counts: list[int], context: int = 256, repeats
 
 log = logging.getLogger("specdecode")
 CURVE_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CURVE_VERSION = 7  # bumped when the verification forward changes (3: exact in half precision;
+CURVE_VERSION = 8  # bumped when the verification forward changes (3: exact in half precision;
 # 4-5: one exact-attention call per row and window, the lean forward; 6: 128-token windows;
-# 7: packed float32 linears on the AVX2 path, AMX capped)
+# 7: packed float32 linears on the AVX2 path, AMX capped; 8: a fixed context, each step rewound)
 HOST_KEY = "cost-curves"  # a host's measured curves in memory: curve_key -> curve
 
 
