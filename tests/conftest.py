@@ -14,6 +14,13 @@ torch.set_num_threads(1)  # tiny models: threads only add synchronisation overhe
 os.environ["SPECDECODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="specdecode-test-cache-")
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """torch dtypes by name in test ids (``[bfloat16]``, not ``[dtype1]``): ``-k`` can pick them."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    return None
+
+
 @pytest.fixture(scope="session", params=ARCHS)
 def arch(request) -> str:
     return request.param
