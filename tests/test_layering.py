@@ -6,6 +6,7 @@ modules: base, registry, options, and the structures every method may use)."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import specdecode
@@ -64,9 +65,15 @@ def imports(path: Path, known: dict) -> set[str]:
     return {m for m in found if m}
 
 
-def graph() -> dict[str, set[str]]:
+@functools.cache
+def _graph() -> dict[str, frozenset[str]]:
     known = modules()
-    return {name: imports(path, known) - {name} for name, path in known.items()}
+    return {name: frozenset(imports(path, known) - {name}) for name, path in known.items()}
+
+
+def graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (a fresh copy: tests may change it)."""
+    return {name: set(deps) for name, deps in _graph().items()}
 
 
 def layer(module: str) -> int:
