@@ -18,13 +18,8 @@ import specdecode as sd
 from specdecode.models.eagle3 import Eagle3Head
 from specdecode.models.heads import load_head
 from specdecode.train import eagle3_data as data
-from specdecode.train.eagle3 import (
-    Eagle3Config,
-    target_states,
-    train_eagle3,
-    ttt_hidden,
-    ttt_visible,
-)
+from specdecode.train.eagle3 import Eagle3Config, train_eagle3
+from specdecode.train.eagle3_ttt import target_states, ttt_hidden, ttt_visible
 from specdecode.train.selfdata import BuildConfig, build, gather_prompts
 from specdecode.train.selfdata_store import iter_examples, load_manifest
 from specdecode.types import SamplingParams, SpecDecodeError

@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from specdecode.train import eagle3_data as data
+from specdecode.train.eagle3_ttt import STEP_WEIGHT, soft_labels, target_states, ttt_hidden
 
 
 @torch.no_grad()
 def evaluate(head, target, held: list[data.Window], layers: list[int], weight: torch.Tensor,
              cfg) -> dict:
-    from specdecode.train.eagle3 import STEP_WEIGHT, soft_labels, target_states, ttt_hidden
-
     was_training = head.training
     head.eval()
     depth = max(cfg.eval_depth, cfg.ttt_steps)
