@@ -168,6 +168,7 @@ def batch_markdown(rows: list[dict], env: dict) -> str:
              f"{env.get('temperature')}, {env.get('max_new_tokens')} new tokens per request, "
              f"{rows[0]['requests'] if rows else 0} requests (the questions' first turns).", "",
              f"Command: `{env.get('command')}`", "",
+             *([f"Prompt format: {env['prompt_format']}.", ""] if env.get("prompt_format") else []),
              "| method | B | tokens/s | vs vanilla same B | vs vanilla B=1 | mean latency s | MAT "
              "| rows equal | near ties | mismatches |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -120,6 +120,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
     import torch
 
     from specdecode.bench.methods import Settings, check_specs, needs_answer, needs_draft, parse_spec
+    from specdecode.bench.prompts import describe
     from specdecode.bench.runner import load_skipped, run_benchmark
     from specdecode.bench.vllm_peer import check_vllm_importable, is_vllm
     from specdecode.drafters.registry import Needs, drafters_needing
@@ -215,6 +216,7 @@ def bench(target, draft_model, dtype, device, exact, compile_forward, methods, d
             "temperature", "sampling", "seed", "max_new_tokens", "num_draft_tokens", "repeats",
             "policy")}, model)
         env["cost_curve_ms"] = cost_curve_ms(model, settings["exact"])
+        env["prompt_format"] = describe(tokenizer)  # bench/prompts.py
         env["exact"] = settings["exact"]
         env["compiled"], env["compile_s"] = bool(compile_forward), compile_s
         (out_dir / "environment.json").write_text(json.dumps(env, indent=2))
@@ -257,12 +259,11 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
     from specdecode.api import _eos_ids
     from specdecode.bench.batch import run_batch_benchmark, write_batch_report
     from specdecode.bench.methods import Settings
-    from specdecode.chat import chat_prompt
+    from specdecode.bench.prompts import describe, first_turn
     from specdecode.models import context_length
 
     limit = context_length(model.config)
-    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])
-               for q in questions]
+    prompts = [first_turn(tokenizer, q.turns[0]) for q in questions]
     keep = [i for i, p in enumerate(prompts) if limit is None or len(p) + max_new_tokens <= limit]
     prompts = [prompts[i] for i in keep]
     # the JSON workload: every row under its own question's schema
@@ -277,6 +278,7 @@ def run_batch_mode(model, draft, tokenizer, questions, specs, sizes, out_dir: Pa
         "temperature": temperature, "sampling": sampling, "seed": seed,
         "max_new_tokens": max_new_tokens, "num_draft_tokens": num_draft_tokens,
         "repeats": repeats, "policy": policy, "batch_sizes": sizes}, model)
+    env["prompt_format"] = describe(tokenizer)
     rows = run_batch_benchmark(prompts, specs, sizes, s, _eos_ids(model, None), repeats,
                                constraints=constraints if any(constraints) else None)
     click.echo(write_batch_report(out_dir, rows, env))

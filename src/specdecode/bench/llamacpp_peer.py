@@ -3,9 +3,10 @@
 ``python -m specdecode.bench.llamacpp_peer --server BUILD/bin/llama-server`` starts one server per
 speculation type (``--spec-type``: none, ngram-simple, ngram-map-k, ngram-mod, ngram-cache; a draft
 GGUF with ``--draft-gguf``) on the same GGUF (default: the ``smollm2-135m`` preset's, the file our
-``--target smollm2-135m`` converts), sends every question's first turn as token ids (our chat
-template, the same prompts as ``specdecode bench``), greedy, ``cache_prompt`` off, and times each
-request at the client (prefill included, as our benchmark does). The servers run side by side and
+``--target smollm2-135m`` converts), sends every question's first turn as token ids (the prompts of
+``specdecode bench``: the chat template, or the plain format without one; ``bench/prompts.py``),
+greedy, ``cache_prompt`` off, and times each request at the client (prefill included, as our
+benchmark does). The servers run side by side and
 the questions go to them in turn, one request at a time (interleaved like our methods), then with
 every request in flight (``--in-flight``: all questions at once to each server in turn, ``-np``
 slots). With ``--reference DIR`` (a ``specdecode bench`` output directory on the same questions) it
@@ -175,7 +176,7 @@ def main(binary, gguf, target, draft_gguf, spec_types, limit_per_category, max_n
     OUT/report.json and prints it."""
     from tqdm import tqdm
 
-    from specdecode.chat import chat_prompt
+    from specdecode.bench.prompts import first_turn
     from specdecode.cli.shared import load_tokenizer
     from specdecode.models.sources import preset_file
     from specdecode.questions import load_questions
@@ -183,7 +184,7 @@ def main(binary, gguf, target, draft_gguf, spec_types, limit_per_category, max_n
     gguf = gguf or str(preset_file("smollm2-135m"))
     tokenizer = load_tokenizer(target or gguf)
     questions = load_questions(None, None, limit_per_category)
-    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in questions]
+    prompts = [first_turn(tokenizer, q.turns[0]) for q in questions]
     types = [t.strip() for t in spec_types.split(",") if t.strip()] + (["draft"] if draft_gguf else [])
     if "none" not in types:
         types.insert(0, "none")

