@@ -198,9 +198,10 @@ def generate(model, input_ids, **kwargs: Any) -> GenerationResult:
     ``seed``, ``eos_token_id`` (default: the model's), ``sampling`` ("traversal" by default,
     "rejection", "coupled", "block" or "spectr": ``SAMPLING_MODES``),
     ``max_draft_nodes``, ``dtype`` / ``device`` (for a ``model`` given as a path, a .gguf, the
-    ``smollm2-135m`` preset or a Hub id), ``exact``, ``policy`` (how much to draft each step:
-    "fixed" by default, "adaptive", "heuristic", or a Policy object; ``policy_options`` for a named
-    one), ``constraint`` + ``tokenizer`` (structured output, see ``prepare``), and the drafter's
+    ``smollm2-135m`` / ``gemma3-270m`` presets or a Hub id), ``exact``, ``policy`` (how much to
+    draft each step: ``DEFAULT_POLICY`` ("adaptive") by default, plain decoding "fixed"; "fixed",
+    "heuristic", or a Policy object; ``policy_options`` for a named one), ``constraint`` +
+    ``tokenizer`` (structured output, see ``prepare``), and the drafter's
     own options (e.g. ``num_draft_tokens``).
     """
     req = prepare(model, input_ids, **kwargs)

