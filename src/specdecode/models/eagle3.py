@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specdecode.models.heads import HEAD_BUILDERS, DraftVocab, RMSNorm, rotary
+from specdecode.models.heads import HEAD_BUILDERS, DraftVocab, RMSNorm, decoder_layer
 from specdecode.types import SpecDecodeError
 
 
@@ -76,18 +76,8 @@ class Eagle3Head(nn.Module):
     def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 visible: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, h = features.shape
         x = torch.cat([self.embed_norm(embeds), self.feature_norm(features)], -1)
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).unbind(2)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
-        new = (k, v)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
-        hidden = features + self.out(attn.transpose(1, 2).reshape(b, t, h))
-        gate, up = self.gate_up(self.mlp_norm(hidden)).chunk(2, -1)
-        return hidden + self.down(nn.functional.silu(gate) * up), new
+        return decoder_layer(self, x, features, positions, visible, past)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

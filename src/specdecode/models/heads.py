@@ -54,6 +54,27 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
 
 
+def decoder_layer(head: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                  positions: torch.Tensor, visible: torch.Tensor,
+                  past: tuple[torch.Tensor, torch.Tensor] | None
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The draft heads' decoder layer (``head``'s ``qkv``, ``out``, ``mlp_norm``, ``gate_up``,
+    ``down``): RoPE self-attention of the inputs ``x`` [B, T, *] over the ``past`` keys then their
+    own (``visible``), added to ``residual`` [B, T, H], then the SwiGLU MLP. Returns the new
+    hidden states and the T inputs' (keys, values)."""
+    b, t, h = residual.shape
+    q, k, v = head.qkv(x).view(b, t, 3, head.heads, head.head_dim).unbind(2)
+    q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+    q, k = rotary(q, positions, head.theta), rotary(k, positions, head.theta)
+    new = (k, v)
+    if past is not None:
+        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+    attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+    hidden = residual + head.out(attn.transpose(1, 2).reshape(b, t, h))
+    gate, up = head.gate_up(head.mlp_norm(hidden)).chunk(2, -1)
+    return hidden + head.down(nn.functional.silu(gate) * up), new
+
+
 class EagleHead(nn.Module):
     """One EAGLE-1 draft layer. ``forward(embeds, features, positions, visible, past)``: inputs
     [B, T, H] (token embeddings and the features they follow), absolute positions [B, T],
@@ -82,18 +103,8 @@ class EagleHead(nn.Module):
     def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 visible: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, h = embeds.shape
         x = self.fc(torch.cat([embeds, features], -1))
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, self.head_dim).unbind(2)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
-        new = (k, v)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
-        x = x + self.out(attn.transpose(1, 2).reshape(b, t, h))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
-        return x + self.down(nn.functional.silu(gate) * up), new
+        return decoder_layer(self, self.attn_norm(x), x, positions, visible, past)
 
     feature_layers = None  # the target's final-normed last hidden states
 

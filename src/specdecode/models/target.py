@@ -240,9 +240,11 @@ class BatchTarget(Adapter):
         new_slot = (rel >= 0) & (rel < q)
         own = torch.gather(reach, 2, rel.clamp(0, q - 1)[:, None, :].expand(b, q, kv_len))
         visible = (rel < 0)[:, None, :] | (own & new_slot[:, None, :])
-        key_pos = torch.arange(kv_len)[None].repeat(b, 1)  # slot t holds position t, except
-        real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]  # a tree's nodes: their
-        key_pos[new_slot & (rel < torch.tensor(sizes)[:, None])] = positions[real]  # depth's
+        real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]
+        key_pos = None  # slot t holds position t, except a tree's nodes (their depth's position):
+        if self.windows:  # what a sliding window needs to know
+            key_pos = torch.arange(kv_len)[None].repeat(b, 1)
+            key_pos[new_slot & (rel < torch.tensor(sizes)[:, None])] = positions[real]
         plan = ForwardPlan(query_pos=positions, key_pos=key_pos, rows=slice(0, b), kv_len=kv_len,
                            start=self.lengths[0] if b == 1 else None,  # one row: contiguous
                            index=None if b == 1 else
