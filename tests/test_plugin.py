@@ -94,6 +94,7 @@ def test_benchmark_method_string(plugin):
     assert ours.token_ids == base.token_ids and ours.drafted is not None
 
 
+@pytest.mark.e2e  # about 5 s: the server app end to end
 def test_server_request_names_it_and_bounds_hold(plugin, demo):
     sd.load_plugins([plugin])
     assert "echo" in self_contained()  # needs nothing: requests may pick it by default

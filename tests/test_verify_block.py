@@ -130,6 +130,7 @@ def test_point_mass_drafts_use_the_point_mass_rule():
             verify_rejection(draft, target, TorchRandom(seed))
 
 
+@pytest.mark.e2e  # about 3 s
 def test_torch_entry_is_exact_on_the_float_harness():
     """verify_block on float64 tensors, enumerated by the float harness of test_acceptance_exact."""
     assert tv_of(lambda c: sampled_chain_step(c, rule=verify_block)) < 1e-9

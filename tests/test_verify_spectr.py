@@ -44,6 +44,7 @@ def test_spectr_is_exact(parents, vocab):
     assert exact_tv(spectr_rule(), parents, vocab) == 0
 
 
+@pytest.mark.e2e  # about 3 s
 def test_spectr_without_replacement_falls_back_to_an_exact_rule():
     assert exact_tv(spectr_rule(), [-1, -1, 0, 0], 3, replacement=False) == 0
 
