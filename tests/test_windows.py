@@ -150,20 +150,37 @@ def test_a_tree_across_the_window_and_the_rewind(model_type):
     torch.testing.assert_close(nxt, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("model_type", [t for t in WINDOWED if t != "gemma2"])
+@pytest.mark.parametrize("model_type", list(WINDOWED))
 @pytest.mark.e2e
 def test_exact_bfloat16_nodes_equal_their_path_alone(model_type):
     """bfloat16, the exact forward: random batch rows (prompts of 2-300 tokens, chains and trees)
     in one forward, each node's logits bitwise equal to its path decoded alone, with the window
-    binding in most rows (helpers/invariance.py)."""
+    binding in most rows (helpers/invariance.py); Gemma 2 with its soft-capped attention."""
     model = WINDOWED[model_type](dtype=torch.bfloat16)
     assert mismatches(model, exact=True, trials=6, seed=4) == 0
 
 
-def test_soft_capped_attention_is_refused_by_the_exact_forward():
-    """Gemma 2's attention logit soft-capping is not in the exact attention yet: refused, not
-    ignored (float64 / float32 decode it through the model's own attention, tested above)."""
-    model = WINDOWED["gemma2"](dtype=torch.bfloat16)
+def test_the_exact_attention_applies_soft_capping():
+    """softcap * tanh(scores / softcap) before the mask, as Gemma 2's eager attention: close to a
+    float32 reference, and far from the same attention without the cap (the logits are large)."""
+    from specdecode.models.exact import _attend, additive
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, 8).mul(6).to(torch.bfloat16) for n in (4, 128, 128))
+    visible = torch.arange(128)[None, :] <= torch.tensor([40, 80, 100, 127])[:, None]
+    bias = additive(visible.expand(2, 4, 128))
+    scores = (q.float() @ k.float().transpose(-1, -2)) * 0.35
+    capped = torch.softmax(5.0 * torch.tanh(scores / 5.0) + bias, -1) @ v.float()
+    got = _attend(q, k, v, bias, 0.35, softcap=5.0).float()
+    assert (got - capped).abs().max() < 0.05
+    assert (_attend(q, k, v, bias, 0.35).float() - capped).abs().max() > 0.5
+
+
+def test_soft_capped_attention_in_other_half_precision_is_refused():
+    """Gemma 2's attention soft-capping is in the exact forward for bfloat16 only: float16 under
+    the exact forward is refused, not run without it (float64 / float32 run it through the
+    model's own attention, tested above)."""
+    model = WINDOWED["gemma2"](dtype=torch.float16)
     with pytest.raises(SpecDecodeError, match="soft-capping"):
         sd.generate(model, prompt(), drafter="none", max_new_tokens=4)
 

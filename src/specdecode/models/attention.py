@@ -25,7 +25,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from specdecode.models.exact import exact_attention
 from specdecode.models.masks import causal_mask
 from specdecode.models.plan import CAUSAL, CHUNKS, EXACT, SEGMENTS, ForwardPlan
-from specdecode.types import SpecDecodeError
 
 SDPA, EAGER = "specdecode_sdpa", "specdecode_eager"
 
@@ -43,11 +42,7 @@ def attend(plan: ForwardPlan, module, query, key, value, attention_mask, inner, 
     window = plan.binding(window)
     scaling = kwargs.get("scaling")
     if plan.attention == EXACT:
-        if kwargs.get("softcap") is not None:
-            raise SpecDecodeError(
-                "attention logit soft-capping (Gemma 2) is not in the exact forward yet: run the "
-                "model in float32 or with exact=False (--no-exact)")
-        return exact_attention(plan, query, key, value, scaling, window)
+        return exact_attention(plan, query, key, value, scaling, window, kwargs.get("softcap"))
     if plan.attention == SEGMENTS:
         return _segments(plan, module, query, key, value, inner, window, kwargs)
     sdpa = inner is sdpa_attention_forward

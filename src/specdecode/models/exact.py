@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
+from specdecode.types import SpecDecodeError
+
 MIN_ROWS = 4  # tokens per exact half-precision forward, at least (see above)
 # key-length granularity of the exact attention: rows of a batch whose queries end in different
 # windows need calls of their own, so wider windows mean fewer calls (26 rows of 80-600 tokens: 11
@@ -51,18 +53,25 @@ def additive(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-            scale: float) -> torch.Tensor:
+            scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention as two bfloat16 matmuls around a float32 softmax, per batch of items: ``q`` [...,
     M, dim] (padded to ``bias``'s rows here), ``k`` / ``v`` [..., length, dim], ``bias`` from
     ``additive``. oneDNN's bfloat16 matmul reduces each output element in one order whatever M
     from ``MIN_ROWS`` up (measured on this CPU up to 200 rows and 4,000 keys; the tests check it
     on every run), the softmax works row by row, and the elementwise ops are exactly rounded: an
-    item's result does not depend on the other items. Returns [..., M, dim]."""
+    item's result does not depend on the other items. ``softcap`` (Gemma 2): the scaled scores
+    pass through softcap * tanh(scores / softcap) before the mask, as the model's eager attention
+    does (here in float32; key lengths are multiples of 128, so every row runs the same vectorised
+    tanh whatever the layout). Returns [..., M, dim]."""
     rows = q.shape[-2]
     if rows < bias.shape[-2]:
         q = torch.nn.functional.pad(q, (0, 0, 0, bias.shape[-2] - rows))
-    scores = torch.add(torch.matmul(q, k.transpose(-1, -2)), bias)
-    probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
+    if softcap is None:
+        scores = torch.add(torch.matmul(q, k.transpose(-1, -2)), bias)
+        probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale / softcap)
+        probs = torch.softmax(scores.tanh_().mul_(softcap).add_(bias), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)[..., :rows, :]
 
 
@@ -72,7 +81,8 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return _attend(q, k, v, additive(mask.expand(*q.shape[:-1], mask.shape[-1])), scale)
 
 
-def exact_attention(plan, query, key, value, scaling: float | None, window: int | None):
+def exact_attention(plan, query, key, value, scaling: float | None, window: int | None,
+                    softcap: float | None = None):
     """Batch-invariant attention (``BatchTarget(exact=True)``; ``plan.exact`` from ``exact_plan``,
     ``window``: the layer's sliding window where it binds). A query at position p attends over
     ``block_end(p)`` keys laid out in position order (key t at index t: the row's own slots for a
@@ -108,7 +118,8 @@ def exact_attention(plan, query, key, value, scaling: float | None, window: int 
             else:
                 keys = key[:, :, :length].index_select(0, rows)
                 values = value[:, :, :length].index_select(0, rows)
-            res = _attend(items.reshape(n, kv_heads, -1, dim), keys, values, bias, scale)
+            res = _attend(items.reshape(n, kv_heads, -1, dim), keys, values, bias, scale,
+                          softcap)
             res = res.view(n, kv_heads, -1, group, dim).transpose(1, 2).reshape(-1, heads, dim)
             flat_out[out_index] = res[res_index]
     if matmul:  # tree rows: their chains' gathered keys, one call per row and key length
@@ -121,10 +132,14 @@ def exact_attention(plan, query, key, value, scaling: float | None, window: int 
             k = key[r].index_select(1, gather).view(kv_heads * n, length, dim)
             v = value[r].index_select(1, gather).view(kv_heads * n, length, dim)
             res = _attend(items.permute(2, 0, 1, 3, 4).reshape(kv_heads * n, t * group, dim), k,
-                          v, bias, scale)
+                          v, bias, scale, softcap)
             res = res.view(kv_heads, n, t, group, dim).permute(1, 2, 0, 3, 4)
             out[r, out_cols] = res.reshape(n * t, heads, dim)[res_index]
         return out, None
+    if softcap is not None:
+        raise SpecDecodeError(
+            "attention logit soft-capping (Gemma 2) is in the exact forward for bfloat16 only: "
+            "run the model in bfloat16, or in float32 without the exact forward")
     for r, calls in enumerate(plan.exact):  # other dtypes: sdpa, each token its own item
         for i, (cols, length, mask, gather) in enumerate(calls):
             if window is not None:
