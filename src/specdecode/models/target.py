@@ -108,8 +108,8 @@ class BatchTarget(Adapter):
     def _forward(self, ids: torch.Tensor, plan: ForwardPlan, mask: torch.Tensor,
                  last_only: bool = False, hidden: bool | tuple = False,
                  select: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [b, q, V] (with ``select``, where the lean forward runs: [1, n, V] of only
-        those of the b * q tokens)."""
+        """Logits [b, q, V]; with ``select`` (indices into the b * q tokens) [1, n, V] of only
+        those (the lean forward reads out just them)."""
         extra = {"logits_to_keep": 1} if last_only and self.can_slice_logits else {}
         lean = LeanForward.build(self.model)  # models/lean.py, where the model allows
         # exact float32 runs MKL's matmuls row by row, except where they are oneDNN's packed ones
@@ -132,6 +132,8 @@ class BatchTarget(Adapter):
                                  **{self.cache_arg: self.cache.view(plan)}, **extra)
                 self.hidden = own_features(out.hidden_states, layers) if layers else None
                 logits = out.logits.float()
+                if select is not None:
+                    logits = logits.view(-1, logits.shape[-1]).index_select(0, select)[None]
         self.checked(plan)
         return logits
 
@@ -254,9 +256,9 @@ class BatchTarget(Adapter):
         elif b > 1:
             plan.attention, plan.chunks = CHUNKS, plan_chunks((lens + q).tolist())
         # a large vocabulary makes the read-out a step's largest matmul: rows padded to the
-        # longest draft are not read out (the lean forward; at least MIN_ROWS rows, see exact.py)
+        # longest draft are not read out (at least MIN_ROWS rows, see exact.py)
         select = real.view(-1).nonzero().squeeze(1) if b > 1 and sum(sizes) < b * q and sum(
-            sizes) >= MIN_ROWS and LeanForward.build(self.model) is not None else None
+            sizes) >= MIN_ROWS else None
         logits = self._forward(ids, plan, additive_mask(visible, self.dtype)[:, None],
                                hidden=hidden, select=None if select is None else
                                select.to(self.device))
