@@ -30,3 +30,15 @@ def arch(request) -> str:
 def models(arch):
     """(target, unrelated draft model of the same vocabulary) for one architecture."""
     return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1)
+
+
+@pytest.fixture(autouse=True)
+def _keep_onednn_cap():
+    """Commands that lift the AMX cap (training: ``models.cpu.allow_amx``) change the process's
+    environment; each test leaves it as it found it."""
+    before = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    yield
+    if before is None:
+        os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+    else:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = before

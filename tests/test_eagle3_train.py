@@ -9,6 +9,7 @@ import json
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -65,7 +66,7 @@ def test_multi_layer_features_are_the_layer_outputs(tiny):
     """[B, T, k*H]: hidden_states[i + 1] of each layer, concatenated, for padded rows too."""
     _, model, tok, data_dir = tiny
     shards = [s["file"] for s in load_manifest(data_dir)["shards"]]
-    train_w, _, _ = data.read_windows(data_dir, shards, 200)
+    train_w, _, _ = data.read_windows([(data_dir, shards)], 200)
     batch = data.collate(train_w, [0, 1, 2])
     assert len(set(batch.lengths.tolist())) > 1  # right padding is exercised
     feats, final = target_states(model, batch, [0, 1])
@@ -188,6 +189,35 @@ def test_resume_equals_an_uninterrupted_run_even_as_the_data_grows(tiny, tmp_pat
     assert resumed["heldout"] == whole["heldout"]
     with pytest.raises(ValueError, match="other settings"):
         train(tiny, parts, steps=8, lr=1e-3, data_dir=str(grown))
+
+
+def test_several_data_directories_train_as_one_set(tiny, tmp_path):
+    """--data A,B reads both directories' examples in order, pins each one's shards, and refuses
+    to resume on other directories, a directory named twice or directories of two dtypes."""
+    _, model, tok, data_dir = tiny
+    more = write_data(model, tok, tmp_path / "more", [f"Another question {i}?" for i in range(12)])
+    one = [(data_dir, [s["file"] for s in load_manifest(data_dir)["shards"]])]
+    two = one + [(more, [s["file"] for s in load_manifest(more)["shards"]])]
+    a_train, a_held, _ = data.read_windows(one, 48)
+    b_train, b_held, _ = data.read_windows(two, 48)
+    assert len(b_train) > len(a_train) and len(b_held) >= len(a_held)
+    assert all(np.array_equal(x.ids, y.ids) for x, y in zip(a_train, b_train))
+    out = tmp_path / "out"
+    summary = train(tiny, out, steps=4, data_dir=f"{data_dir},{more}")
+    assert summary["data"]["train_examples"] == len(b_train)
+    assert summary["data"]["dirs"] == [str(data_dir), str(more)]
+    again = train(tiny, out, steps=4, data_dir=f"{data_dir},{more}")
+    assert again["steps"] == 4
+    with pytest.raises(SpecDecodeError, match="was written for --data"):
+        train(tiny, out, steps=4)
+    with pytest.raises(SpecDecodeError, match="names a directory twice"):
+        train(tiny, tmp_path / "twice", steps=4, data_dir=f"{data_dir},{data_dir}")
+    manifest = json.loads((more / "manifest.json").read_text())
+    manifest["options"]["dtype"] = "float16"
+    (more / "manifest.json").write_text(json.dumps(manifest))
+    root = tiny[0]
+    clean_error(cli("--target", root, "--data", f"{data_dir},{more}", "--out", tmp_path / "x",
+                    "--steps", "2"), "different dtypes")
 
 
 def test_feature_cache_is_read_back_and_trains_the_same(tiny, tmp_path):

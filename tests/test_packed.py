@@ -7,6 +7,7 @@ not."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -99,6 +100,31 @@ def test_cpu_classes(monkeypatch):
     monkeypatch.setenv(cpu.ISA_ENV, "avx512")
     with pytest.raises(SpecDecodeError, match="avx2"):
         cpu.cpu_flags()
+
+
+def test_allow_amx_lifts_only_the_cap_specdecode_set(monkeypatch):
+    """Training lifts the AMX cap that importing specdecode set (not one the user set), and says
+    whether AMX is allowed; without AMX nothing changes."""
+    from specdecode.models import cpu
+
+    amx = frozenset("avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16".split())
+    monkeypatch.setattr(cpu, "_real_flags", lambda: amx)
+    monkeypatch.setenv(cpu.ISA_ENV, "")
+    monkeypatch.setattr(cpu, "_AMX_CAP", "AVX512_CORE_FP16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+    assert not cpu.row_blocks(torch.bfloat16)
+    assert cpu.allow_amx() and "ONEDNN_MAX_CPU_ISA" not in os.environ
+    assert cpu.row_blocks(torch.bfloat16)  # the exact forward then keeps 32-row blocks
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # the user's own cap stays
+    assert not cpu.allow_amx() and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu.allow_amx()
+    monkeypatch.setattr(cpu, "_real_flags", lambda: amx - {"amx_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+    assert not cpu.allow_amx() and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_FP16"
+    monkeypatch.setattr(cpu, "_real_flags", lambda: amx)
+    monkeypatch.setenv(cpu.ISA_ENV, "avx2")  # the forced AVX2 path has no AMX
+    assert not cpu.allow_amx()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

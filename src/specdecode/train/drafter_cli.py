@@ -105,8 +105,8 @@ def corpus_arrays(tokenizer, data_dir: Path, train_tokens: int) -> tuple[np.ndar
                    "corpus prompts continued by the target itself (target: greedily or sampled at "
                    "temperature 1, see --greedy-share: the text the heads meet when drafting; "
                    "slower per step). eagle3 (required): a directory written by `specdecode "
-                   "build-drafter-data` for this target (its weights and tokenizer are checked; "
-                   "the target runs in the data's dtype).")
+                   "build-drafter-data` for this target, or several separated by commas (their "
+                   "weights and tokenizer are checked; the target runs in the data's dtype).")
 @click.option("--prompt-len", type=int, default=64, show_default=True,
               help="--data target: corpus tokens before the target's continuation.")
 @click.option("--greedy-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,

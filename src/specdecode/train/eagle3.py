@@ -51,10 +51,11 @@ class Eagle3Config:
     eval_examples: int = 128  # held-out examples evaluated (the first ones, by prompt hash)
     eval_depth: int = 5  # greedy chain depths 1..eval_depth
     cache_features: str = ""  # a directory: the target's features of the training set kept there
+    bf16_autocast: bool = False  # the head's forward and backward under bfloat16 autocast
 
 
 NOT_SHAPING = ("threads", "time_budget_s", "checkpoint_every", "eval_every", "eval_examples",
-               "eval_depth", "cache_features")
+               "eval_depth", "cache_features", "bf16_autocast")
 
 
 def target_layers(target, layers: list[int]) -> list[int]:
@@ -130,17 +131,18 @@ def train_eagle3(target, tokenizer, out_dir: Path, cfg: Eagle3Config, log=None) 
         raise SpecDecodeError(f"--seq-len {cfg.seq_len}: a window needs at least 3 tokens")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data_dir, out_dir = Path(cfg.data_dir), Path(out_dir)
-    manifest = data.check_data(data_dir, target, tokenizer)
+    dirs, out_dir = data.data_dirs(cfg.data_dir), Path(out_dir)
+    manifests = [data.check_data(d, target, tokenizer) for d in dirs]
+    named = ",".join(map(str, dirs))
     layers = target_layers(target, cfg.feature_layers)
     target = target.eval()
     for p in target.parameters():
         p.requires_grad_(False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = data.pin_data(data_dir, out_dir, manifest)
-    train, held, answers = data.read_windows(data_dir, shards, cfg.seq_len)
+    shards = data.pin_data(dirs, out_dir, manifests)
+    train, held, answers = data.read_windows(list(zip(dirs, shards)), cfg.seq_len)
     if not train or not held:
-        raise SpecDecodeError(f"{str(data_dir)!r} holds {len(train)} training and {len(held)} "
+        raise SpecDecodeError(f"{named!r} holds {len(train)} training and {len(held)} "
                               "held-out examples in the shards read; both are needed (build more "
                               "data, or a larger --heldout)")
     vocab_size = int(target.get_output_embeddings().weight.shape[0])
@@ -153,7 +155,7 @@ def train_eagle3(target, tokenizer, out_dir: Path, cfg: Eagle3Config, log=None) 
     else:
         vocab = data.draft_vocabulary(answers, vocab_size, cfg.draft_vocab)
         held_answers = np.concatenate([w.ids[w.start:] for w in held])
-        pinned = {"data": str(data_dir), "shards": shards, "vocab": vocab,
+        pinned = {"data": named, "dirs": [str(d) for d in dirs], "shards": shards, "vocab": vocab,
                   "draft_vocab": cfg.draft_vocab, "seq_len": cfg.seq_len,
                   "train_examples": len(train), "heldout_examples": len(held),
                   "train_answer_tokens": int(answers.size),
@@ -179,8 +181,9 @@ def train_eagle3(target, tokenizer, out_dir: Path, cfg: Eagle3Config, log=None) 
     cache = None
     if cfg.cache_features:
         cache = data.FeatureCache(Path(cfg.cache_features), {
-            "data": str(data_dir.resolve()), "shards": shards, "seq_len": cfg.seq_len,
-            "layers": layers, "weights": manifest["target"]["weights"]})
+            "data": [str(d.resolve()) for d in dirs], "shards": shards, "seq_len": cfg.seq_len,
+            "layers": layers,
+            "weights": manifests[0]["target"]["weights"]})
     features = Features(target, layers, cache, counts)
     evals = EvalLog(out_dir / EVAL_LOG)
 
@@ -200,8 +203,9 @@ def train_eagle3(target, tokenizer, out_dir: Path, cfg: Eagle3Config, log=None) 
         with torch.no_grad():
             label_logp = soft_labels(final, mask, weight)
             embeds = embed(batch.ids[:, 1:]).float()
-        outs = ttt_hidden(head, feats[:, :-1].float(), embeds, cfg.ttt_steps)
-        loss, per_step, agree = ttt_loss(head, outs, mask, label_logp)
+        with torch.autocast(feats.device.type, torch.bfloat16, enabled=cfg.bf16_autocast):
+            outs = ttt_hidden(head, feats[:, :-1].float(), embeds, cfg.ttt_steps)
+            loss, per_step, agree = ttt_loss(head, outs, mask, label_logp)
         counts["tokens"] += int(batch.lengths.sum())
         counts["loss_positions"] += int(mask.sum())
         return loss, {"agree": agree, **{f"l{k}": v for k, v in enumerate(per_step, 1)}}

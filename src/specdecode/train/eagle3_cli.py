@@ -1,4 +1,4 @@
-"""`specdecode train-drafter --kind eagle3 --data DIR`: the command-line side of
+"""`specdecode train-drafter --kind eagle3 --data DIR[,DIR...]`: the command-line side of
 ``train/eagle3.py`` (defaults, checks, loading the target in its data's dtype, the summary)."""
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def run_eagle3(*, target, out_dir: Path, data, steps, batch_size, seq_len, lr, d
                threads, time_budget, ttt_steps, feature_layers, intermediate_size, eval_every,
                eval_examples, cache_features) -> dict:
     from specdecode.cli.shared import load_models, model_id, quiet_transformers
+    from specdecode.models.cpu import allow_amx
     from specdecode.train.eagle3 import Eagle3Config, train_eagle3
+    from specdecode.train.eagle3_data import data_dirs
     from specdecode.train.selfdata_store import load_manifest
     from specdecode.types import SpecDecodeError
 
@@ -68,11 +70,21 @@ def run_eagle3(*, target, out_dir: Path, data, steps, batch_size, seq_len, lr, d
     if time_budget < 0:
         raise click.UsageError("--time-budget must be >= 0")
     quiet_transformers()
+    # training needs no batch invariance: oneDNN may use AMX, and the head's step then runs under
+    # bfloat16 autocast (without AMX, float32 was the faster of the two here)
+    cfg.bf16_autocast = allow_amx()
     try:
-        if not Path(data).is_dir():
-            raise SpecDecodeError(f"no data directory {str(data)!r}: build one with `specdecode "
-                                  "build-drafter-data --target ... --out DIR`")
-        dtype = load_manifest(Path(data)).get("options", {}).get("dtype")
+        dirs = data_dirs(data)
+        for each in dirs:
+            if not each.is_dir():
+                raise SpecDecodeError(f"no data directory {str(each)!r}: build one with "
+                                      "`specdecode build-drafter-data --target ... --out DIR`")
+        dtypes = {load_manifest(each).get("options", {}).get("dtype") for each in dirs}
+        if len(dtypes) > 1:
+            raise SpecDecodeError(f"--data {data}: the directories were built in different "
+                                  f"dtypes ({', '.join(sorted(map(str, dtypes)))}); train on "
+                                  "directories of one dtype")
+        dtype = dtypes.pop()
         model, _, tokenizer = load_models(target, None, False, dtype=dtype)
         summary = train_eagle3(model, tokenizer, out_dir, cfg)
     except (SpecDecodeError, ValueError) as err:

@@ -5,9 +5,11 @@ cache of the target's features.
 - Checks (``check_data``): the directory exists, is a self-written data set with training
   examples, and was written by this very target (the manifest's weights hash) with this tokenizer
   (its tokenizer hash); else a ``SpecDecodeError`` saying what differs.
-- Pinning (``pin_data``): the first run writes ``OUT/data.json`` (the shards it read, the draft
-  vocabulary); a resumed run reads exactly those shards, so a data set still growing (a
-  ``build-drafter-data`` run in the background) never changes a run half-way.
+- Several directories (``--data DIR,DIR``, ``data_dirs``): each checked, their examples read in
+  order as one set (e.g. an older build and a faster one of the same target).
+- Pinning (``pin_data``): the first run writes ``OUT/data.json`` (the shards it read of each
+  directory, the draft vocabulary); a resumed run reads exactly those shards, so a data set still
+  growing (a ``build-drafter-data`` run in the background) never changes a run half-way.
 - Windows (``Window``): prompt and answer cut to ``seq_len`` tokens, the prompt's tail kept; the
   loss covers answer tokens only (``start``: the index of the first answer token).
 - Batches (``batch_rows``): example i of step s is the (s * batch + i)-th entry of a permutation
@@ -63,17 +65,36 @@ def check_data(data_dir: Path, target, tokenizer) -> dict:
     return manifest
 
 
-def pin_data(data_dir: Path, out_dir: Path, manifest: dict) -> list[str]:
-    """The shard files this run trains on: those ``OUT/data.json`` lists (a resumed run), else
-    every shard the manifest lists now (recorded for the next run)."""
-    listed = [s["file"] for s in manifest["shards"]]
+def data_dirs(spec: str) -> list[Path]:
+    """The directories of ``--data DIR[,DIR...]``, in order, each once."""
+    dirs = [Path(p.strip()) for p in str(spec).split(",") if p.strip()]
+    if not dirs:
+        raise SpecDecodeError("--data names no directory: give DIR or DIR,DIR,... (directories "
+                              "written by `specdecode build-drafter-data`)")
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise SpecDecodeError(f"--data {spec!r} names a directory twice")
+    return dirs
+
+
+def pin_data(dirs: list[Path], out_dir: Path, manifests: list[dict]) -> list[list[str]]:
+    """Each directory's shard files this run trains on: those ``OUT/data.json`` lists (a resumed
+    run), else every shard each manifest lists now (recorded for the next run)."""
+    listed = [[s["file"] for s in m["shards"]] for m in manifests]
     pin = Path(out_dir) / PIN_FILE
     if not pin.exists():
         return listed
-    shards = json.loads(pin.read_text())["shards"]
-    if listed[:len(shards)] != shards:
-        raise SpecDecodeError(f"{pin} lists shards that {str(data_dir)!r} no longer holds: not the "
-                              "data this run started on; use another --out")
+    pinned = json.loads(pin.read_text())
+    shards = pinned["shards"]
+    if shards and isinstance(shards[0], str):  # written by a single-directory run
+        shards = [shards]
+    names = pinned.get("dirs", [pinned.get("data")])
+    if [str(Path(n).resolve()) for n in names] != [str(d.resolve()) for d in dirs]:
+        raise SpecDecodeError(f"{pin} was written for --data {','.join(map(str, names))}: not the "
+                              "data this run names; use another --out")
+    for data_dir, have, want in zip(dirs, listed, shards):
+        if have[:len(want)] != want:
+            raise SpecDecodeError(f"{pin} lists shards that {str(data_dir)!r} no longer holds: "
+                                  "not the data this run started on; use another --out")
     return shards
 
 
@@ -84,23 +105,25 @@ def cut_window(prompt: list[int], answer: list[int], seq_len: int, sampled: bool
     return Window(np.asarray(ids, dtype=np.int64), keep, sampled)
 
 
-def read_windows(data_dir: Path, shards: list[str], seq_len: int
+def read_windows(sets: list[tuple[Path, list[str]]], seq_len: int
                  ) -> tuple[list[Window], list[Window], np.ndarray]:
-    """(training windows, held-out windows, every training answer token) of ``shards``."""
+    """(training windows, held-out windows, every training answer token) of ``sets``: (directory,
+    its shard files) pairs, read in order."""
     train, held, answers = [], [], []
-    for name in shards:
-        d = read_shard(Path(data_dir) / name)
-        for i in range(len(d["key"])):
-            row = d["tokens"][d["offsets"][i]:d["offsets"][i + 1]].tolist()
-            cut = int(d["prompt_len"][i])
-            if len(row) - cut < 1:
-                continue
-            window = cut_window(row[:cut], row[cut:], seq_len, bool(d["sampled"][i]))
-            if d["heldout"][i]:
-                held.append(window)
-            else:
-                train.append(window)
-                answers.append(np.asarray(row[cut:], dtype=np.int64))
+    for root, names in sets:
+        for name in names:
+            d = read_shard(Path(root) / name)
+            for i in range(len(d["key"])):
+                row = d["tokens"][d["offsets"][i]:d["offsets"][i + 1]].tolist()
+                cut = int(d["prompt_len"][i])
+                if len(row) - cut < 1:
+                    continue
+                window = cut_window(row[:cut], row[cut:], seq_len, bool(d["sampled"][i]))
+                if d["heldout"][i]:
+                    held.append(window)
+                else:
+                    train.append(window)
+                    answers.append(np.asarray(row[cut:], dtype=np.int64))
     return train, held, np.concatenate(answers) if answers else np.zeros(0, np.int64)
 
 

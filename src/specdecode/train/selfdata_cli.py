@@ -82,6 +82,10 @@ def build_drafter_data(target, dtype, device, exact, compile_forward, out_dir, c
 
     if threads:
         torch.set_num_threads(threads)
+    if exact is False:  # rows need not be batch-invariant: let oneDNN use AMX where there is one
+        from specdecode.models.cpu import allow_amx
+
+        allow_amx()
     quiet_transformers()
     extra = needs_of(drafter) - Needs.SELF_CONTAINED
     if extra:
