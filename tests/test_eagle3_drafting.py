@@ -9,22 +9,16 @@ import pytest
 import torch
 from helpers import ARCHS, make_prompts, tiny_model, vanilla
 from helpers import fixed_policy as sd
+from helpers.drafters import eagle3_head
 
 from specdecode.models import BatchTarget
-from specdecode.models.eagle3 import Eagle3Head, default_layers
 from specdecode.models.heads import load_head, save_head
 from specdecode.types import Draft
 
 PROMPTS = make_prompts(6, seed=3)
 
 
-def eagle3(target, seed: int = 0, vocab: list[int] | None = None) -> Eagle3Head:
-    config = target.config
-    torch.manual_seed(seed)
-    layers = default_layers(config.num_hidden_layers)
-    vocab = list(range(0, config.vocab_size, 2)) if vocab is None else vocab
-    head = Eagle3Head(config.hidden_size, config.num_attention_heads, 64, layers, vocab)
-    return head.to(next(target.parameters()).dtype).eval()
+eagle3 = eagle3_head
 
 
 @pytest.mark.parametrize("arch", ARCHS)

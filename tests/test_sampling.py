@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import fixed_policy as sd
 from helpers import make_prompts, tiny_model
-from helpers.drafters import FlakyPolicy, eager_adaptive, trained_heads
+from helpers.drafters import FlakyPolicy, eager_adaptive, eagle3_head, trained_heads
 from scipy.stats import chi2
 
 import specdecode.engine as engine
@@ -102,6 +102,10 @@ CASES = {
     "eagle-sampled-tree": ("eagle", {"num_draft_tokens": 2, "topk": 2, "max_nodes": 4}),
     "eagle-sampled-tree-flaky": ("eagle", {"num_draft_tokens": 3, "topk": 4, "policy": "flaky"}),
     "medusa-point-mass-tree": ("medusa", {"max_nodes": 6}),
+    # EAGLE-3 (fused layer features, a draft vocabulary of 5 of the 6 tokens): its draft
+    # distribution, zero outside that vocabulary, in the chain's and the tree's rejection rules
+    "eagle3-sampled-chain": ("eagle3", {"num_draft_tokens": 3}),
+    "eagle3-sampled-tree": ("eagle3", {"num_draft_tokens": 2, "topk": 2, "max_nodes": 4}),
 }
 
 
@@ -135,6 +139,8 @@ def test_rejection_sampling_matches_target_distribution(pair, corpus, case):
                        else eager_adaptive())
     if drafter in ("eagle", "medusa"):
         options = dict(options, head=trained_heads(target)[drafter == "medusa"])
+    if drafter == "eagle3":
+        drafter, options = "eagle", dict(options, head=eagle3_head(target, vocab=[0, 1, 2, 3, 5]))
     if options.get("store") == "fresh":  # learns across the samples, from this test only
         options = dict(options, store=SuffixStore())
     samples = sample(target, drafter, options)
@@ -164,6 +170,33 @@ def test_negative_control_accept_always_fails(pair, monkeypatch):
         p = chi_square_p(samples, exact)
     except AssertionError:
         return  # it even produced a sequence of probability 0: failed, as it must
+    assert p < ALPHA
+
+
+def test_negative_control_eagle3_reporting_another_distribution_fails(pair, monkeypatch):
+    """The EAGLE-3 head's draft tokens drawn from one distribution, verified against another
+    (its rows sharpened, q^2 renormalised): the sampled output is no longer the target's."""
+    import dataclasses
+
+    from specdecode.drafters.eagle import EagleDrafter
+
+    target, _ = pair
+    propose = EagleDrafter.propose
+
+    def misreported(self, ctx):
+        draft = propose(self, ctx)
+        if draft.draft_probs is None:
+            return draft
+        sharp = draft.draft_probs ** 2
+        return dataclasses.replace(draft, draft_probs=sharp / sharp.sum(-1, keepdim=True))
+
+    monkeypatch.setattr(EagleDrafter, "propose", misreported)
+    samples = sample(target, "eagle", {"num_draft_tokens": 3,
+                                       "head": eagle3_head(target, vocab=[0, 1, 2, 3, 5])})
+    try:
+        p = chi_square_p(samples, exact_distribution(target))
+    except AssertionError:
+        return  # a sequence of probability 0: failed, as it must
     assert p < ALPHA
 
 

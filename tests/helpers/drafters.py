@@ -174,3 +174,16 @@ def trained_heads(target, steps: int = 60) -> tuple:
             heads.append(load_head(out / "head", kind, target)[0])
         _HEADS[id(target)] = (*heads, target)  # the target is kept so its id stays unique
     return _HEADS[id(target)][:2]
+
+
+def eagle3_head(target, seed: int = 0, vocab: list[int] | None = None):
+    """An untrained EAGLE-3 head for ``target``: its default feature layers, a reduced draft
+    vocabulary (every other token id unless given), random weights seeded by ``seed``."""
+    from specdecode.models.eagle3 import Eagle3Head, default_layers
+
+    config = target.config
+    torch.manual_seed(seed)
+    layers = default_layers(config.num_hidden_layers)
+    vocab = list(range(0, config.vocab_size, 2)) if vocab is None else vocab
+    head = Eagle3Head(config.hidden_size, config.num_attention_heads, 64, layers, vocab)
+    return head.to(next(target.parameters()).dtype).eval()
