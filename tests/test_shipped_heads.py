@@ -46,3 +46,20 @@ def test_never_for_another_model_of_the_same_shape(shipped):
     with torch.no_grad():
         slightly.get_input_embeddings().weight.mul_(1.1)
     assert heads.shipped_head_dir("eagle", slightly) is None
+
+
+def test_a_shipped_eagle3_head_is_preferred(shipped):
+    """With an EAGLE-1 and an EAGLE-3 head shipped for one model, the eagle drafter takes the
+    EAGLE-3 one (and stays token-identical to plain decoding); other models get neither."""
+    from helpers.drafters import eagle3_head
+
+    from specdecode.models.eagle3 import Eagle3Head
+
+    target, directory = shipped
+    save_head(eagle3_head(target), directory.parent / "eagle3", target)
+    module, config = heads.resolve_head("eagle", None, target)
+    assert isinstance(module, Eagle3Head) and config["kind"] == "eagle3"
+    prompt = [3, 4, 5, 6, 3, 4, 5]
+    out = sd.generate(target, prompt, drafter="eagle", max_new_tokens=12)
+    assert out.token_ids == vanilla(target, prompt, 12) and out.stats.drafted > 0
+    assert heads.shipped_head_dir("eagle3", tiny_model("llama", seed=6)) is None
