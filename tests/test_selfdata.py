@@ -94,6 +94,26 @@ def test_rows_equal_plain_decoding(target, tmp_path):
         assert (e.seed >= 0) == e.sampled
 
 
+def test_a_base_model_gets_the_plain_prompt_format(target, tmp_path):
+    """A tokenizer without a chat template (a base model): each prompt is the benchmark's plain
+    format (the turn, then a blank line), and the manifest and data card say so."""
+    import copy
+
+    _, model, tok = target
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    build(model, plain, prompts(TEXTS[:4]), tmp_path, BuildConfig(**CFG), target_name="tiny",
+          progress=False)
+    by_key = {p.key: p for p in prompts(TEXTS[:4])}
+    rows = list(iter_examples(tmp_path))
+    assert len(rows) == 4
+    for e in rows:
+        assert e.prompt == plain(by_key[e.key].text + "\n\n")["input_ids"]
+        assert e.prompt != chat_prompt(tok, [{"role": "user", "content": by_key[e.key].text}])
+    assert load_manifest(tmp_path)["prompt_format"] == "plain"
+    assert "'plain'" in (tmp_path / CARD).read_text()
+
+
 def test_heldout_split_is_a_function_of_the_prompt(target, tmp_path):
     many = [f"question {i}: why is the sky {i % 13}?" for i in range(3000)]
     share = sum(Prompt("x", t).heldout(0.1) for t in many) / len(many)

@@ -239,7 +239,7 @@ def build(model, tokenizer, prompts: list[Prompt], out_dir: Path, cfg: BuildConf
     for the data card). ``on_shard``: called with each shard's manifest entry once written."""
     from tqdm import tqdm
 
-    from specdecode.chat import chat_prompt
+    from specdecode.bench.prompts import first_turn
     from specdecode.scheduler import Scheduler
 
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -275,7 +275,7 @@ def build(model, tokenizer, prompts: list[Prompt], out_dir: Path, cfg: BuildConf
             prompt = next(todo, None)
             if prompt is None:
                 return
-            ids = chat_prompt(tokenizer, [{"role": "user", "content": prompt.text}])
+            ids = first_turn(tokenizer, prompt.text)  # the benchmark's format for the target
             if len(ids) > cfg.max_prompt_tokens:
                 store.too_long.add(prompt.key)
                 continue

@@ -42,7 +42,7 @@ def render_card(m: dict) -> str:
         f"**{_n(prompts.get('benchmark_dropped', '?'))} corpus prompts dropped** because they equal "
         "or contain one of them (whitespace and case normalized). No benchmark question is "
         "answered here.",
-        f"- Prompts longer than {_n(o['max_prompt_tokens'])} tokens in the chat template, skipped: "
+        f"- Prompts longer than {_n(o['max_prompt_tokens'])} tokens in the prompt format, skipped: "
         f"{_n(tot['too_long'])}.",
         "- Order: by a hash of the prompt text (sets interleaved, no corpus order); a budget takes "
         "the first prompts of that order.",
@@ -53,7 +53,8 @@ def render_card(m: dict) -> str:
         f"vocabulary {_n(t.get('vocab_size'))}), {o['dtype']}, exact forward "
         f"{'on' if o['exact'] else 'off'}; weights hash `{t['weights']}`, tokenizer hash "
         f"`{k['hash']}`.",
-        f"- Each prompt is the first user turn alone, rendered with the target's chat template; "
+        f"- Each prompt is the first user turn alone, in the prompt format "
+        f"{m.get('prompt_format', 'chat template')!r} (the benchmark's for this tokenizer); "
         f"the answer runs to EOS or {_n(o['max_new_tokens'])} new tokens.",
         f"- Greedy share {o['greedy_share']}: greedy {_share(tot['greedy'], tot['examples'])}, "
         f"sampled at temperature {o['temperature']} {_share(tot['sampled'], tot['examples'])} "

@@ -48,7 +48,7 @@ def _sources_info(sources) -> dict:
 @click.option("--heldout", type=click.FloatRange(0, 0.5), default=0.02, show_default=True,
               help="Share of the prompts held out (by a hash of the prompt).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=1024, show_default=True,
-              help="Skip prompts longer than this in the chat template.")
+              help="Skip prompts longer than this in the prompt format.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
               help="Requests in flight (continuous batching).")
 @click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
@@ -103,9 +103,6 @@ def build_drafter_data(target, dtype, device, exact, compile_forward, out_dir, c
         except SpecDecodeError as err:
             raise SpecDecodeError(f"cannot load the target {target or 'demo target'!r}: "
                                   f"{err}") from None
-        if not getattr(tokenizer, "chat_template", None):
-            raise SpecDecodeError("the target's tokenizer has no chat template: the prompts are "
-                                  "chat turns")
         prompts, stats = gather_prompts({s.name: s.read() for s in sources}, benchmark_turns())
         manifest, run = build(model, tokenizer, prompts, out_dir, cfg,
                          target_name=model_id(target, "specdecode-demo-target"),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specdecode.bench.prompts import prompt_format
 from specdecode.types import SpecDecodeError
 
 FORMAT = "specdecode-selfdata/1"
@@ -158,6 +159,8 @@ class Store:
             out_dir.mkdir(parents=True, exist_ok=True)
             manifest = {"format": FORMAT, "target": target, "tokenizer": tok, "options": options,
                         "shards": [], "too_long": [], "runs": []}
+        # the benchmark's format for this tokenizer (the tokenizer hash covers its template)
+        manifest["prompt_format"] = prompt_format(tokenizer)
         if prompt_stats is not None:
             manifest["prompts"] = prompt_stats
         if sources is not None:
