@@ -111,3 +111,34 @@ def test_mix_bad_options():
         sd.generate(model, [1, 2], drafter="mix", sources="mix+ngram")
     with pytest.raises(sd.SpecDecodeError, match="no source takes"):
         sd.generate(model, [1, 2], drafter="mix", sources="ngram", bogus=3)
+
+
+def test_mix_with_feature_heads_gives_each_its_own_features(caplog):
+    """A mix of lookup, an EAGLE-3 head (its layers' outputs) and an EAGLE-1-style head (the
+    final-normed states): the target is asked for every source's features once and each head gets
+    its own columns, so every source drafts (none fails over) and the output equals plain decoding.
+    Before, the EAGLE-3 head got the final-normed states and failed at every step."""
+    import logging
+
+    from helpers.drafters import eagle3_head, trained_heads
+
+    from specdecode.drafters.mix import MixDrafter
+
+    target = tiny_model("llama", seed=0)
+    head3 = eagle3_head(target)
+    head1 = trained_heads(target, steps=5)[0]
+    caplog.set_level(logging.WARNING, logger="specdecode")
+    for sources, head in (("suffix+eagle", head3), ("eagle+suffix", head1)):
+        for prompt in make_prompts(4, seed=5):
+            out = sd.generate(target, prompt, drafter="mix", sources=sources, head=head,
+                              max_nodes=8, max_new_tokens=16, eos_token_id=[])
+            assert out.token_ids == vanilla(target, prompt, 16), (sources, prompt)
+    assert "failed" not in caplog.text
+    both = MixDrafter([("a", type("A", (), {"feedback_hidden": True, "feature_layers": (2, 5)})()),
+                       ("b", type("B", (), {"feedback_hidden": True})()),
+                       ("c", type("C", (), {})())], 8, 4)
+    assert both.feature_layers == (2, 5, -1) and both.columns == [[0, 1], [2], None]
+    hidden = torch.arange(6.0).view(1, 6)  # three features of width 2
+    assert both._hidden(hidden, 0).tolist() == [[0, 1, 2, 3]]
+    assert both._hidden(hidden, 1).tolist() == [[4, 5]]
+    assert both._hidden(hidden, 2) is hidden

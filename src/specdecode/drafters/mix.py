@@ -77,7 +77,21 @@ class MixDrafter:
         self.feedback_topk = max(int(getattr(d, "feedback_topk", 0) or 0) for _, d in sources)
         # features go to every source (a feature drafter left out of a step starts afresh later)
         self.feedback_hidden = any(getattr(d, "feedback_hidden", False) for _, d in sources)
+        # the target features the sources read (an EAGLE-3 head: its layers' outputs; EAGLE-1 and
+        # Medusa: the final-normed states, -1), asked for once; each source gets its own columns
+        wants = [tuple(getattr(d, "feature_layers", None) or (-1,))
+                 if getattr(d, "feedback_hidden", False) else () for _, d in sources]
+        self.feature_layers = tuple(dict.fromkeys(i for w in wants for i in w)) or None
+        self.columns = [[self.feature_layers.index(i) for i in w] if w else None for w in wants]
         self.last: tuple[Merged, list[int], list[bool]] | None = None
+
+    def _hidden(self, hidden, source: int):
+        """``hidden`` ([m, len(feature_layers) * H]) cut to source ``source``'s own features."""
+        columns = self.columns[source]
+        if hidden is None or columns is None or columns == list(range(len(self.feature_layers))):
+            return hidden
+        width = hidden.shape[-1] // len(self.feature_layers)
+        return torch.cat([hidden[..., c * width:(c + 1) * width] for c in columns], -1)
 
     def propose(self, ctx: DraftContext) -> Draft:
         budget = min(self.max_nodes, ctx.budget)
@@ -93,7 +107,7 @@ class MixDrafter:
             topk = int(getattr(drafter, "feedback_topk", 0) or 0)
             prefill = ctx.prefill_topk_ids
             sub = replace(ctx, budget=share, prefill_topk_ids=None if prefill is None or not topk
-                          else prefill[:, :topk])
+                          else prefill[:, :topk], hidden=self._hidden(ctx.hidden, i))
             try:
                 draft = drafter.propose(sub).limited(share, ctx.max_depth)
             except Exception as err:  # noqa: BLE001 - one failing source never stops the others
