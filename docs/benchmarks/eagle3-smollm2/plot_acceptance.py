@@ -35,7 +35,7 @@ def main(log: str, out: str) -> None:
     right.set_ylabel("accepted tokens per chain step")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="lower right", fontsize=8)
+    ax.legend(lines, labels, loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
